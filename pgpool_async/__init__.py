@@ -1,0 +1,38 @@
+"""pgpool_async: an asyncio- and trio-friendly PostgreSQL pool built on psycopg2.
+
+psycopg2's ``ThreadedConnectionPool`` is the engine; every blocking call runs in
+the pool's own worker threads, so the event loop never stalls::
+
+    async with AsyncConnectionPool(1, 10, dsn, timeout=5) as pool:
+        async with pool.connection() as conn:
+            n = await conn.fetchval("SELECT count(*) FROM t")
+"""
+
+from __future__ import annotations
+
+from .connection import AsyncConnection
+from .engine import SimpleConnectionPool, ThreadedConnectionPool
+from .errors import (
+    ConnectionReleased,
+    PoolClosed,
+    PoolConfigError,
+    PoolError,
+    PoolTimeout,
+    TooManyRequests,
+)
+from .pool import AsyncConnectionPool
+
+__all__ = [
+    "AsyncConnection",
+    "AsyncConnectionPool",
+    "ConnectionReleased",
+    "PoolClosed",
+    "PoolConfigError",
+    "PoolError",
+    "PoolTimeout",
+    "SimpleConnectionPool",
+    "ThreadedConnectionPool",
+    "TooManyRequests",
+]
+
+__version__ = "0.1.0"

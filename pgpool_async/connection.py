@@ -1,0 +1,154 @@
+"""The async face of one pooled psycopg2 connection.
+
+An :class:`AsyncConnection` is lent by :class:`~pgpool_async.AsyncConnectionPool`.
+Each database call runs in one of the pool's worker threads, one at a time per
+connection (psycopg2 allows a connection, never a cursor, to move between
+threads). Once the connection is back in the pool the object refuses every
+further use with :class:`~pgpool_async.errors.ConnectionReleased`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from psycopg2.extensions import connection as PGConnection
+
+from .errors import ConnectionReleased
+
+if TYPE_CHECKING:
+    from .pool import AsyncConnectionPool
+
+__all__ = ["AsyncConnection"]
+
+T = TypeVar("T")
+Params = Sequence[Any] | dict[str, Any] | None
+
+
+def _execute(raw: PGConnection, sql: str, params: Params) -> int:
+    with raw.cursor() as cur:
+        cur.execute(sql, params)
+        rowcount: int = cur.rowcount
+        return rowcount
+
+
+def _fetchone(raw: PGConnection, sql: str, params: Params) -> Any:
+    with raw.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchone()
+
+
+def _fetchall(raw: PGConnection, sql: str, params: Params) -> list[Any]:
+    with raw.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
+def _fetchval(raw: PGConnection, sql: str, params: Params) -> Any:
+    with raw.cursor() as cur:
+        cur.execute(sql, params)
+        row = cur.fetchone()
+    if row is None:
+        return None
+    # RealDictCursor rows are dicts: take the first column either way.
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+class AsyncConnection:
+    """A pooled connection; every call runs off the event loop.
+
+    Calls on one connection run one at a time, in call order. After the
+    connection is returned (``putconn`` or the end of ``async with
+    pool.connection()``), any use raises :class:`ConnectionReleased`.
+    """
+
+    __slots__ = ("_raw", "_pool", "_lock", "key", "lent_at")
+
+    def __init__(self, pool: AsyncConnectionPool, raw: PGConnection, key: Hashable) -> None:
+        self._raw: PGConnection | None = raw
+        self._pool = pool
+        self._lock = anyio.Lock(fast_acquire=True)
+        self.key = key
+        self.lent_at = time.monotonic()
+
+    @property
+    def raw(self) -> PGConnection:
+        """The psycopg2 connection. Touch it only in a worker thread (see :meth:`run_sync`).
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        raw = self._raw
+        if raw is None:
+            raise ConnectionReleased(
+                "this connection was returned to the pool and can't be used anymore: "
+                "take a new one with pool.connection() or pool.getconn()"
+            )
+        return raw
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The pool that lent this connection."""
+        return self._pool
+
+    @property
+    def released(self) -> bool:
+        """True once the connection is back in its pool."""
+        return self._raw is None
+
+    @property
+    def closed(self) -> bool:
+        """True if released, or if the underlying connection is closed."""
+        return self._raw is None or bool(self._raw.closed)
+
+    async def run_sync(self, func: Callable[..., T], *args: Any) -> T:
+        """Run ``func(raw_connection, *args)`` in a worker thread and return its result.
+
+        The escape hatch for any psycopg2 code: cursors created inside ``func``
+        must not escape it. Cancelling the caller waits for ``func`` to finish.
+        """
+        raw = self.raw
+        async with self._lock:
+            return await self._pool._offload.run(func, raw, *args)
+
+    async def execute(self, sql: str, params: Params = None) -> int:
+        """Execute a statement; returns the cursor's ``rowcount``."""
+        return await self.run_sync(_execute, sql, params)
+
+    async def fetchone(self, sql: str, params: Params = None) -> Any:
+        """Execute a query and return its first row, or None."""
+        return await self.run_sync(_fetchone, sql, params)
+
+    async def fetchall(self, sql: str, params: Params = None) -> list[Any]:
+        """Execute a query and return all its rows."""
+        return await self.run_sync(_fetchall, sql, params)
+
+    async def fetchval(self, sql: str, params: Params = None) -> Any:
+        """Execute a query and return the first column of its first row, or None."""
+        return await self.run_sync(_fetchval, sql, params)
+
+    async def commit(self) -> None:
+        """Commit the current transaction."""
+        await self.run_sync(PGConnection.commit)
+
+    async def rollback(self) -> None:
+        """Roll back the current transaction."""
+        await self.run_sync(PGConnection.rollback)
+
+    def _release(self) -> PGConnection:
+        """Detach from the psycopg2 connection (the pool calls this on return)."""
+        raw = self.raw
+        self._raw = None
+        return raw
+
+    async def _idle(self) -> None:
+        """Wait for a call still running on this connection to end."""
+        if self._lock.locked():
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    pass
+
+    def __repr__(self) -> str:
+        state = "released" if self._raw is None else f"key={self.key!r}"
+        return f"<AsyncConnection {state} of {self._pool.name!r}>"

@@ -1,0 +1,487 @@
+"""The synchronous engine: psycopg2's pools, made to keep the promises of their docs.
+
+:class:`ThreadedConnectionPool` and :class:`SimpleConnectionPool` are subclasses of
+psycopg2's classes of the same names, with the same signatures, keys and errors.
+On top of psycopg2 they:
+
+- connect *outside* the pool lock, so one slow connect no longer stalls every
+  other ``getconn``/``putconn``;
+- validate an idle connection before handing it out (closed, or its socket shows
+  the server hung up) and replace a broken one;
+- roll back a connection returned mid-transaction, outside the lock, and close
+  it instead if the rollback fails;
+- keep returned connections idle up to ``maxconn`` instead of closing every
+  connection above ``minconn``;
+- work as context managers (``with ThreadedConnectionPool(...) as pool``).
+
+Differences from psycopg2 a user may notice: ``putconn`` after ``closeall`` closes
+the connection instead of raising (nothing leaks from a ``finally`` block), and
+pool errors are the :mod:`pgpool_async.errors` subclasses of ``PoolError``.
+
+The state changes are small methods that do no I/O (``_take_idle``,
+``_reserve``, ``_adopt``, ``_detach``, ``_checkin`` ...); the I/O helpers
+(``_open_connection``, ``_reset``, ``close_quietly``) touch no pool state. The
+async pool calls the first kind on its event loop and the second in worker
+threads: it never shares the lock with a thread doing I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import threading
+import time
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+from psycopg2.extensions import connection as PGConnection
+
+from .errors import PoolClosed, PoolConfigError, PoolError
+
+__all__ = [
+    "SimpleConnectionPool",
+    "ThreadedConnectionPool",
+    "check_sizes",
+    "check_connect_args",
+    "close_quietly",
+]
+
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
+_CONNECT_ONLY = ("connection_factory", "cursor_factory")
+
+CLOSED_MESSAGE = "connection pool is closed"
+EXHAUSTED_MESSAGE = "connection pool exhausted"
+
+
+def check_sizes(minconn: int, maxconn: int) -> None:
+    """Raise :class:`PoolConfigError` unless ``0 <= minconn <= maxconn`` and ``maxconn >= 1``."""
+    for name, value in (("minconn", minconn), ("maxconn", maxconn)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PoolConfigError(f"{name} must be an int, got {value!r}")
+    if minconn < 0:
+        raise PoolConfigError(f"minconn must be >= 0, got {minconn}")
+    if maxconn < 1:
+        raise PoolConfigError(f"maxconn must be >= 1, got {maxconn}")
+    if minconn > maxconn:
+        raise PoolConfigError(
+            f"minconn ({minconn}) is greater than maxconn ({maxconn}): pass minconn <= maxconn"
+        )
+
+
+def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Check, without any I/O, that ``psycopg2.connect(*args, **kwargs)`` is well formed.
+
+    Catches a malformed DSN, an unknown libpq keyword and arguments the pool
+    cannot honour, with a :class:`PoolConfigError` that says what to change.
+    """
+    if len(args) > 1:
+        raise PoolConfigError(
+            f"expected at most one positional connection argument (the DSN), got {len(args)}; "
+            "pass libpq parameters as keywords"
+        )
+    if kwargs.get("async") or kwargs.get("async_"):
+        raise PoolConfigError(
+            "asynchronous psycopg2 connections cannot be pooled here: the pool runs each "
+            "connection in worker threads; drop async=True"
+        )
+    dsn = args[0] if args else kwargs.get("dsn")
+    if dsn is not None and not isinstance(dsn, str):
+        raise PoolConfigError(f"the DSN must be a str, got {type(dsn).__name__}")
+    libpq = {
+        k: v for k, v in kwargs.items() if k not in (*_CONNECT_ONLY, "dsn", "async", "async_")
+    }
+    try:
+        psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
+    except psycopg2.ProgrammingError as exc:
+        raise PoolConfigError(
+            f"invalid connection arguments ({str(exc).strip()}): fix the DSN or the "
+            "libpq keyword arguments given to the pool"
+        ) from None
+
+
+def close_quietly(conn: PGConnection) -> None:
+    """Close ``conn``, ignoring errors: used on connections already given up on."""
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def is_usable(conn: PGConnection) -> bool:
+    """Tell, without a round trip, whether an idle connection still looks alive.
+
+    A closed connection is not. An idle connection's socket has nothing to read
+    unless the server sent something: a NOTIFY, or the error and EOF it sends when
+    the backend is terminated. In that case let libpq read it; a hang-up raises.
+    """
+    if conn.closed:
+        return False
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        if readable:
+            conn.poll()
+    except (psycopg2.Error, OSError, ValueError):
+        return False
+    return not conn.closed and conn.get_transaction_status() == _STATUS_IDLE
+
+
+def reset_for_reuse(conn: PGConnection) -> bool:
+    """Roll back an open transaction so ``conn`` can be reused; False if it cannot.
+
+    Does I/O only when the connection is inside a transaction.
+    """
+    if conn.closed:
+        return False
+    status = conn.get_transaction_status()
+    if status == _STATUS_UNKNOWN:
+        return False
+    if status != _STATUS_IDLE:
+        try:
+            conn.rollback()
+        except Exception:
+            return False
+    return conn.get_transaction_status() == _STATUS_IDLE
+
+
+class _NoLock:
+    """The lock of :class:`SimpleConnectionPool`: single-threaded, so none."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Engine(psycopg2.pool.AbstractConnectionPool):
+    """The shared implementation. State changes hold ``_lock`` and do no I/O."""
+
+    _lock: Any
+
+    def __init__(self, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> None:
+        """Create the pool and open ``minconn`` connections, like psycopg2.
+
+        :raises PoolConfigError: bad sizes or connection arguments.
+        :raises psycopg2.OperationalError: the server cannot be reached.
+        """
+        self._setup(minconn, maxconn, args, kwargs)
+        try:
+            for _ in range(self.minconn):
+                conn = self.getconn()
+                self.putconn(conn)
+        except BaseException:
+            self.closeall()
+            raise
+
+    @classmethod
+    def unopened(cls, minconn: int, maxconn: int, *args: Any, **kwargs: Any) -> Any:
+        """Build a pool without opening any connection (no I/O): the async pool's way."""
+        pool = cls.__new__(cls)
+        pool._setup(minconn, maxconn, args, kwargs)
+        return pool
+
+    def _setup(
+        self, minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        check_sizes(minconn, maxconn)
+        check_connect_args(args, kwargs)
+        # psycopg2's attribute names, kept so existing subclasses still work.
+        self.minconn = minconn
+        self.maxconn = maxconn
+        self.closed = False
+        self._args = args
+        self._kwargs = kwargs
+        self._pool: list[PGConnection] = []  # idle, most recently returned last
+        self._used: dict[Hashable, PGConnection] = {}
+        self._rused: dict[int, Hashable] = {}
+        self._keys = 0
+        # Slots held by connections being opened or reset: counted against maxconn.
+        self._pending = 0
+        self._idle_since: dict[int, float] = {}
+        self.connections_opened = 0
+        self._lock = self._make_lock()
+
+    def _make_lock(self) -> Any:
+        return threading.Lock()
+
+    # -- state changes: no I/O, short, under the lock ------------------------
+
+    @property
+    def size(self) -> int:
+        """Connections open or being opened, idle and in use."""
+        return len(self._pool) + len(self._used) + self._pending
+
+    @property
+    def idle_count(self) -> int:
+        """Connections idle in the pool, ready to be handed out."""
+        return len(self._pool)
+
+    @property
+    def used_count(self) -> int:
+        """Connections handed out and not yet returned."""
+        return len(self._used)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise PoolClosed(CLOSED_MESSAGE)
+
+    def _in_use(self, key: Hashable) -> PGConnection | None:
+        """The connection lent under ``key``, if any."""
+        with self._lock:
+            self._check_open()
+            return self._used.get(key)
+
+    def _take_idle(self, key: Hashable | None = None) -> PGConnection | None:
+        """Lend the most recently returned idle connection under ``key``, or None."""
+        with self._lock:
+            self._check_open()
+            if not self._pool:
+                return None
+            conn = self._pool.pop()
+            self._idle_since.pop(id(conn), None)
+            self._lend(conn, key)
+            return conn
+
+    def _lend(self, conn: PGConnection, key: Hashable | None) -> None:
+        if key is None:
+            key = self._getkey()
+        self._used[key] = conn
+        self._rused[id(conn)] = key
+
+    def _reserve(self) -> bool:
+        """Hold a slot for a new connection if below ``maxconn``."""
+        with self._lock:
+            self._check_open()
+            if self.size >= self.maxconn:
+                return False
+            self._pending += 1
+            return True
+
+    def _release_slot(self) -> None:
+        """Give back a slot held by ``_reserve`` or ``_detach`` that ends with no connection."""
+        with self._lock:
+            self._pending -= 1
+
+    def _adopt(self, conn: PGConnection, key: Hashable | None) -> bool:
+        """Lend a newly opened connection in its reserved slot; False if the pool closed."""
+        with self._lock:
+            self._pending -= 1
+            if self.closed:
+                return False
+            self.connections_opened += 1
+            self._lend(conn, key)
+            return True
+
+    def _adopt_idle(self, conn: PGConnection) -> bool:
+        """Put a newly opened connection idle in its reserved slot; False if the pool closed."""
+        with self._lock:
+            if self.closed:
+                self._pending -= 1
+                return False
+            self.connections_opened += 1
+        return self._checkin(conn)
+
+    def _forget(self, conn: PGConnection) -> None:
+        """Drop a lent connection that turned out broken: its slot is free again."""
+        with self._lock:
+            key = self._rused.pop(id(conn), None)
+            if key is not None:
+                self._used.pop(key, None)
+
+    def _owner_key(self, conn: PGConnection | None, key: Hashable | None) -> Hashable:
+        if conn is None:
+            if key is None or key not in self._used:
+                raise PoolError(f"no connection is lent under the key {key!r}")
+            return key
+        found = self._rused.get(id(conn))
+        if found is None or self._used.get(found) is not conn:
+            raise PoolError(
+                "connection is not a member of this pool: it was taken from another pool, "
+                "or was already returned"
+            )
+        if key is not None and key != found:
+            raise PoolError(f"connection was taken under the key {found!r}, not {key!r}")
+        return found
+
+    def _detach(self, conn: PGConnection | None, key: Hashable | None) -> PGConnection | None:
+        """Take a returned connection off the books; its slot stays held until
+        ``_checkin`` or ``_release_slot``. None if the pool is closed (the caller
+        closes the connection).
+
+        :raises PoolError: the connection is not lent by this pool.
+        """
+        with self._lock:
+            if self.closed:
+                return None
+            found = self._owner_key(conn, key)
+            conn = self._used.pop(found)
+            del self._rused[id(conn)]
+            self._pending += 1
+            return conn
+
+    def _checkin(self, conn: PGConnection) -> bool:
+        """Put a reset connection idle in its held slot; False if the pool closed."""
+        with self._lock:
+            self._pending -= 1
+            if self.closed:
+                return False
+            self._pool.append(conn)
+            self._idle_since[id(conn)] = time.monotonic()
+            return True
+
+    def _close_all_state(self) -> list[PGConnection]:
+        """Mark closed and hand back every connection, idle and lent, to close."""
+        with self._lock:
+            self._check_open()
+            self.closed = True
+            conns = self._pool + list(self._used.values())
+            self._pool.clear()
+            self._used.clear()
+            self._rused.clear()
+            self._idle_since.clear()
+            return conns
+
+    # -- I/O helpers: no pool state ----------------------------------------
+
+    def _open_connection(self) -> PGConnection:
+        """Open one connection (network I/O; never under the lock)."""
+        if type(self)._connect is not _Engine._connect:
+            return self._open_with_legacy_connect()
+        conn: PGConnection = psycopg2.connect(*self._args, **self._kwargs)
+        return conn
+
+    def _open_with_legacy_connect(self) -> PGConnection:
+        # A subclass written for psycopg2 overrides _connect(key) and registers the
+        # connection itself: let it, under a private key, then take it back.
+        token = object()
+        self._connect(token)
+        with self._lock:
+            conn = self._used.pop(token)
+            self._rused.pop(id(conn), None)
+        return conn
+
+    def _connect(self, key: Any = None) -> PGConnection:
+        """psycopg2's hook: open a connection and lend it under ``key``.
+
+        Kept for compatibility; the pool itself opens connections outside the lock.
+        """
+        conn = self._open_connection()
+        with self._lock:
+            self._lend(conn, key)
+        return conn
+
+    # -- the psycopg2 API ---------------------------------------------------
+
+    def _getconn(self, key: Hashable | None = None) -> PGConnection:
+        if key is not None and (conn := self._in_use(key)) is not None:
+            return conn
+        # Bounded: each pass takes one idle connection away or stops.
+        while (conn := self._take_idle(key)) is not None:
+            if is_usable(conn):
+                return conn
+            self._forget(conn)
+            close_quietly(conn)
+        if not self._reserve():
+            raise PoolError(EXHAUSTED_MESSAGE)
+        try:
+            conn = self._open_connection()
+        except BaseException:
+            self._release_slot()
+            raise
+        if not self._adopt(conn, key):
+            close_quietly(conn)
+            raise PoolClosed(CLOSED_MESSAGE)
+        return conn
+
+    def _putconn(
+        self, conn: PGConnection | None = None, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        detached = self._detach(conn, key)
+        if detached is None:  # the pool is closed: close instead of raising
+            if conn is not None:
+                close_quietly(conn)
+            return
+        if close or not reset_for_reuse(detached):
+            close_quietly(detached)
+            self._release_slot()
+        elif not self._checkin(detached):
+            close_quietly(detached)
+
+    def _closeall(self) -> None:
+        for conn in self._close_all_state():
+            close_quietly(conn)
+
+    def getconn(self, key: Hashable | None = None) -> PGConnection:
+        """Lend a connection; the same one again for a key already in use.
+
+        :raises PoolError: "connection pool exhausted" when ``maxconn`` are lent
+            (it never waits: the async pool is the one that waits).
+        :raises PoolClosed: the pool is closed.
+        """
+        return self._getconn(key)
+
+    def putconn(
+        self, conn: PGConnection | None = None, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        """Return a connection: rolled back if needed and kept idle, or closed.
+
+        :raises PoolError: the connection is not lent by this pool (another
+            pool's, or already returned). On a closed pool the connection is
+            closed and nothing is raised.
+        """
+        self._putconn(conn, key, close)
+
+    def closeall(self) -> None:
+        """Close every connection, idle and lent, and close the pool.
+
+        :raises PoolClosed: the pool was already closed.
+        """
+        self._closeall()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.closed:
+            self.closeall()
+
+    @contextlib.contextmanager
+    def connection(self, key: Hashable | None = None) -> Iterator[PGConnection]:
+        """Lend a connection for a ``with`` block: committed on success, rolled back on error."""
+        conn = self.getconn(key)
+        try:
+            yield conn
+        except BaseException:
+            self.putconn(conn, key)
+            raise
+        try:
+            conn.commit()
+        except BaseException:
+            self.putconn(conn, key)
+            raise
+        self.putconn(conn, key)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"<{type(self).__name__} [{state}] | Connections: {len(self._pool)} idle, "
+            f"{len(self._used)} in use, {self._pending} pending, min {self.minconn}, "
+            f"max {self.maxconn}>"
+        )
+
+
+class ThreadedConnectionPool(_Engine, psycopg2.pool.ThreadedConnectionPool):
+    """psycopg2's thread-safe pool, with the seed's promises kept (see the module doc).
+
+    ``ThreadedConnectionPool(minconn, maxconn, *args, **kwargs)``: ``args`` and
+    ``kwargs`` go to ``psycopg2.connect``. Opens ``minconn`` connections now.
+    """
+
+
+class SimpleConnectionPool(_Engine, psycopg2.pool.SimpleConnectionPool):
+    """psycopg2's single-threaded pool, with the same improvements; no locking."""
+
+    def _make_lock(self) -> Any:
+        return _NoLock()

@@ -1,0 +1,561 @@
+"""The async pool: psycopg2's ThreadedConnectionPool behind an anyio facade.
+
+Who does what:
+
+- the engine (:class:`~pgpool_async.engine.ThreadedConnectionPool`) keeps the
+  books; its state methods do no I/O and are only called on the event loop, so
+  its lock is never contended by a thread doing I/O;
+- :mod:`~pgpool_async.waiting` queues requests when no connection is idle;
+- :mod:`~pgpool_async.offload` runs every connect, query, rollback and close in
+  the pool's own worker threads;
+- :mod:`~pgpool_async.background` runs the tasks that open connections for
+  waiters, so a waiter is served by whichever comes first, a returned
+  connection or a new one, and a timed-out waiter abandons nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Hashable
+from types import TracebackType
+from typing import Any
+
+import anyio
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extensions import connection as PGConnection
+
+from .background import BackgroundTasks
+from .connection import AsyncConnection
+from .engine import (
+    CLOSED_MESSAGE,
+    ThreadedConnectionPool,
+    close_quietly,
+    is_usable,
+    reset_for_reuse,
+)
+from .errors import (
+    PoolClosed,
+    PoolConfigError,
+    PoolError,
+    PoolTimeout,
+    TooManyRequests,
+)
+from .offload import Offloader
+from .stats import PoolStats
+from .waiting import WaitQueue
+
+__all__ = ["AsyncConnectionPool"]
+
+_names = itertools.count(1)
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+# Retry delays after a failed connect: doubling, with jitter, capped.
+_BACKOFF_FIRST = 0.1
+_BACKOFF_MAX = 2.0
+
+
+def _check_timeout(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise PoolConfigError(f"{name} must be a number of seconds, got {value!r}")
+    if value <= 0:
+        raise PoolConfigError(f"{name} must be > 0 seconds (use math.inf to wait forever), got {value}")
+    return float(value)
+
+
+def _with_connect_timeout(
+    args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """libpq waits forever for an unresponsive server: bound each connect attempt
+    by the pool timeout unless the user set ``connect_timeout`` themselves."""
+    dsn = args[0] if args else kwargs.get("dsn")
+    if "connect_timeout" in kwargs or (
+        dsn and "connect_timeout" in psycopg2.extensions.parse_dsn(dsn)
+    ):
+        return kwargs
+    seconds = 2 if math.isinf(timeout) else max(2, math.ceil(timeout))
+    return {**kwargs, "connect_timeout": seconds}
+
+
+def _describe_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """``dbname@host:port`` for messages: never the password."""
+    dsn = args[0] if args else kwargs.get("dsn")
+    libpq = {k: v for k, v in kwargs.items() if k not in ("dsn", "connection_factory", "cursor_factory")}
+    params = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
+    host = params.get("host", "")
+    port = params.get("port", "")
+    db = params.get("dbname", "")
+    return f"{db}@{host}{':' if port else ''}{port}"
+
+
+class _Attempt:
+    """One connect running in a worker thread, which its task may abandon.
+
+    Under the GIL one of the two sides always sees the other: the thread closes
+    a connection nobody waits for, or the task gets it.
+    """
+
+    __slots__ = ("conn", "abandoned")
+
+    def __init__(self) -> None:
+        self.conn: PGConnection | None = None
+        self.abandoned = False
+
+    def give_up(self) -> PGConnection | None:
+        self.abandoned = True
+        return self.conn
+
+
+class _ConnectionContext:
+    """``async with pool.connection() as conn``: commit on success, rollback on error."""
+
+    __slots__ = ("_pool", "_key", "_timeout", "_conn")
+
+    def __init__(self, pool: AsyncConnectionPool, key: Hashable | None, timeout: float | None):
+        self._pool = pool
+        self._key = key
+        self._timeout = timeout
+        self._conn: AsyncConnection | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        self._conn = await self._pool.getconn(self._key, timeout=self._timeout)
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        assert conn is not None
+        if conn.released:  # the body returned it itself
+            return
+        try:
+            if exc_type is None:
+                await conn._idle()
+                raw = conn.raw
+                if not raw.closed and raw.get_transaction_status() != _STATUS_IDLE:
+                    await conn.commit()
+        finally:
+            # On error, cancellation or a failed commit, putconn rolls back.
+            await self._pool.putconn(conn)
+
+
+class AsyncConnectionPool:
+    """An asyncio/trio connection pool over psycopg2, that never blocks the event loop.
+
+    ``AsyncConnectionPool(minconn, maxconn, *args, **kwargs)``: ``args`` and
+    ``kwargs`` go to ``psycopg2.connect`` (a DSN, libpq keywords,
+    ``connection_factory``, ``cursor_factory``). Pool options, keyword only:
+
+    - ``timeout``: seconds a request waits for a connection, and ``open()`` for
+      ``minconn`` connections, before :class:`PoolTimeout` (default 30). Unless
+      given, libpq's ``connect_timeout`` is set to it too (at least 2 s).
+    - ``max_waiting``: requests allowed to queue; one more gets
+      :class:`TooManyRequests` at once (0: no limit).
+    - ``name``: shown in ``repr`` and thread names.
+    - ``autocommit``: hand out connections in autocommit mode.
+
+    Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
+    opens ``minconn`` connections. Bad sizes, timeouts or connection arguments
+    raise :class:`PoolConfigError` here.
+    """
+
+    def __init__(
+        self,
+        minconn: int,
+        maxconn: int,
+        *args: Any,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        name: str | None = None,
+        autocommit: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.timeout = _check_timeout("timeout", timeout)
+        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
+            raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
+        self.max_waiting = max_waiting
+        self.name = name if name is not None else f"pool-{next(_names)}"
+        self.autocommit = bool(autocommit)
+        self._engine: ThreadedConnectionPool = ThreadedConnectionPool.unopened(
+            minconn, maxconn, *args, **_with_connect_timeout(args, kwargs, self.timeout)
+        )
+        self._target = _describe_target(args, kwargs)
+        self._offload = Offloader(maxconn)
+        self._tasks = BackgroundTasks(self.name)
+        self._waiting = WaitQueue()
+        self._lent: dict[int, AsyncConnection] = {}
+        self._growing = 0
+        self._opened = False
+        self._closing = False
+        self._all_returned: anyio.Event | None = None
+        self._last_error: BaseException | None = None
+        self._stats = PoolStats()
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def minconn(self) -> int:
+        """Connections kept open."""
+        return self._engine.minconn
+
+    @property
+    def maxconn(self) -> int:
+        """At most this many connections, open or opening."""
+        return self._engine.maxconn
+
+    @property
+    def closed(self) -> bool:
+        """True once closing has started (or before ``open()``, False)."""
+        return self._closing or self._engine.closed
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open ``minconn`` connections, in worker threads, and start serving.
+
+        Retries failed connects with backoff until ``timeout``.
+
+        :raises PoolTimeout: ``minconn`` connections could not be opened within
+            ``timeout``; its ``__cause__`` is the last connect error. The pool is
+            closed then.
+        :raises PoolClosed: the pool was closed; pools cannot be reopened.
+        """
+        if self.closed:
+            raise PoolClosed(f"{CLOSED_MESSAGE}: pools cannot be reopened, create a new one")
+        if self._opened:
+            return
+        self._opened = True
+        await self._tasks.start()
+        try:
+            with anyio.fail_after(self.timeout):
+                async with anyio.create_task_group() as group:
+                    for _ in range(self.minconn):
+                        if self._engine._reserve():
+                            group.start_soon(self._open_idle_connection)
+        except TimeoutError:
+            await self.close()
+            raise PoolTimeout(
+                f"pool {self.name!r} couldn't open {self.minconn} connection(s) to "
+                f"{self._target} within {self.timeout:.2f} sec"
+            ) from self._last_error
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aenter__(self) -> AsyncConnectionPool:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: waiting requests get :class:`PoolClosed`, lent
+        connections get up to ``timeout`` seconds to come back, then every
+        connection is closed. Safe to call twice.
+        """
+        _check_timeout("close timeout", timeout)
+        if self._engine.closed:
+            return
+        self._closing = True
+        self._waiting.fail_all(PoolClosed(CLOSED_MESSAGE))
+        if self._engine.used_count:
+            self._all_returned = anyio.Event()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+                await self._all_returned.wait()
+        await self._close_everything()
+
+    async def closeall(self) -> None:
+        """Close every connection now, those lent out included, and close the pool.
+
+        :raises PoolClosed: the pool was already closed (psycopg2's behaviour).
+        """
+        if self._engine.closed:
+            raise PoolClosed(CLOSED_MESSAGE)
+        self._closing = True
+        self._waiting.fail_all(PoolClosed(CLOSED_MESSAGE))
+        await self._close_everything()
+
+    async def _close_everything(self) -> None:
+        # Lent connections are closed too; their holders' putconn() then closes quietly.
+        conns = self._engine._close_all_state()
+        self._lent.clear()
+        with anyio.CancelScope(shield=True):
+            if conns:
+                await self._offload.run_return(_close_all, conns)
+            await self._tasks.aclose()
+
+    # -- lending --------------------------------------------------------------
+
+    def connection(
+        self, timeout: float | None = None, key: Hashable | None = None
+    ) -> _ConnectionContext:
+        """Lend a connection for an ``async with`` block.
+
+        On a clean exit the transaction is committed and the connection
+        returned; on an exception (or cancellation) it is rolled back, returned,
+        and the exception propagates. Waiting follows :meth:`getconn`.
+        """
+        return _ConnectionContext(self, key, timeout)
+
+    async def getconn(
+        self, key: Hashable | None = None, timeout: float | None = None
+    ) -> AsyncConnection:
+        """Lend a connection, waiting (FIFO) up to ``timeout`` if none is free.
+
+        With a ``key`` already lent, the same connection again (psycopg2's keys).
+
+        :raises PoolTimeout: none became free within ``timeout`` (default: the pool's).
+        :raises TooManyRequests: ``max_waiting`` requests are already waiting.
+        :raises PoolClosed: the pool is closed or closing.
+        :raises PoolError: the pool was never opened.
+        """
+        self._check_serving()
+        wait = self.timeout if timeout is None else _check_timeout("timeout", timeout)
+        self._stats.requests_num += 1
+        if key is not None and (raw := self._engine._in_use(key)) is not None:
+            return self._lent[id(raw)]
+        raw = self._take_ready(key)
+        if raw is None:
+            raw = await self._wait(key, wait)
+        conn = AsyncConnection(self, raw, self._engine._rused[id(raw)])
+        self._lent[id(raw)] = conn
+        return conn
+
+    def _check_serving(self) -> None:
+        if self.closed:
+            raise PoolClosed(CLOSED_MESSAGE)
+        if not self._opened:
+            raise PoolError(
+                f"pool {self.name!r} is not open: use 'async with pool:' or 'await pool.open()' first"
+            )
+
+    def _take_ready(self, key: Hashable | None) -> PGConnection | None:
+        """An idle connection that still looks alive, lent under ``key``; no I/O."""
+        while (raw := self._engine._take_idle(key)) is not None:
+            if is_usable(raw):
+                return raw
+            self._engine._forget(raw)
+            self._stats.connections_lost += 1
+            self._close_in_background(raw)
+        return None
+
+    async def _wait(self, key: Hashable | None, timeout: float) -> PGConnection:
+        if self.max_waiting and len(self._waiting) >= self.max_waiting:
+            self._stats.requests_errors += 1
+            raise TooManyRequests(
+                f"{len(self._waiting)} requests are already waiting for a connection "
+                f"(max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
+            )
+        waiter = self._waiting.push(key)
+        self._stats.requests_queued += 1
+        self._grow()
+        started = time.monotonic()
+        try:
+            with anyio.fail_after(timeout):
+                return await waiter.wait()
+        except BaseException as exc:
+            handed = self._waiting.leave(waiter)
+            if handed is not None:  # handed a connection while being cancelled
+                if self._engine._detach(handed, None) is None:
+                    self._close_in_background(handed)
+                else:
+                    self._check_in(handed)
+            if isinstance(exc, PoolError):
+                self._stats.requests_errors += 1
+                raise
+            if isinstance(exc, TimeoutError):
+                self._stats.requests_errors += 1
+                raise PoolTimeout(
+                    f"couldn't get a connection after {timeout:.2f} sec "
+                    f"(pool {self.name!r}: {self._engine.used_count} in use, max {self.maxconn})"
+                ) from self._last_error
+            raise
+        finally:
+            self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
+
+    def _dispatch(self) -> None:
+        """Hand idle connections to waiters, first come first served; no I/O."""
+        while (waiter := self._waiting.first()) is not None:
+            raw = self._take_ready(waiter.key)
+            if raw is None:
+                self._grow()
+                return
+            self._waiting.hand(waiter, raw)
+
+    # -- returning --------------------------------------------------------------
+
+    async def putconn(
+        self, conn: AsyncConnection, key: Hashable | None = None, close: bool = False
+    ) -> None:
+        """Return a connection: rolled back if mid-transaction, then reused; or
+        closed, with ``close=True`` or if broken. Cancelling the caller does not
+        interrupt a return. After ``closeall``/``close`` the connection is closed.
+
+        :raises ConnectionReleased: it was already returned.
+        :raises PoolError: it was lent by another pool.
+        """
+        if not isinstance(conn, AsyncConnection):
+            raise PoolError(
+                f"putconn() takes the AsyncConnection the pool lent, got {type(conn).__name__}"
+            )
+        if conn.pool is not self:
+            raise PoolError(
+                f"connection is not a member of this pool ({self.name!r}): return it to "
+                f"{conn.pool.name!r}"
+            )
+        raw = conn.raw  # raises ConnectionReleased if already returned
+        await conn._idle()
+        if key is not None and key != conn.key:
+            raise PoolError(f"connection was taken under the key {conn.key!r}, not {key!r}")
+        conn._release()
+        self._lent.pop(id(raw), None)
+        self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
+        if self._engine._detach(raw, conn.key) is None:  # pool closed meanwhile
+            await self._offload.run_return(close_quietly, raw)
+            return
+        if not close and not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
+            self._check_in(raw)  # the common case: no I/O, no thread
+            return
+        if not close and await self._offload.run_return(reset_for_reuse, raw):
+            self._check_in(raw)
+            return
+        if not close:
+            self._stats.returns_bad += 1
+        await self._offload.run_return(close_quietly, raw)
+        self._engine._release_slot()
+        self._after_slot_freed()
+
+    def _check_in(self, raw: PGConnection) -> None:
+        """A returned, clean connection goes to the next waiter or idle."""
+        if self._engine._checkin(raw):
+            self._dispatch()
+        else:
+            self._close_in_background(raw)
+        self._after_slot_freed()
+
+    def _after_slot_freed(self) -> None:
+        if self._all_returned is not None and not self._engine.used_count:
+            self._all_returned.set()
+        if len(self._waiting):
+            self._grow()
+
+    def _close_in_background(self, raw: PGConnection) -> None:
+        try:
+            self._tasks.spawn(self._offload.run_return, close_quietly, raw)
+        except PoolClosed:
+            close_quietly(raw)  # no loop task left to use; closing sends one packet
+
+    # -- opening connections ----------------------------------------------------
+
+    def _grow(self) -> None:
+        """Open one more connection in the background while requests wait and
+        there is room. One at a time, like psycopg_pool: a burst is mostly
+        served by connections coming back, not by a storm of connects."""
+        if self._growing or self.closed or not len(self._waiting):
+            return
+        if not self._engine._reserve():
+            return
+        self._growing += 1
+        self._tasks.spawn(self._grow_task)
+
+    async def _grow_task(self) -> None:
+        try:
+            await self._open_idle_connection(stop_when_unneeded=True)
+        finally:
+            self._growing -= 1
+            if not self.closed and len(self._waiting):
+                self._grow()
+
+    async def _open_idle_connection(self, stop_when_unneeded: bool = False) -> None:
+        """Open a connection in the slot already reserved, retrying with backoff,
+        and put it idle (then to the waiters)."""
+        delay = _BACKOFF_FIRST
+        try:
+            while True:
+                attempt = _Attempt()
+                started = time.monotonic()
+                self._stats.connections_num += 1
+                try:
+                    raw = await self._offload.run_abandoning(self._connect_thread, attempt)
+                except Exception as exc:
+                    self._stats.connections_errors += 1
+                    self._last_error = exc
+                else:
+                    self._stats.connections_ms += int((time.monotonic() - started) * 1000)
+                    self._last_error = None
+                    if self._engine._adopt_idle(raw):
+                        self._dispatch()
+                    else:
+                        await self._offload.run_return(close_quietly, raw)
+                    return
+                if self.closed or (stop_when_unneeded and not len(self._waiting)):
+                    break
+                await anyio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, _BACKOFF_MAX)
+        except BaseException:
+            orphan = attempt.give_up()
+            if orphan is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._offload.run_return(close_quietly, orphan)
+            raise
+        finally:
+            if attempt.conn is None or attempt.abandoned:
+                self._engine._release_slot()
+
+    def _connect_thread(self, attempt: _Attempt) -> PGConnection:
+        """In a worker thread: open and set up one connection."""
+        raw = self._engine._open_connection()
+        try:
+            if self.autocommit:
+                raw.autocommit = True
+        except BaseException:
+            close_quietly(raw)
+            raise
+        attempt.conn = raw
+        if attempt.abandoned or self.closed:
+            attempt.conn = None
+            close_quietly(raw)
+            raise PoolClosed(CLOSED_MESSAGE)
+        return raw
+
+    # -- reporting ----------------------------------------------------------
+
+    def get_stats(self) -> dict[str, int]:
+        """Gauges and counters, with psycopg_pool's key names."""
+        engine = self._engine
+        return {
+            "pool_min": engine.minconn,
+            "pool_max": engine.maxconn,
+            "pool_size": engine.size,
+            "pool_available": engine.idle_count,
+            "requests_waiting": len(self._waiting),
+            **self._stats.snapshot(),
+        }
+
+    def pop_stats(self) -> dict[str, int]:
+        """Like :meth:`get_stats`, then reset the counters."""
+        stats = self.get_stats()
+        self._stats.reset()
+        return stats
+
+    def __repr__(self) -> str:
+        engine = self._engine
+        state = "closed" if self.closed else ("open" if self._opened else "not open")
+        opening = engine.size - engine.idle_count - engine.used_count
+        return (
+            f"<AsyncConnectionPool {self.name!r} {self._target} [{state}] | "
+            f"Requests: {engine.used_count} active, {len(self._waiting)} queued | "
+            f"Connections: {engine.idle_count} idle, {engine.used_count} in use, "
+            f"{opening} opening or returning, max {engine.maxconn}>"
+        )
+
+
+def _close_all(conns: list[PGConnection]) -> None:
+    for conn in conns:
+        close_quietly(conn)

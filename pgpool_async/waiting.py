@@ -1,0 +1,116 @@
+"""Waiting for a connection: a FIFO queue of waiters, each handed one connection.
+
+Everything here runs on the event loop thread, so a hand-off is atomic: either
+the waiter takes the connection (:meth:`Waiter.hand` returns True) or it has
+already given up and the caller keeps the connection. A waiter that gives up
+after being handed one gets it back from :meth:`Waiter.abandon`, to return it:
+a timed-out or cancelled waiter never swallows a connection.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+
+import anyio
+from psycopg2.extensions import connection as PGConnection
+
+__all__ = ["WaitQueue", "Waiter"]
+
+
+class Waiter:
+    """One request queued for a connection."""
+
+    __slots__ = ("key", "_event", "_conn", "_error", "_done")
+
+    def __init__(self, key: Hashable | None) -> None:
+        self.key = key
+        self._event = anyio.Event()
+        self._conn: PGConnection | None = None
+        self._error: BaseException | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once handed a connection or an error, or abandoned."""
+        return self._done
+
+    def hand(self, conn: PGConnection) -> bool:
+        """Give ``conn`` to this waiter; False if it no longer waits."""
+        if self._done:
+            return False
+        self._done = True
+        self._conn = conn
+        self._event.set()
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        """Make this waiter raise ``error``; False if it no longer waits."""
+        if self._done:
+            return False
+        self._done = True
+        self._error = error
+        self._event.set()
+        return True
+
+    async def wait(self) -> PGConnection:
+        """Wait to be handed a connection, or raise the error handed instead."""
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._conn is not None
+        return self._conn
+
+    def abandon(self) -> PGConnection | None:
+        """Give up waiting. Returns a connection handed meanwhile: the caller
+        must return it to the pool."""
+        self._done = True
+        conn, self._conn = self._conn, None
+        return conn
+
+
+class WaitQueue:
+    """Waiters in arrival order. Abandoned waiters are skipped lazily, so
+    leaving the queue costs O(1); ``len()`` counts only live ones."""
+
+    def __init__(self) -> None:
+        self._waiters: deque[Waiter] = deque()
+        self._live = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def push(self, key: Hashable | None) -> Waiter:
+        """Queue a new waiter at the back."""
+        waiter = Waiter(key)
+        self._waiters.append(waiter)
+        self._live += 1
+        return waiter
+
+    def first(self) -> Waiter | None:
+        """The live waiter at the front, or None."""
+        while self._waiters:
+            waiter = self._waiters[0]
+            if not waiter.done:
+                return waiter
+            self._waiters.popleft()
+        return None
+
+    def hand(self, waiter: Waiter, conn: PGConnection) -> None:
+        """Give the front waiter (from :meth:`first`) its connection."""
+        self._waiters.popleft()
+        self._live -= 1
+        waiter.hand(conn)
+
+    def leave(self, waiter: Waiter) -> PGConnection | None:
+        """A waiter gives up; returns a connection it was handed meanwhile, if any."""
+        if not waiter.done:
+            self._live -= 1
+        return waiter.abandon()
+
+    def fail_all(self, error: BaseException) -> None:
+        """Make every live waiter raise ``error`` (the pool is closing)."""
+        while (waiter := self.first()) is not None:
+            self._waiters.popleft()
+            self._live -= 1
+            waiter.fail(error)
