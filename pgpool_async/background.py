@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -60,7 +61,7 @@ class BackgroundTasks:
             self._group = None
             self._done.set()
 
-    def spawn(self, func: Callable[..., Awaitable[object]], *args: object) -> None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None:
         """Start ``func(*args)`` as a background task (call from the event loop).
 
         :raises PoolClosed: the tasks were never started or are stopped.

@@ -14,6 +14,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from .errors import ConnectionReleased
@@ -21,32 +22,33 @@ from .errors import ConnectionReleased
 if TYPE_CHECKING:
     from .pool import AsyncConnectionPool
 
-__all__ = ["AsyncConnection"]
+__all__ = ["AsyncConnection", "Params", "run_and_commit"]
 
 T = TypeVar("T")
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 Params = Sequence[Any] | dict[str, Any] | None
 
 
-def _execute(raw: PGConnection, sql: str, params: Params) -> int:
+def execute_sync(raw: PGConnection, sql: str, params: Params) -> int:
     with raw.cursor() as cur:
         cur.execute(sql, params)
         rowcount: int = cur.rowcount
         return rowcount
 
 
-def _fetchone(raw: PGConnection, sql: str, params: Params) -> Any:
+def fetchone_sync(raw: PGConnection, sql: str, params: Params) -> Any:
     with raw.cursor() as cur:
         cur.execute(sql, params)
         return cur.fetchone()
 
 
-def _fetchall(raw: PGConnection, sql: str, params: Params) -> list[Any]:
+def fetchall_sync(raw: PGConnection, sql: str, params: Params) -> list[Any]:
     with raw.cursor() as cur:
         cur.execute(sql, params)
         return cur.fetchall()
 
 
-def _fetchval(raw: PGConnection, sql: str, params: Params) -> Any:
+def fetchval_sync(raw: PGConnection, sql: str, params: Params) -> Any:
     with raw.cursor() as cur:
         cur.execute(sql, params)
         row = cur.fetchone()
@@ -54,6 +56,14 @@ def _fetchval(raw: PGConnection, sql: str, params: Params) -> Any:
         return None
     # RealDictCursor rows are dicts: take the first column either way.
     return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
+    """``func(raw, *args)``, then commit if it left a transaction open: one thread hop."""
+    result = func(raw, *args)
+    if raw.get_transaction_status() != _STATUS_IDLE:
+        raw.commit()
+    return result
 
 
 class AsyncConnection:
@@ -64,7 +74,7 @@ class AsyncConnection:
     pool.connection()``), any use raises :class:`ConnectionReleased`.
     """
 
-    __slots__ = ("_raw", "_pool", "_lock", "key", "lent_at")
+    __slots__ = ("_lock", "_pool", "_raw", "key", "lent_at")
 
     def __init__(self, pool: AsyncConnectionPool, raw: PGConnection, key: Hashable) -> None:
         self._raw: PGConnection | None = raw
@@ -114,19 +124,19 @@ class AsyncConnection:
 
     async def execute(self, sql: str, params: Params = None) -> int:
         """Execute a statement; returns the cursor's ``rowcount``."""
-        return await self.run_sync(_execute, sql, params)
+        return await self.run_sync(execute_sync, sql, params)
 
     async def fetchone(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return its first row, or None."""
-        return await self.run_sync(_fetchone, sql, params)
+        return await self.run_sync(fetchone_sync, sql, params)
 
     async def fetchall(self, sql: str, params: Params = None) -> list[Any]:
         """Execute a query and return all its rows."""
-        return await self.run_sync(_fetchall, sql, params)
+        return await self.run_sync(fetchall_sync, sql, params)
 
     async def fetchval(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return the first column of its first row, or None."""
-        return await self.run_sync(_fetchval, sql, params)
+        return await self.run_sync(fetchval_sync, sql, params)
 
     async def commit(self) -> None:
         """Commit the current transaction."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import socket
 import threading
 import time
 from collections.abc import Hashable, Iterator
@@ -91,9 +92,7 @@ def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     dsn = args[0] if args else kwargs.get("dsn")
     if dsn is not None and not isinstance(dsn, str):
         raise PoolConfigError(f"the DSN must be a str, got {type(dsn).__name__}")
-    libpq = {
-        k: v for k, v in kwargs.items() if k not in (*_CONNECT_ONLY, "dsn", "async", "async_")
-    }
+    libpq = {k: v for k, v in kwargs.items() if k not in (*_CONNECT_ONLY, "dsn", "async", "async_")}
     try:
         psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
     except psycopg2.ProgrammingError as exc:
@@ -113,18 +112,33 @@ def is_usable(conn: PGConnection) -> bool:
     """Tell, without a round trip, whether an idle connection still looks alive.
 
     A closed connection is not. An idle connection's socket has nothing to read
-    unless the server sent something: a NOTIFY, or the error and EOF it sends when
-    the backend is terminated. In that case let libpq read it; a hang-up raises.
+    unless the server sent something: a NOTIFY or notice (fine), or the error and
+    EOF it sends when the backend is terminated or the server shuts down.
     """
     if conn.closed:
         return False
     try:
         readable, _, _ = select.select([conn], [], [], 0)
-        if readable:
-            conn.poll()
+        if readable and _server_hung_up(conn):
+            return False
     except (psycopg2.Error, OSError, ValueError):
         return False
-    return not conn.closed and conn.get_transaction_status() == _STATUS_IDLE
+    return conn.get_transaction_status() == _STATUS_IDLE
+
+
+def _server_hung_up(conn: PGConnection) -> bool:
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        # libpq keeps its socket non-blocking already: this only tells Python so.
+        sock.setblocking(False)
+        first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    finally:
+        sock.detach()
+    # EOF, or an ErrorResponse while idle: always FATAL (terminated, shut down).
+    if first in (b"", b"E"):
+        return True
+    conn.poll()  # a NOTIFY, notice or parameter status: let libpq consume it
+    return bool(conn.closed)
 
 
 def reset_for_reuse(conn: PGConnection) -> bool:
@@ -169,8 +183,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         self._setup(minconn, maxconn, args, kwargs)
         try:
             for _ in range(self.minconn):
-                conn = self.getconn()
-                self.putconn(conn)
+                self._open_idle()
         except BaseException:
             self.closeall()
             raise
@@ -182,9 +195,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         pool._setup(minconn, maxconn, args, kwargs)
         return pool
 
-    def _setup(
-        self, minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def _setup(self, minconn: int, maxconn: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         check_sizes(minconn, maxconn)
         check_connect_args(args, kwargs)
         # psycopg2's attribute names, kept so existing subclasses still work.
@@ -246,7 +257,8 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
 
     def _lend(self, conn: PGConnection, key: Hashable | None) -> None:
         if key is None:
-            key = self._getkey()
+            self._keys += 1
+            key = self._keys
         self._used[key] = conn
         self._rused[id(conn)] = key
 
@@ -361,6 +373,18 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             conn = self._used.pop(token)
             self._rused.pop(id(conn), None)
         return conn
+
+    def _open_idle(self) -> None:
+        """Open one connection into a free slot and keep it idle."""
+        if not self._reserve():
+            return
+        try:
+            conn = self._open_connection()
+        except BaseException:
+            self._release_slot()
+            raise
+        if not self._adopt_idle(conn):
+            close_quietly(conn)
 
     def _connect(self, key: Any = None) -> PGConnection:
         """psycopg2's hook: open a connection and lend it under ``key``.

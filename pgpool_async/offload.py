@@ -61,12 +61,11 @@ class Offloader:
         Only for ``func`` that cleans up after itself when nobody waits (a connect
         that may hang on an unresponsive server).
         """
-        return await anyio.to_thread.run_sync(
-            func, *args, limiter=self.work_limiter, abandon_on_cancel=True
-        )
+        return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter, abandon_on_cancel=True)
 
     async def run_return(self, func: Callable[..., T], *args: object) -> T:
         """Run a return-path call (rollback, close): shielded from cancellation,
         under the ``returns`` limiter, so a connection is never half returned."""
         with anyio.CancelScope(shield=True):
-            return await anyio.to_thread.run_sync(func, *args, limiter=self.returns_limiter)
+            result = await anyio.to_thread.run_sync(func, *args, limiter=self.returns_limiter)
+        return result

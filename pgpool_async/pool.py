@@ -19,9 +19,9 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import psycopg2
@@ -29,10 +29,20 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from .background import BackgroundTasks
-from .connection import AsyncConnection
+from .connection import (
+    AsyncConnection,
+    Params,
+    execute_sync,
+    fetchall_sync,
+    fetchone_sync,
+    fetchval_sync,
+    run_and_commit,
+)
 from .engine import (
     CLOSED_MESSAGE,
     ThreadedConnectionPool,
+    check_connect_args,
+    check_sizes,
     close_quietly,
     is_usable,
     reset_for_reuse,
@@ -50,6 +60,7 @@ from .waiting import WaitQueue
 
 __all__ = ["AsyncConnectionPool"]
 
+T = TypeVar("T")
 _names = itertools.count(1)
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 # Retry delays after a failed connect: doubling, with jitter, capped.
@@ -65,15 +76,11 @@ def _check_timeout(name: str, value: float) -> float:
     return float(value)
 
 
-def _with_connect_timeout(
-    args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float
-) -> dict[str, Any]:
+def _with_connect_timeout(args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float) -> dict[str, Any]:
     """libpq waits forever for an unresponsive server: bound each connect attempt
     by the pool timeout unless the user set ``connect_timeout`` themselves."""
     dsn = args[0] if args else kwargs.get("dsn")
-    if "connect_timeout" in kwargs or (
-        dsn and "connect_timeout" in psycopg2.extensions.parse_dsn(dsn)
-    ):
+    if "connect_timeout" in kwargs or (dsn and "connect_timeout" in psycopg2.extensions.parse_dsn(dsn)):
         return kwargs
     seconds = 2 if math.isinf(timeout) else max(2, math.ceil(timeout))
     return {**kwargs, "connect_timeout": seconds}
@@ -97,7 +104,7 @@ class _Attempt:
     a connection nobody waits for, or the task gets it.
     """
 
-    __slots__ = ("conn", "abandoned")
+    __slots__ = ("abandoned", "conn")
 
     def __init__(self) -> None:
         self.conn: PGConnection | None = None
@@ -111,7 +118,7 @@ class _Attempt:
 class _ConnectionContext:
     """``async with pool.connection() as conn``: commit on success, rollback on error."""
 
-    __slots__ = ("_pool", "_key", "_timeout", "_conn")
+    __slots__ = ("_conn", "_key", "_pool", "_timeout")
 
     def __init__(self, pool: AsyncConnectionPool, key: Hashable | None, timeout: float | None):
         self._pool = pool
@@ -175,6 +182,8 @@ class AsyncConnectionPool:
         autocommit: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_sizes(minconn, maxconn)
+        check_connect_args(args, kwargs)
         self.timeout = _check_timeout("timeout", timeout)
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
@@ -292,9 +301,7 @@ class AsyncConnectionPool:
 
     # -- lending --------------------------------------------------------------
 
-    def connection(
-        self, timeout: float | None = None, key: Hashable | None = None
-    ) -> _ConnectionContext:
+    def connection(self, timeout: float | None = None, key: Hashable | None = None) -> _ConnectionContext:
         """Lend a connection for an ``async with`` block.
 
         On a clean exit the transaction is committed and the connection
@@ -303,9 +310,7 @@ class AsyncConnectionPool:
         """
         return _ConnectionContext(self, key, timeout)
 
-    async def getconn(
-        self, key: Hashable | None = None, timeout: float | None = None
-    ) -> AsyncConnection:
+    async def getconn(self, key: Hashable | None = None, timeout: float | None = None) -> AsyncConnection:
         """Lend a connection, waiting (FIFO) up to ``timeout`` if none is free.
 
         With a ``key`` already lent, the same connection again (psycopg2's keys).
@@ -388,11 +393,36 @@ class AsyncConnectionPool:
                 return
             self._waiting.hand(waiter, raw)
 
+    # -- one-hop helpers ------------------------------------------------------
+
+    async def run_sync(self, func: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        """Borrow a connection, run ``func(raw_connection, *args)`` and commit in a
+        single worker-thread call, then return the connection (rolled back on error)."""
+        conn = await self.getconn(timeout=timeout)
+        try:
+            return await conn.run_sync(run_and_commit, func, *args)
+        finally:
+            await self.putconn(conn)
+
+    async def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> int:
+        """Run one statement on a pooled connection and commit; returns ``rowcount``."""
+        return await self.run_sync(execute_sync, sql, params, timeout=timeout)
+
+    async def fetchone(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
+        """Run a query on a pooled connection; its first row, or None."""
+        return await self.run_sync(fetchone_sync, sql, params, timeout=timeout)
+
+    async def fetchall(self, sql: str, params: Params = None, *, timeout: float | None = None) -> list[Any]:
+        """Run a query on a pooled connection; all its rows."""
+        return await self.run_sync(fetchall_sync, sql, params, timeout=timeout)
+
+    async def fetchval(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
+        """Run a query on a pooled connection; the first column of its first row, or None."""
+        return await self.run_sync(fetchval_sync, sql, params, timeout=timeout)
+
     # -- returning --------------------------------------------------------------
 
-    async def putconn(
-        self, conn: AsyncConnection, key: Hashable | None = None, close: bool = False
-    ) -> None:
+    async def putconn(self, conn: AsyncConnection, key: Hashable | None = None, close: bool = False) -> None:
         """Return a connection: rolled back if mid-transaction, then reused; or
         closed, with ``close=True`` or if broken. Cancelling the caller does not
         interrupt a return. After ``closeall``/``close`` the connection is closed.
@@ -401,13 +431,10 @@ class AsyncConnectionPool:
         :raises PoolError: it was lent by another pool.
         """
         if not isinstance(conn, AsyncConnection):
-            raise PoolError(
-                f"putconn() takes the AsyncConnection the pool lent, got {type(conn).__name__}"
-            )
+            raise PoolError(f"putconn() takes the AsyncConnection the pool lent, got {type(conn).__name__}")
         if conn.pool is not self:
             raise PoolError(
-                f"connection is not a member of this pool ({self.name!r}): return it to "
-                f"{conn.pool.name!r}"
+                f"connection is not a member of this pool ({self.name!r}): return it to {conn.pool.name!r}"
             )
         raw = conn.raw  # raises ConnectionReleased if already returned
         await conn._idle()

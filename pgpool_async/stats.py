@@ -1,46 +1,37 @@
 """Pool statistics, named as psycopg_pool names them.
 
-Counters grow until :meth:`PoolStats.pop` resets them; gauges (``pool_min``,
-``pool_max``, ``pool_size``, ``pool_available``, ``requests_waiting``) are read
-from the pool when asked.
+Counters grow until :meth:`PoolStats.reset` (``pool.pop_stats()``); gauges
+(``pool_min``, ``pool_max``, ``pool_size``, ``pool_available``,
+``requests_waiting``) are read from the pool when asked.
 """
 
 from __future__ import annotations
 
-__all__ = ["COUNTERS", "GAUGES", "PoolStats"]
+import dataclasses
 
-GAUGES = ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting")
-COUNTERS = (
-    "requests_num",  # connections requested
-    "requests_queued",  # requests that had to wait
-    "requests_wait_ms",  # total time spent waiting
-    "requests_errors",  # requests that ended in an error (timeout, queue full, closed)
-    "usage_ms",  # total time connections spent lent out
-    "returns_bad",  # connections returned broken, or that failed their reset
-    "connections_num",  # connection attempts
-    "connections_ms",  # total time spent connecting
-    "connections_errors",  # failed connection attempts
-    "connections_lost",  # idle connections found broken and discarded
-)
+__all__ = ["PoolStats"]
 
 
+@dataclasses.dataclass(slots=True)
 class PoolStats:
     """The counters of one pool; plain ints updated on the event loop."""
 
-    __slots__ = COUNTERS
-
-    def __init__(self) -> None:
-        self.reset()
+    requests_num: int = 0  # connections requested
+    requests_queued: int = 0  # requests that had to wait
+    requests_wait_ms: int = 0  # total time spent waiting
+    requests_errors: int = 0  # requests ended in an error (timeout, queue full, closed)
+    usage_ms: int = 0  # total time connections spent lent out
+    returns_bad: int = 0  # connections returned broken, or that failed their reset
+    connections_num: int = 0  # connection attempts
+    connections_ms: int = 0  # total time spent connecting
+    connections_errors: int = 0  # failed connection attempts
+    connections_lost: int = 0  # idle connections found broken and discarded
 
     def reset(self) -> None:
         """Set every counter back to zero."""
-        for name in COUNTERS:
-            setattr(self, name, 0)
-
-    def add(self, name: str, value: int = 1) -> None:
-        """Add ``value`` to the counter ``name``."""
-        setattr(self, name, getattr(self, name) + value)
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, 0)
 
     def snapshot(self) -> dict[str, int]:
         """The counters as a dict, zeros left out as psycopg_pool does."""
-        return {name: value for name in COUNTERS if (value := getattr(self, name))}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}

@@ -1,0 +1,161 @@
+"""Shared fixtures: a real PostgreSQL, and guards that fail any blocking call on the loop.
+
+- ``dsn``: ``$PGPOOL_TEST_DSN`` when set, else one throwaway server per session.
+- A psycopg2 wait callback is installed for the whole session: it records (and
+  raises) any libpq network wait made on a thread that runs an event loop, which
+  Python-level tools cannot see. Every test then asserts none happened.
+- ``blockbuster`` fails Python-level blocking calls made on the asyncio loop
+  during async tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import traceback
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+import pytest
+
+from pgpool_async.throwaway import ThrowawayPostgres
+
+# -- the server --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[ThrowawayPostgres | None]:
+    """The throwaway server, or None when ``PGPOOL_TEST_DSN`` points elsewhere."""
+    if os.environ.get("PGPOOL_TEST_DSN"):
+        yield None
+        return
+    server = ThrowawayPostgres(settings={"max_connections": "300"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def dsn(pg_server: ThrowawayPostgres | None) -> str:
+    """A DSN of a real PostgreSQL server where tests may create tables."""
+    return os.environ.get("PGPOOL_TEST_DSN") or pg_server.dsn  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def app_name() -> str:
+    """A unique application_name: lets a test find its own backends on the server."""
+    return f"pgpool-test-{uuid.uuid4().hex[:12]}"
+
+
+def server_query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one query on a fresh, separate connection (off any pool), autocommit."""
+    with _loop_guard_off():
+        conn = psycopg2.connect(dsn)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchall() if cur.description else []
+        finally:
+            conn.close()
+
+
+def backends(dsn: str, app_name: str) -> list[tuple[str, str]]:
+    """(state, query) of every server backend with this application_name."""
+    return [
+        (r[0], r[1])
+        for r in server_query(
+            dsn,
+            "SELECT state, query FROM pg_stat_activity WHERE application_name = %s",
+            (app_name,),
+        )
+    ]
+
+
+# -- no blocking on the event loop -----------------------------------------------
+
+_violations: list[str] = []
+_guard = threading.local()
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    try:
+        import trio.lowlevel
+
+        return trio.lowlevel.in_trio_run()
+    except ImportError:
+        return False
+
+
+def _wait_off_loop(conn: Any) -> None:
+    """psycopg2 calls this for every libpq network wait (connect, query, commit)."""
+    if not getattr(_guard, "off", False) and _on_event_loop():
+        stack = "".join(traceback.format_stack(limit=12))
+        _violations.append(stack)
+        raise AssertionError(f"libpq network wait on the event loop thread:\n{stack}")
+    psycopg2.extras.wait_select(conn)
+
+
+class _loop_guard_off:
+    """Let this thread block (helpers that query the server from a test body)."""
+
+    def __enter__(self) -> None:
+        self._was = getattr(_guard, "off", False)
+        _guard.off = True
+
+    def __exit__(self, *exc: object) -> None:
+        _guard.off = self._was
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _libpq_wait_guard() -> Iterator[None]:
+    psycopg2.extensions.set_wait_callback(_wait_off_loop)
+    try:
+        yield
+    finally:
+        psycopg2.extensions.set_wait_callback(None)
+
+
+@pytest.fixture(autouse=True)
+def _no_libpq_wait_on_loop() -> Iterator[None]:
+    _violations.clear()
+    yield
+    assert not _violations, f"{len(_violations)} libpq wait(s) on the event loop:\n{_violations[0]}"
+
+
+@pytest.fixture
+def no_wait_callback() -> Iterator[None]:
+    """COPY cannot run with a wait callback set: tests of COPY switch it off."""
+    psycopg2.extensions.set_wait_callback(None)
+    try:
+        yield
+    finally:
+        psycopg2.extensions.set_wait_callback(_wait_off_loop)
+
+
+@pytest.fixture(autouse=True)
+def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail Python-level blocking calls on the asyncio loop, in async tests only."""
+    if not (request.node.get_closest_marker("asyncio") or request.node.get_closest_marker("anyio")):
+        yield
+        return
+    from blockbuster import blockbuster_ctx
+
+    with blockbuster_ctx(scanned_modules=["pgpool_async", "anyio", "tests"]) as bb:
+        # Reading modules or test files at import time is not what we test.
+        for name in ("io.TextIOWrapper.read", "io.BufferedReader.read", "os.stat"):
+            if name in bb.functions:
+                bb.functions[name].deactivate()
+        yield
