@@ -21,7 +21,7 @@ __all__ = ["WaitQueue", "Waiter"]
 class Waiter:
     """One request queued for a connection."""
 
-    __slots__ = ("key", "_event", "_conn", "_error", "_done")
+    __slots__ = ("_conn", "_done", "_error", "_event", "key")
 
     def __init__(self, key: Hashable | None) -> None:
         self.key = key

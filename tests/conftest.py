@@ -153,7 +153,11 @@ def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
         return
     from blockbuster import blockbuster_ctx
 
-    with blockbuster_ctx(scanned_modules=["pgpool_async", "anyio", "tests"]) as bb:
+    # The fault proxy and the throwaway server are test tools that block on purpose.
+    with blockbuster_ctx(
+        scanned_modules=["pgpool_async"],
+        excluded_modules=["pgpool_async.faultproxy", "pgpool_async.throwaway"],
+    ) as bb:
         # Reading modules or test files at import time is not what we test.
         for name in ("io.TextIOWrapper.read", "io.BufferedReader.read", "os.stat"):
             if name in bb.functions:

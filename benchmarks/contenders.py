@@ -1,0 +1,504 @@
+"""The pools under test, each behind the same small interface.
+
+An async contender (:class:`AsyncContender`) opens a pool, runs one *query
+operation* (check out, query, return; commit when its mode is ``tx``), one
+*checkout operation* (check out and return, no query), and can lend a
+connection for as long as the caller likes (:meth:`AsyncContender.acquire`).
+Query operations return the :func:`time.perf_counter` instant the connection was
+obtained, or None when the API hides it.
+
+:class:`ThreadsContender` is the plain synchronous baseline: psycopg2's own
+``ThreadedConnectionPool`` used from OS threads.
+
+Modes: ``tx`` means every query runs in a transaction (psycopg2's and psycopg 3's
+default: BEGIN, query, COMMIT); ``autocommit`` means the query alone.
+
+Peer libraries are imported when a contender opens, so a missing one only
+fails its own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass
+from time import perf_counter
+from types import TracebackType
+from typing import Any, ClassVar
+
+import anyio
+import anyio.to_thread
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+__all__ = [
+    "CONTENDERS",
+    "AsyncContender",
+    "Contender",
+    "PoolSpec",
+    "ThreadsContender",
+    "asyncpg_kwargs",
+    "by_key",
+    "select",
+]
+
+TX = "tx"
+AUTOCOMMIT = "autocommit"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Where to connect and how many connections to keep (``minsize``) and allow (``maxsize``)."""
+
+    dsn: str
+    minsize: int
+    maxsize: int
+
+
+def asyncpg_kwargs(dsn: str) -> dict[str, Any]:
+    """asyncpg takes URIs only: turn a libpq DSN (either form) into its keywords."""
+    params = psycopg2.extensions.parse_dsn(dsn)
+    kwargs: dict[str, Any] = {}
+    for libpq, ours in (("host", "host"), ("user", "user"), ("password", "password"), ("dbname", "database")):
+        if libpq in params:
+            kwargs[ours] = params[libpq]
+    if "port" in params:
+        kwargs["port"] = int(params["port"])
+    return kwargs
+
+
+def _fetchval(conn: Any, sql: str) -> Any:
+    """The first column of the first row, on a psycopg2 connection (in a thread)."""
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+class Contender(ABC):
+    """What every contender tells about itself.
+
+    ``representative`` marks one contender per library: it also runs the
+    checkout, spike and memory workloads. ``overload`` marks those that run
+    the overload workload.
+    """
+
+    key: ClassVar[str]
+    name: ClassVar[str]
+    library: ClassVar[str]
+    mode: ClassVar[str]
+    representative: ClassVar[bool] = False
+    overload: ClassVar[bool] = False
+    checkout_name: ClassVar[str] = ""
+    note: ClassVar[str] = ""
+
+
+class AsyncContender(Contender):
+    """A pool used from asyncio tasks."""
+
+    @abstractmethod
+    async def open(self, spec: PoolSpec) -> None:
+        """Create the pool and open ``spec.minsize`` connections."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the pool and all its connections."""
+
+    @abstractmethod
+    async def query(self, sql: str) -> float | None:
+        """Check out, run ``sql`` and fetch its value, return; the instant of checkout."""
+
+    @abstractmethod
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        """Lend one connection for an ``async with`` block."""
+
+    async def checkout(self) -> None:
+        """Check a connection out and return it, nothing else."""
+        async with self.acquire():
+            pass
+
+
+# -- pgpool_async ---------------------------------------------------------------
+
+
+class _PgpoolBase(AsyncContender):
+    library = "pgpool_async"
+    autocommit: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    async def open(self, spec: PoolSpec) -> None:
+        from pgpool_async import AsyncConnectionPool
+
+        self.pool = AsyncConnectionPool(spec.minsize, spec.maxsize, spec.dsn, autocommit=self.autocommit)
+        await self.pool.open()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        return self.pool.connection()  # type: ignore[no-any-return]
+
+
+class PgpoolConnection(_PgpoolBase):
+    """``async with pool.connection() as c: await c.fetchval(sql)``, default mode."""
+
+    key = "pgpool"
+    name = "pgpool_async connection()"
+    mode = TX
+    representative = True
+    overload = True
+    checkout_name = "pgpool_async connection(): pass"
+
+    async def query(self, sql: str) -> float | None:
+        async with self.pool.connection() as conn:
+            acquired = perf_counter()
+            await conn.fetchval(sql)
+        return acquired
+
+
+class PgpoolConnectionAutocommit(PgpoolConnection):
+    """The same with ``AsyncConnectionPool(..., autocommit=True)``."""
+
+    key = "pgpool-ac"
+    name = "pgpool_async connection() autocommit"
+    mode = AUTOCOMMIT
+    autocommit = True
+    representative = False
+    checkout_name = ""
+
+
+class PgpoolFetchval(_PgpoolBase):
+    """``await pool.fetchval(sql)``: checkout, query, commit, return; one thread hop."""
+
+    key = "pgpool-fetchval"
+    name = "pgpool_async pool.fetchval"
+    mode = TX
+
+    async def query(self, sql: str) -> float | None:
+        await self.pool.fetchval(sql)
+        return None
+
+
+class PgpoolFetchvalAutocommit(PgpoolFetchval):
+    """``pool.fetchval`` with ``autocommit=True``."""
+
+    key = "pgpool-fetchval-ac"
+    name = "pgpool_async pool.fetchval autocommit"
+    mode = AUTOCOMMIT
+    autocommit = True
+
+
+# -- asyncpg ----------------------------------------------------------------------
+
+
+class Asyncpg(AsyncContender):
+    """``asyncpg.create_pool``; ``async with pool.acquire() as c: await c.fetchval(sql)``."""
+
+    key = "asyncpg"
+    name = "asyncpg pool"
+    library = "asyncpg"
+    mode = AUTOCOMMIT
+    representative = True
+    overload = True
+    checkout_name = "asyncpg acquire()+release"
+    note = "its release runs a reset query (a round trip) by default"
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    async def open(self, spec: PoolSpec) -> None:
+        import asyncpg
+
+        self.pool = await asyncpg.create_pool(
+            min_size=spec.minsize, max_size=spec.maxsize, **asyncpg_kwargs(spec.dsn)
+        )
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def query(self, sql: str) -> float | None:
+        async with self.pool.acquire() as conn:
+            acquired = perf_counter()
+            await conn.fetchval(sql)
+        return acquired
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        return self.pool.acquire()  # type: ignore[no-any-return]
+
+
+# -- psycopg 3 / psycopg_pool ---------------------------------------------------------
+
+
+class PsycopgPool(AsyncContender):
+    """psycopg_pool's ``AsyncConnectionPool``, psycopg 3's default (non-autocommit) mode."""
+
+    key = "psycopg_pool"
+    name = "psycopg_pool (psycopg 3)"
+    library = "psycopg_pool"
+    mode = TX
+    representative = True
+    overload = True
+    checkout_name = "psycopg_pool connection(): pass"
+    autocommit: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    async def open(self, spec: PoolSpec) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
+        kwargs = {"autocommit": True} if self.autocommit else {}
+        self.pool = AsyncConnectionPool(
+            spec.dsn, min_size=spec.minsize, max_size=spec.maxsize, kwargs=kwargs, open=False
+        )
+        await self.pool.open(wait=True)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def query(self, sql: str) -> float | None:
+        async with self.pool.connection() as conn:
+            acquired = perf_counter()
+            await (await conn.execute(sql)).fetchone()
+        return acquired
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        return self.pool.connection()  # type: ignore[no-any-return]
+
+
+class PsycopgPoolAutocommit(PsycopgPool):
+    """psycopg_pool with ``kwargs={"autocommit": True}``: the same-mode peer of pgpool's autocommit."""
+
+    key = "psycopg_pool-ac"
+    name = "psycopg_pool (psycopg 3) autocommit"
+    mode = AUTOCOMMIT
+    autocommit = True
+    representative = False
+    overload = False
+    checkout_name = ""
+
+
+# -- aiopg ------------------------------------------------------------------------------
+
+
+class Aiopg(AsyncContender):
+    """aiopg's pool (always autocommit); a cursor per query."""
+
+    key = "aiopg"
+    name = "aiopg pool"
+    library = "aiopg"
+    mode = AUTOCOMMIT
+    representative = True
+    overload = True
+    checkout_name = "aiopg acquire()+release"
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    async def open(self, spec: PoolSpec) -> None:
+        import aiopg
+
+        self.pool = await aiopg.create_pool(spec.dsn, minsize=spec.minsize, maxsize=spec.maxsize)
+
+    async def close(self) -> None:
+        self.pool.close()
+        await self.pool.wait_closed()
+
+    async def query(self, sql: str) -> float | None:
+        async with self.pool.acquire() as conn:
+            acquired = perf_counter()
+            async with conn.cursor() as cur:
+                await cur.execute(sql)
+                await cur.fetchone()
+        return acquired
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        return self.pool.acquire()  # type: ignore[no-any-return]
+
+
+# -- hand-written: psycopg2's pool + anyio.to_thread ---------------------------------------
+
+
+class _NaiveLease:
+    """``async with``: semaphore, ``getconn`` in a thread ... ``putconn`` in a thread."""
+
+    def __init__(self, owner: NaiveToThread) -> None:
+        self._owner = owner
+        self._conn: Any = None
+
+    async def __aenter__(self) -> Any:
+        await self._owner.sem.acquire()
+        try:
+            self._conn = await anyio.to_thread.run_sync(self._owner.pool.getconn)
+        except BaseException:
+            self._owner.sem.release()
+            raise
+        return self._conn
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._owner.pool.putconn, self._conn)
+        finally:
+            self._owner.sem.release()
+
+
+class NaiveToThread(AsyncContender):
+    """The naive wrapper: psycopg2's ``ThreadedConnectionPool`` with every call
+    (getconn, query, commit, putconn) in its own ``anyio.to_thread.run_sync``,
+    and an ``asyncio.Semaphore`` so that ``getconn`` never meets an exhausted pool."""
+
+    key = "naive"
+    name = "naive psycopg2 pool + to_thread"
+    library = "psycopg2 (naive)"
+    mode = TX
+    representative = True
+    overload = True
+    checkout_name = "naive getconn+putconn (2 hops)"
+    note = "4 thread hops per query: getconn, query, commit, putconn"
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.sem = asyncio.Semaphore(1)
+
+    async def open(self, spec: PoolSpec) -> None:
+        self.sem = asyncio.Semaphore(spec.maxsize)
+        self.pool = await anyio.to_thread.run_sync(
+            psycopg2.pool.ThreadedConnectionPool, spec.minsize, spec.maxsize, spec.dsn
+        )
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self.pool.closeall)
+
+    async def query(self, sql: str) -> float | None:
+        async with self.sem:
+            conn = await anyio.to_thread.run_sync(self.pool.getconn)
+            acquired = perf_counter()
+            try:
+                await anyio.to_thread.run_sync(_fetchval, conn, sql)
+                await anyio.to_thread.run_sync(conn.commit)
+            finally:
+                await anyio.to_thread.run_sync(self.pool.putconn, conn)
+        return acquired
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        return _NaiveLease(self)
+
+    async def checkout(self) -> None:
+        async with self.sem:
+            conn = await anyio.to_thread.run_sync(self.pool.getconn)
+            await anyio.to_thread.run_sync(self.pool.putconn, conn)
+
+
+# -- plain threads ---------------------------------------------------------------------------
+
+
+class ThreadsContender(Contender):
+    """psycopg2's ``ThreadedConnectionPool`` used from OS threads, no event loop involved.
+
+    psycopg2's pool raises when exhausted instead of waiting, so a
+    ``threading.BoundedSemaphore(maxsize)`` guards ``getconn`` (the usual fix).
+    """
+
+    key = "threads"
+    name = "psycopg2 pool in OS threads (sync)"
+    library = "psycopg2 (threads)"
+    mode = TX
+    representative = True
+    overload = True
+    checkout_name = "psycopg2 threads getconn+putconn"
+    note = "10 threads for SELECT 1 and checkout; one thread per task otherwise"
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+        self.sem = threading.BoundedSemaphore(1)
+
+    def open_sync(self, spec: PoolSpec) -> None:
+        """Create the pool (psycopg2 opens ``minsize`` connections one by one)."""
+        self.sem = threading.BoundedSemaphore(spec.maxsize)
+        self.pool = psycopg2.pool.ThreadedConnectionPool(spec.minsize, spec.maxsize, spec.dsn)
+
+    async def open(self, spec: PoolSpec) -> None:
+        """:meth:`open_sync` off the event loop."""
+        await asyncio.to_thread(self.open_sync, spec)
+
+    def close_sync(self) -> None:
+        """Close every connection."""
+        self.pool.closeall()
+
+    async def close(self) -> None:
+        """:meth:`close_sync` off the event loop."""
+        await asyncio.to_thread(self.close_sync)
+
+    def query_sync(self, sql: str) -> float | None:
+        """Check out, query, commit, return."""
+        with self.sem:
+            conn = self.pool.getconn()
+            acquired = perf_counter()
+            try:
+                _fetchval(conn, sql)
+                conn.commit()
+            finally:
+                self.pool.putconn(conn)
+        return acquired
+
+    def checkout_sync(self) -> None:
+        """Check a connection out and return it."""
+        with self.sem:
+            self.pool.putconn(self.pool.getconn())
+
+    @contextlib.contextmanager
+    def _lease(self) -> Any:
+        with self.sem:
+            conn = self.pool.getconn()
+            try:
+                yield conn
+            finally:
+                self.pool.putconn(conn)
+
+    def acquire_sync(self) -> AbstractContextManager[Any]:
+        """Lend one connection for a ``with`` block."""
+        return self._lease()  # type: ignore[no-any-return]
+
+
+CONTENDERS: tuple[type[AsyncContender] | type[ThreadsContender], ...] = (
+    PgpoolConnection,
+    PgpoolConnectionAutocommit,
+    PgpoolFetchval,
+    PgpoolFetchvalAutocommit,
+    Asyncpg,
+    PsycopgPool,
+    PsycopgPoolAutocommit,
+    Aiopg,
+    NaiveToThread,
+    ThreadsContender,
+)
+
+AnyContender = AsyncContender | ThreadsContender
+
+
+def by_key(key: str) -> type[AsyncContender] | type[ThreadsContender]:
+    """The contender class with this key.
+
+    :raises KeyError: no such contender.
+    """
+    for cls in CONTENDERS:
+        if cls.key == key:
+            return cls
+    raise KeyError(f"unknown contender {key!r}; known: {', '.join(c.key for c in CONTENDERS)}")
+
+
+def select(only: Sequence[str] | None) -> list[type[AsyncContender] | type[ThreadsContender]]:
+    """The contenders named in ``only`` (keys), in the canonical order; all if empty."""
+    if not only:
+        return list(CONTENDERS)
+    wanted = {by_key(name.strip()).key for name in only if name.strip()}
+    return [cls for cls in CONTENDERS if cls.key in wanted]

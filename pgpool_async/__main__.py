@@ -1,0 +1,10 @@
+"""``python -m pgpool_async demo``: see :mod:`pgpool_async.demo`."""
+
+from __future__ import annotations
+
+import sys
+
+from .demo import main
+
+if __name__ == "__main__":
+    sys.exit(main())
