@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -77,6 +78,14 @@ def backends(dsn: str, app_name: str) -> list[tuple[str, str]]:
             (app_name,),
         )
     ]
+
+
+def wait_backends_gone(dsn: str, app_name: str, timeout: float = 10.0) -> None:
+    """A closed connection's backend leaves pg_stat_activity shortly after: poll for it."""
+    deadline = time.monotonic() + timeout
+    while backends(dsn, app_name):
+        assert time.monotonic() < deadline, f"backends still there: {backends(dsn, app_name)}"
+        time.sleep(0.01)
 
 
 # -- no blocking on the event loop -----------------------------------------------

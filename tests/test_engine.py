@@ -19,7 +19,7 @@ from pgpool_async import (
 )
 from pgpool_async.faultproxy import FaultProxy
 
-from .conftest import backends, server_query
+from .conftest import backends, server_query, wait_backends_gone
 
 
 def test_is_psycopg2_pool_and_error(dsn: str) -> None:
@@ -41,7 +41,7 @@ def test_context_manager_closes_all(dsn: str, app_name: str) -> None:
         held = pool.getconn()
         assert len(backends(dsn, app_name)) == 2
     assert held.closed
-    assert backends(dsn, app_name) == []
+    wait_backends_gone(dsn, app_name)
 
 
 def test_idle_kept_up_to_maxconn(dsn: str) -> None:

@@ -23,7 +23,7 @@ from pgpool_async import (
     TooManyRequests,
 )
 
-from .conftest import backends, server_query
+from .conftest import backends, server_query, wait_backends_gone
 
 pytestmark = pytest.mark.asyncio
 
@@ -161,7 +161,7 @@ async def test_closeall_semantics(dsn: str, app_name: str) -> None:
     held = await pool.getconn()
     await pool.closeall()
     assert held.raw.closed  # the seed: closeall closes connections in use
-    assert backends(dsn, app_name) == []
+    wait_backends_gone(dsn, app_name)
     with pytest.raises(PoolClosed):
         await pool.closeall()
     await pool.putconn(held)  # after close: closed quietly, no error
