@@ -11,6 +11,7 @@ the pool's own worker threads, so the event loop never stalls::
 from __future__ import annotations
 
 from .connection import AsyncConnection
+from .cursor import AsyncCursor, Transaction
 from .engine import SimpleConnectionPool, ThreadedConnectionPool
 from .errors import (
     ConnectionReleased,
@@ -25,6 +26,7 @@ from .pool import AsyncConnectionPool
 __all__ = [
     "AsyncConnection",
     "AsyncConnectionPool",
+    "AsyncCursor",
     "ConnectionReleased",
     "PoolClosed",
     "PoolConfigError",
@@ -33,6 +35,7 @@ __all__ = [
     "SimpleConnectionPool",
     "ThreadedConnectionPool",
     "TooManyRequests",
+    "Transaction",
 ]
 
 __version__ = "0.1.0"

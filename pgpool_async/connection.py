@@ -17,6 +17,7 @@ import anyio
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from .cursor import AsyncCursor, Transaction
 from .errors import ConnectionReleased
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class AsyncConnection:
     pool.connection()``), any use raises :class:`ConnectionReleased`.
     """
 
-    __slots__ = ("_lock", "_pool", "_raw", "key", "lent_at")
+    __slots__ = ("_lock", "_pool", "_raw", "_session_changed", "_tx_depth", "key", "lent_at")
 
     def __init__(self, pool: AsyncConnectionPool, raw: PGConnection, key: Hashable) -> None:
         self._raw: PGConnection | None = raw
@@ -82,6 +83,8 @@ class AsyncConnection:
         self._lock = anyio.Lock(fast_acquire=True)
         self.key = key
         self.lent_at = time.monotonic()
+        self._tx_depth = 0
+        self._session_changed = False
 
     @property
     def raw(self) -> PGConnection:
@@ -137,6 +140,32 @@ class AsyncConnection:
     async def fetchval(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return the first column of its first row, or None."""
         return await self.run_sync(fetchval_sync, sql, params)
+
+    def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
+        """A cursor for ``async with conn.cursor() as cur``.
+
+        ``name`` makes a server-side cursor that streams large results
+        (``itersize`` rows per fetch); ``cursor_factory``, ``scrollable`` and
+        ``withhold`` are psycopg2's. Creating a cursor does no I/O.
+        """
+        return AsyncCursor(self, self.raw.cursor(name, **kwargs))
+
+    def transaction(self) -> Transaction:
+        """``async with conn.transaction()``: commit on success, roll back on
+        error; nested blocks are savepoints."""
+        return Transaction(self)
+
+    async def set_session(self, **settings: Any) -> None:
+        """psycopg2's ``set_session`` (``isolation_level``, ``readonly``,
+        ``deferrable``, ``autocommit``), off the loop. Reset when the connection
+        goes back to the pool."""
+        self._session_changed = True
+        await self.run_sync(lambda raw: raw.set_session(**settings))
+
+    @property
+    def autocommit(self) -> bool:
+        """Whether the connection is in autocommit mode (set it with :meth:`set_session`)."""
+        return bool(self.raw.autocommit)
 
     async def commit(self) -> None:
         """Commit the current transaction."""

@@ -441,6 +441,9 @@ class AsyncConnectionPool:
         if key is not None and key != conn.key:
             raise PoolError(f"connection was taken under the key {conn.key!r}, not {key!r}")
         conn._release()
+        if conn._session_changed:
+            # No I/O outside a transaction; inside one, reset_for_reuse rolls back first.
+            await self._offload.run_return(self._restore_session, raw)
         self._lent.pop(id(raw), None)
         self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
         if self._engine._detach(raw, conn.key) is None:  # pool closed meanwhile
@@ -457,6 +460,17 @@ class AsyncConnectionPool:
         await self._offload.run_return(close_quietly, raw)
         self._engine._release_slot()
         self._after_slot_freed()
+
+    def _restore_session(self, raw: PGConnection) -> None:
+        if raw.closed:
+            return
+        if reset_for_reuse(raw):
+            raw.set_session(
+                isolation_level="default",
+                readonly="default",
+                deferrable="default",
+                autocommit=self.autocommit,
+            )
 
     def _check_in(self, raw: PGConnection) -> None:
         """A returned, clean connection goes to the next waiter or idle."""

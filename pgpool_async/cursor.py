@@ -1,0 +1,186 @@
+"""Async cursors and transactions on a lent connection.
+
+A client-side cursor holds its whole result in memory once ``execute`` returns,
+so its fetches run on the event loop with no thread hop. A named (server-side)
+cursor fetches from the server: each fetch runs in a worker thread, ``itersize``
+rows at a time when iterated, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from psycopg2.extensions import cursor as PGCursor
+
+from .errors import PoolError
+
+if TYPE_CHECKING:
+    from .connection import AsyncConnection, Params
+
+__all__ = ["AsyncCursor", "Transaction"]
+
+T = TypeVar("T")
+
+
+class AsyncCursor:
+    """A psycopg2 cursor whose network calls run off the event loop.
+
+    Use it as ``async with conn.cursor() as cur``; it must not outlive the
+    connection's loan. Attributes psycopg2 users read (``rowcount``,
+    ``description``, ``query``, ``statusmessage``, ``itersize``, ``arraysize``)
+    pass through.
+    """
+
+    __slots__ = ("_conn", "_cur")
+
+    def __init__(self, conn: AsyncConnection, cur: PGCursor) -> None:
+        self._conn = conn
+        self._cur = cur
+
+    @property
+    def raw(self) -> PGCursor:
+        """The psycopg2 cursor (use it only in a worker thread)."""
+        return self._cur
+
+    @property
+    def server_side(self) -> bool:
+        """True for a named cursor: its fetches talk to the server."""
+        return self._cur.name is not None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in (
+            "rowcount",
+            "description",
+            "query",
+            "statusmessage",
+            "rownumber",
+            "itersize",
+            "arraysize",
+            "closed",
+            "lastrowid",
+            "name",
+        ):
+            return getattr(self._cur, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("itersize", "arraysize"):
+            setattr(self._cur, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    async def _io(self, func: Callable[..., T], *args: Any) -> T:
+        return await self._conn.run_sync(lambda _raw: func(*args))
+
+    async def execute(self, sql: str, params: Params = None) -> None:
+        """Execute a statement in a worker thread."""
+        await self._io(self._cur.execute, sql, params)
+
+    async def executemany(self, sql: str, seq: Iterable[Params]) -> None:
+        """Execute a statement once per parameter set, in one worker-thread call."""
+        await self._io(self._cur.executemany, sql, list(seq))
+
+    async def callproc(self, name: str, params: Params = None) -> Any:
+        """Call a stored procedure or function."""
+        return await self._io(self._cur.callproc, name, params)
+
+    def mogrify(self, sql: str, params: Params = None) -> bytes:
+        """The query as it would be sent; no I/O."""
+        result: bytes = self._cur.mogrify(sql, params)
+        return result
+
+    async def fetchone(self) -> Any:
+        """The next row, or None."""
+        if self.server_side:
+            return await self._io(self._cur.fetchone)
+        return self._cur.fetchone()
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        """The next ``size`` rows (default ``arraysize``)."""
+        size = self._cur.arraysize if size is None else size
+        if self.server_side:
+            return await self._io(self._cur.fetchmany, size)
+        return self._cur.fetchmany(size)
+
+    async def fetchall(self) -> list[Any]:
+        """All remaining rows (a server-side cursor: all of them in memory, so
+        prefer ``async for``)."""
+        if self.server_side:
+            return await self._io(self._cur.fetchall)
+        return self._cur.fetchall()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """Rows one by one; a server-side cursor fetches ``itersize`` at a time."""
+        size = self._cur.itersize if self.server_side else max(self._cur.arraysize, 1000)
+        while rows := await self.fetchmany(size):
+            for row in rows:
+                yield row
+
+    async def close(self) -> None:
+        """Close the cursor (a server-side one tells the server)."""
+        if self._cur.closed:
+            return
+        if self.server_side and not self._conn.closed:
+            await self._io(self._cur.close)
+        else:
+            self._cur.close()
+
+    async def __aenter__(self) -> AsyncCursor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Transaction:
+    """``async with conn.transaction()``: commit on success, roll back on error.
+
+    The outermost block is the transaction; a nested block (or one entered
+    while a transaction is already open) is a savepoint, released on success and
+    rolled back to on error. In autocommit mode the outermost block sends BEGIN.
+    """
+
+    __slots__ = ("_conn", "_explicit", "_savepoint")
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+        self._savepoint: str | None = None
+        self._explicit = False
+
+    async def __aenter__(self) -> Transaction:
+        conn = self._conn
+        raw = conn.raw
+        depth = conn._tx_depth
+        if depth or raw.get_transaction_status() != 0:  # 0: TRANSACTION_STATUS_IDLE
+            self._savepoint = f"pgpool_sp_{depth + 1}"
+            await conn.execute(f"SAVEPOINT {self._savepoint}")
+        elif raw.autocommit:
+            self._explicit = True
+            await conn.execute("BEGIN")
+        conn._tx_depth = depth + 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        conn._tx_depth -= 1
+        if conn.released:
+            raise PoolError("the connection was returned to the pool inside a transaction block")
+        if self._savepoint is not None:
+            if exc_type is None:
+                await conn.execute(f"RELEASE SAVEPOINT {self._savepoint}")
+            else:
+                await conn.execute(f"ROLLBACK TO SAVEPOINT {self._savepoint}")
+                await conn.execute(f"RELEASE SAVEPOINT {self._savepoint}")
+        elif self._explicit:
+            await conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        elif exc_type is None:
+            await conn.commit()
+        else:
+            await conn.rollback()
