@@ -10,6 +10,7 @@ further use with :class:`~pgpool_async.errors.ConnectionReleased`.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -75,7 +76,18 @@ class AsyncConnection:
     pool.connection()``), any use raises :class:`ConnectionReleased`.
     """
 
-    __slots__ = ("_lock", "_pool", "_raw", "_session_changed", "_tx_depth", "key", "lent_at")
+    __slots__ = (
+        "__weakref__",
+        "_lock",
+        "_pool",
+        "_raw",
+        "_session_changed",
+        "_tx_depth",
+        "key",
+        "leak_reported",
+        "lent_at",
+        "taken_at",
+    )
 
     def __init__(self, pool: AsyncConnectionPool, raw: PGConnection, key: Hashable) -> None:
         self._raw: PGConnection | None = raw
@@ -85,6 +97,8 @@ class AsyncConnection:
         self.lent_at = time.monotonic()
         self._tx_depth = 0
         self._session_changed = False
+        self.taken_at: traceback.StackSummary | None = None  # with leak_threshold
+        self.leak_reported = False
 
     @property
     def raw(self) -> PGConnection:

@@ -32,7 +32,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import psycopg2
@@ -342,6 +342,21 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             self._pool.append(conn)
             self._idle_since[id(conn)] = time.monotonic()
             return True
+
+    def _evict_idle(self, evict: Callable[[PGConnection], bool], keep: int) -> list[PGConnection]:
+        """Take idle connections off the books, oldest first, for which ``evict``
+        is true, as long as at least ``keep`` connections remain; the caller
+        closes them. Their slots are free at once."""
+        with self._lock:
+            evicted = []
+            for conn in list(self._pool):
+                if self.size <= keep:
+                    break
+                if evict(conn):
+                    self._pool.remove(conn)
+                    self._idle_since.pop(id(conn), None)
+                    evicted.append(conn)
+            return evicted
 
     def _close_all_state(self) -> list[PGConnection]:
         """Mark closed and hand back every connection, idle and lent, to close."""

@@ -46,6 +46,13 @@ class Offloader:
             self._returns = anyio.CapacityLimiter(self._tokens)
         return self._returns
 
+    def resize(self, tokens: int) -> None:
+        """Follow the pool's new ``maxconn``."""
+        self._tokens = tokens
+        for limiter in (self._work, self._returns):
+            if limiter is not None:
+                limiter.total_tokens = tokens
+
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run ``func(*args)`` in a worker thread.
 

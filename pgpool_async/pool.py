@@ -19,6 +19,8 @@ import itertools
 import math
 import random
 import time
+import traceback
+import weakref
 from collections.abc import Callable, Hashable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -54,6 +56,8 @@ from .errors import (
     PoolTimeout,
     TooManyRequests,
 )
+from .health import ConnInfo, Health
+from .leaks import call_site, describe, logger
 from .offload import Offloader
 from .stats import PoolStats
 from .waiting import WaitQueue
@@ -66,6 +70,8 @@ _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 # Retry delays after a failed connect: doubling, with jitter, capped.
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
+# Why a connection is being opened.
+_OPEN, _GROW, _FILL = "open", "grow", "fill"
 
 
 def _check_timeout(name: str, value: float) -> float:
@@ -163,12 +169,27 @@ class AsyncConnectionPool:
       given, libpq's ``connect_timeout`` is set to it too (at least 2 s).
     - ``max_waiting``: requests allowed to queue; one more gets
       :class:`TooManyRequests` at once (0: no limit).
-    - ``name``: shown in ``repr`` and thread names.
+    - ``name``: shown in ``repr``, log lines and thread names.
     - ``autocommit``: hand out connections in autocommit mode.
+    - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
+      before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
+      trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
+      A failed connection is discarded and the next one tried. Without
+      ``check``, idle connections are still screened without a round trip
+      (closed, or the server hung up).
+    - ``configure(raw_connection)``: run on each new connection (committed);
+      ``reset(raw_connection)``: run on each return, after the rollback. A
+      connection that fails either is discarded, never lent.
+    - ``max_lifetime`` (default 1 h, up to 10% less at random) and ``max_idle``
+      (default 10 min, above ``minconn``): connections older, or idle longer,
+      are replaced in the background. ``None`` disables either.
+    - ``reconnect_timeout`` (default 5 min): after that long failing to refill
+      ``minconn``, call ``reconnect_failed(pool)`` and keep trying later.
+    - ``leak_threshold``: seconds after which a connection not returned is
+      reported (logger ``pgpool_async``) with where it was taken.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
-    opens ``minconn`` connections. Bad sizes, timeouts or connection arguments
-    raise :class:`PoolConfigError` here.
+    opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
     """
 
     def __init__(
@@ -180,6 +201,15 @@ class AsyncConnectionPool:
         max_waiting: int = 0,
         name: str | None = None,
         autocommit: bool = False,
+        check: bool | Callable[[PGConnection], Any] | None = None,
+        check_idle: float = 1.0,
+        configure: Callable[[PGConnection], Any] | None = None,
+        reset: Callable[[PGConnection], Any] | None = None,
+        max_lifetime: float | None = 3600.0,
+        max_idle: float | None = 600.0,
+        reconnect_timeout: float = 300.0,
+        reconnect_failed: Callable[[AsyncConnectionPool], Any] | None = None,
+        leak_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
@@ -190,6 +220,16 @@ class AsyncConnectionPool:
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
+        self._health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
+        self.reconnect_timeout = _check_timeout("reconnect_timeout", reconnect_timeout)
+        if reconnect_failed is not None and not callable(reconnect_failed):
+            raise PoolConfigError(
+                f"reconnect_failed must be a callable taking the pool, got {reconnect_failed!r}"
+            )
+        self._reconnect_failed = reconnect_failed
+        self.leak_threshold = (
+            None if leak_threshold is None else _check_timeout("leak_threshold", leak_threshold)
+        )
         self._engine: ThreadedConnectionPool = ThreadedConnectionPool.unopened(
             minconn, maxconn, *args, **_with_connect_timeout(args, kwargs, self.timeout)
         )
@@ -197,8 +237,12 @@ class AsyncConnectionPool:
         self._offload = Offloader(maxconn)
         self._tasks = BackgroundTasks(self.name)
         self._waiting = WaitQueue()
-        self._lent: dict[int, AsyncConnection] = {}
+        self._lent: dict[int, weakref.ref[AsyncConnection]] = {}
+        self._info: dict[int, ConnInfo] = {}
+        self._orphans: list[tuple[PGConnection, traceback.StackSummary | None]] = []
+        self._generation = 0
         self._growing = 0
+        self._filling = 0
         self._opened = False
         self._closing = False
         self._all_returned: anyio.Event | None = None
@@ -245,7 +289,7 @@ class AsyncConnectionPool:
                 async with anyio.create_task_group() as group:
                     for _ in range(self.minconn):
                         if self._engine._reserve():
-                            group.start_soon(self._open_idle_connection)
+                            group.start_soon(self._open_idle_connection, _OPEN)
         except TimeoutError:
             await self.close()
             raise PoolTimeout(
@@ -255,6 +299,7 @@ class AsyncConnectionPool:
         except BaseException:
             await self.close()
             raise
+        self._tasks.spawn(self._maintain)
 
     async def __aenter__(self) -> AsyncConnectionPool:
         await self.open()
@@ -294,10 +339,37 @@ class AsyncConnectionPool:
         # Lent connections are closed too; their holders' putconn() then closes quietly.
         conns = self._engine._close_all_state()
         self._lent.clear()
+        self._info.clear()
         with anyio.CancelScope(shield=True):
             if conns:
                 await self._offload.run_return(_close_all, conns)
             await self._tasks.aclose()
+
+    async def resize(self, minconn: int, maxconn: int) -> None:
+        """Change the pool's sizes. Growing takes effect at once (waiters are
+        served, ``minconn`` refilled in the background); idle connections above a
+        smaller ``maxconn`` are closed now, lent ones when they come back.
+
+        :raises PoolConfigError: bad sizes (the pool is left unchanged).
+        """
+        check_sizes(minconn, maxconn)
+        self._check_serving()
+        self._engine.minconn, self._engine.maxconn = minconn, maxconn
+        self._offload.resize(maxconn)
+        surplus = self._engine._evict_idle(lambda _: True, keep=maxconn)
+        await self._close_evicted(surplus)
+        self._ensure_min()
+        self._dispatch()
+
+    async def drain(self) -> None:
+        """Replace every connection gracefully (e.g. after a password rotation):
+        idle ones are closed now and ``minconn`` reopened in the background; lent
+        ones are closed when they come back instead of being reused."""
+        self._check_serving()
+        self._generation += 1
+        old = self._engine._evict_idle(self._retired, keep=0)
+        await self._close_evicted(old)
+        self._ensure_min()
 
     # -- lending --------------------------------------------------------------
 
@@ -324,12 +396,22 @@ class AsyncConnectionPool:
         wait = self.timeout if timeout is None else _check_timeout("timeout", timeout)
         self._stats.requests_num += 1
         if key is not None and (raw := self._engine._in_use(key)) is not None:
-            return self._lent[id(raw)]
-        raw = self._take_ready(key)
-        if raw is None:
-            raw = await self._wait(key, wait)
+            lent = self._lent[id(raw)]()
+            if lent is not None:
+                return lent
+        deadline = time.monotonic() + wait
+        # Bounded: each pass that does not return discards a connection that
+        # failed its check, and only idle connections are ever checked.
+        while True:
+            raw = self._take_ready(key)
+            if raw is None:
+                raw = await self._wait(key, deadline, wait)
+            if await self._passes_check(raw):
+                break
         conn = AsyncConnection(self, raw, self._engine._rused[id(raw)])
-        self._lent[id(raw)] = conn
+        if self.leak_threshold is not None:
+            conn.taken_at = call_site()
+        self._lent[id(raw)] = weakref.ref(conn, self._make_orphan_hook(raw, conn.taken_at))
         return conn
 
     def _check_serving(self) -> None:
@@ -340,17 +422,44 @@ class AsyncConnectionPool:
                 f"pool {self.name!r} is not open: use 'async with pool:' or 'await pool.open()' first"
             )
 
+    def _retired(self, raw: PGConnection) -> bool:
+        """Past its lifetime, or from before a drain()."""
+        info = self._info.get(id(raw))
+        return info is None or info.generation != self._generation or time.monotonic() >= info.expires_at
+
     def _take_ready(self, key: Hashable | None) -> PGConnection | None:
         """An idle connection that still looks alive, lent under ``key``; no I/O."""
         while (raw := self._engine._take_idle(key)) is not None:
-            if is_usable(raw):
+            if not self._retired(raw) and is_usable(raw):
                 return raw
-            self._engine._forget(raw)
-            self._stats.connections_lost += 1
-            self._close_in_background(raw)
+            if not raw.closed and self._retired(raw):
+                logger.debug("pool %r: replacing a connection past its lifetime", self.name)
+            else:
+                self._stats.connections_lost += 1
+                logger.info("pool %r: discarding a broken idle connection", self.name)
+            self._discard_lent(raw)
         return None
 
-    async def _wait(self, key: Hashable | None, timeout: float) -> PGConnection:
+    async def _passes_check(self, raw: PGConnection) -> bool:
+        """Run the user's or built-in check if the connection sat idle long enough;
+        a failure discards it. Cancellation during the check keeps it safe."""
+        info = self._info.get(id(raw))
+        if not self._health.check_due(info.idle_since if info else None):
+            return True
+        try:
+            ok = await self._offload.run(self._health.run_check, raw)
+        except BaseException:
+            # The check finished (threads are not interrupted): give the connection back.
+            with anyio.CancelScope(shield=True):
+                await self._give_back(raw)
+            raise
+        if not ok:
+            self._stats.connections_lost += 1
+            logger.info("pool %r: a connection failed its check and was discarded", self.name)
+            self._discard_lent(raw)
+        return ok
+
+    async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> PGConnection:
         if self.max_waiting and len(self._waiting) >= self.max_waiting:
             self._stats.requests_errors += 1
             raise TooManyRequests(
@@ -362,15 +471,12 @@ class AsyncConnectionPool:
         self._grow()
         started = time.monotonic()
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(max(deadline - started, 0)):
                 return await waiter.wait()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled
-                if self._engine._detach(handed, None) is None:
-                    self._close_in_background(handed)
-                else:
-                    self._check_in(handed)
+                await self._give_back_nowait(handed)
             if isinstance(exc, PoolError):
                 self._stats.requests_errors += 1
                 raise
@@ -423,12 +529,13 @@ class AsyncConnectionPool:
     # -- returning --------------------------------------------------------------
 
     async def putconn(self, conn: AsyncConnection, key: Hashable | None = None, close: bool = False) -> None:
-        """Return a connection: rolled back if mid-transaction, then reused; or
-        closed, with ``close=True`` or if broken. Cancelling the caller does not
-        interrupt a return. After ``closeall``/``close`` the connection is closed.
+        """Return a connection: rolled back if mid-transaction (and ``reset``),
+        then reused; or closed, with ``close=True``, if broken, past its lifetime
+        or drained. Cancelling the caller does not interrupt a return. After
+        ``closeall``/``close`` the connection is closed.
 
         :raises ConnectionReleased: it was already returned.
-        :raises PoolError: it was lent by another pool.
+        :raises PoolError: it was lent by another pool, or under another key.
         """
         if not isinstance(conn, AsyncConnection):
             raise PoolError(f"putconn() takes the AsyncConnection the pool lent, got {type(conn).__name__}")
@@ -441,29 +548,44 @@ class AsyncConnectionPool:
         if key is not None and key != conn.key:
             raise PoolError(f"connection was taken under the key {conn.key!r}, not {key!r}")
         conn._release()
-        if conn._session_changed:
-            # No I/O outside a transaction; inside one, reset_for_reuse rolls back first.
-            await self._offload.run_return(self._restore_session, raw)
         self._lent.pop(id(raw), None)
         self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
-        if self._engine._detach(raw, conn.key) is None:  # pool closed meanwhile
+        if conn._session_changed and not raw.closed:
+            # No I/O outside a transaction; inside one, reset_for_reuse rolls back first.
+            await self._offload.run_return(self._restore_session, raw)
+        await self._return_raw(raw, close)
+
+    async def _return_raw(self, raw: PGConnection, close: bool = False) -> None:
+        """Take a lent connection back: reuse it, or close it and free its slot."""
+        if self._engine._detach(raw, None) is None:  # pool closed meanwhile
             await self._offload.run_return(close_quietly, raw)
             return
-        if not close and not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
-            self._check_in(raw)  # the common case: no I/O, no thread
-            return
-        if not close and await self._offload.run_return(reset_for_reuse, raw):
-            self._check_in(raw)
-            return
-        if not close:
+        if not close and not self._retired(raw) and self._engine.size <= self.maxconn:
+            if self._health.reset is None and not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
+                self._check_in(raw)  # the common case: no I/O, no thread
+                return
+            if await self._offload.run_return(self._health.reset_returned, raw):
+                self._check_in(raw)
+                return
             self._stats.returns_bad += 1
         await self._offload.run_return(close_quietly, raw)
+        self._forget_info(raw)
         self._engine._release_slot()
         self._after_slot_freed()
+        self._ensure_min()
+
+    async def _give_back(self, raw: PGConnection) -> None:
+        """Return a lent connection nobody wrapped yet (a cancelled request's)."""
+        await self._return_raw(raw)
+
+    async def _give_back_nowait(self, raw: PGConnection) -> None:
+        # A connection just handed over is clean: no I/O is needed to return it.
+        if self._engine._detach(raw, None) is None:
+            self._close_in_background(raw)
+        else:
+            self._check_in(raw)
 
     def _restore_session(self, raw: PGConnection) -> None:
-        if raw.closed:
-            return
         if reset_for_reuse(raw):
             raw.set_session(
                 isolation_level="default",
@@ -475,6 +597,9 @@ class AsyncConnectionPool:
     def _check_in(self, raw: PGConnection) -> None:
         """A returned, clean connection goes to the next waiter or idle."""
         if self._engine._checkin(raw):
+            info = self._info.get(id(raw))
+            if info is not None:
+                info.idle_since = time.monotonic()
             self._dispatch()
         else:
             self._close_in_background(raw)
@@ -486,13 +611,75 @@ class AsyncConnectionPool:
         if len(self._waiting):
             self._grow()
 
+    def _forget_info(self, raw: PGConnection) -> None:
+        self._info.pop(id(raw), None)
+
+    def _discard_lent(self, raw: PGConnection) -> None:
+        """Drop a lent connection found unfit: close it in the background, free its slot."""
+        self._engine._forget(raw)
+        self._forget_info(raw)
+        self._close_in_background(raw)
+        self._after_slot_freed()
+        self._ensure_min()
+
+    async def _close_evicted(self, conns: list[PGConnection]) -> None:
+        for raw in conns:
+            self._forget_info(raw)
+        if conns:
+            await self._offload.run_return(_close_all, conns)
+
     def _close_in_background(self, raw: PGConnection) -> None:
+        self._forget_info(raw)
         try:
             self._tasks.spawn(self._offload.run_return, close_quietly, raw)
         except PoolClosed:
             close_quietly(raw)  # no loop task left to use; closing sends one packet
 
-    # -- opening connections ----------------------------------------------------
+    # -- leaks ------------------------------------------------------------------
+
+    def _make_orphan_hook(
+        self, raw: PGConnection, site: traceback.StackSummary | None
+    ) -> Callable[[weakref.ref[AsyncConnection]], None]:
+        def orphaned(ref: weakref.ref[AsyncConnection]) -> None:
+            # May run in any thread, at any time: only record it here.
+            if self._lent.get(id(raw)) is ref:
+                self._orphans.append((raw, site))
+
+        return orphaned
+
+    async def _recover_orphans(self) -> None:
+        while self._orphans:
+            raw, site = self._orphans.pop()
+            self._lent.pop(id(raw), None)
+            self._stats.connections_leaked += 1
+            logger.warning(
+                "pool %r: a connection was garbage-collected without being returned; "
+                "its slot is recovered. It was taken at %s",
+                self.name,
+                describe(site),
+            )
+            await self._return_raw(raw)
+
+    def _report_leaks(self) -> None:
+        if self.leak_threshold is None:
+            return
+        now = time.monotonic()
+        for ref in list(self._lent.values()):
+            conn = ref()
+            if conn is None or conn.leak_reported or now - conn.lent_at < self.leak_threshold:
+                continue
+            conn.leak_reported = True
+            self._stats.connections_leaked += 1
+            logger.warning(
+                "pool %r: a connection has been lent for %.1f s (leak_threshold=%s) and not "
+                "returned. It was taken at %s",
+                self.name,
+                now - conn.lent_at,
+                self.leak_threshold,
+                describe(conn.taken_at),
+            )
+
+    # -- opening connections and upkeep -------------------------------------------
 
     def _grow(self) -> None:
         """Open one more connection in the background while requests wait and
@@ -507,16 +694,33 @@ class AsyncConnectionPool:
 
     async def _grow_task(self) -> None:
         try:
-            await self._open_idle_connection(stop_when_unneeded=True)
+            await self._open_idle_connection(_GROW)
         finally:
             self._growing -= 1
             if not self.closed and len(self._waiting):
                 self._grow()
 
-    async def _open_idle_connection(self, stop_when_unneeded: bool = False) -> None:
-        """Open a connection in the slot already reserved, retrying with backoff,
-        and put it idle (then to the waiters)."""
+    def _ensure_min(self) -> None:
+        """Refill ``minconn`` in the background, never in a caller's request."""
+        if self.closed or not self._opened:
+            return
+        while self._engine.size < self.minconn and self._engine._reserve():
+            self._filling += 1
+            self._tasks.spawn(self._fill_task)
+
+    async def _fill_task(self) -> None:
+        try:
+            await self._open_idle_connection(_FILL)
+        finally:
+            self._filling -= 1
+
+    async def _open_idle_connection(self, purpose: str) -> None:
+        """Open a connection in the slot already reserved, retrying with backoff
+        and jitter, and put it idle (then to the waiters). ``_GROW`` gives up
+        when nobody waits any more; ``_FILL`` after ``reconnect_timeout``."""
         delay = _BACKOFF_FIRST
+        first_failure: float | None = None
+        attempt = _Attempt()
         try:
             while True:
                 attempt = _Attempt()
@@ -527,15 +731,24 @@ class AsyncConnectionPool:
                 except Exception as exc:
                     self._stats.connections_errors += 1
                     self._last_error = exc
+                    logger.warning("pool %r: connection to %s failed: %s", self.name, self._target, exc)
                 else:
                     self._stats.connections_ms += int((time.monotonic() - started) * 1000)
                     self._last_error = None
+                    self._info[id(raw)] = self._health.new_info(self._generation)
                     if self._engine._adopt_idle(raw):
+                        self._info[id(raw)].idle_since = time.monotonic()
                         self._dispatch()
                     else:
+                        self._forget_info(raw)
                         await self._offload.run_return(close_quietly, raw)
                     return
-                if self.closed or (stop_when_unneeded and not len(self._waiting)):
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if self.closed or (purpose == _GROW and not len(self._waiting)):
+                    break
+                if purpose == _FILL and now - first_failure >= self.reconnect_timeout:
+                    self._give_up_reconnecting()
                     break
                 await anyio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -549,12 +762,24 @@ class AsyncConnectionPool:
             if attempt.conn is None or attempt.abandoned:
                 self._engine._release_slot()
 
+    def _give_up_reconnecting(self) -> None:
+        logger.error(
+            "pool %r: could not reconnect to %s for %.1f s (reconnect_timeout); will retry later",
+            self.name,
+            self._target,
+            self.reconnect_timeout,
+        )
+        if self._reconnect_failed is not None:
+            try:
+                self._reconnect_failed(self)
+            except Exception:
+                logger.exception("pool %r: the reconnect_failed callback raised", self.name)
+
     def _connect_thread(self, attempt: _Attempt) -> PGConnection:
         """In a worker thread: open and set up one connection."""
         raw = self._engine._open_connection()
         try:
-            if self.autocommit:
-                raw.autocommit = True
+            self._health.set_up(raw, self.autocommit)
         except BaseException:
             close_quietly(raw)
             raise
@@ -564,6 +789,33 @@ class AsyncConnectionPool:
             close_quietly(raw)
             raise PoolClosed(CLOSED_MESSAGE)
         return raw
+
+    async def _maintain(self) -> None:
+        """Upkeep, every ``_maintenance_interval`` seconds: retire connections
+        past their lifetime or idle too long, refill ``minconn``, report leaks."""
+        while not self.closed:
+            await anyio.sleep(self._maintenance_interval())
+            await self._recover_orphans()
+            self._report_leaks()
+            await self._close_evicted(self._engine._evict_idle(self._retired, keep=0))
+            if self._health.max_idle is not None:
+                idle = self._engine._evict_idle(self._idle_too_long, keep=self.minconn)
+                await self._close_evicted(idle)
+            self._ensure_min()
+
+    def _idle_too_long(self, raw: PGConnection) -> bool:
+        info = self._info.get(id(raw))
+        max_idle = self._health.max_idle
+        if info is None or info.idle_since is None or max_idle is None:
+            return False
+        return time.monotonic() - info.idle_since >= max_idle
+
+    def _maintenance_interval(self) -> float:
+        periods = [1.0]
+        for value in (self._health.max_idle, self._health.max_lifetime, self.leak_threshold):
+            if value is not None:
+                periods.append(value / 4)
+        return max(0.02, min(periods))
 
     # -- reporting ----------------------------------------------------------
 

@@ -26,6 +26,7 @@ class PoolStats:
     connections_ms: int = 0  # total time spent connecting
     connections_errors: int = 0  # failed connection attempts
     connections_lost: int = 0  # idle connections found broken and discarded
+    connections_leaked: int = 0  # lent past leak_threshold, or dropped without a return
 
     def reset(self) -> None:
         """Set every counter back to zero."""
