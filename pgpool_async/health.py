@@ -146,6 +146,8 @@ class Health:
             return True
         try:
             self.reset(raw)
+            if raw.get_transaction_status() != TRANSACTION_STATUS_IDLE:
+                raw.commit()  # what reset() did must last, like configure()
         except Exception:
             return False
-        return reset_for_reuse(raw)
+        return not raw.closed

@@ -685,7 +685,8 @@ class AsyncConnectionPool:
         """Open one more connection in the background while requests wait and
         there is room. One at a time, like psycopg_pool: a burst is mostly
         served by connections coming back, not by a storm of connects."""
-        if self._growing or self.closed or not len(self._waiting):
+        # Connections already being opened (to grow or refill) will serve the queue.
+        if self._growing or self._filling or self.closed or not len(self._waiting):
             return
         if not self._engine._reserve():
             return
@@ -713,6 +714,8 @@ class AsyncConnectionPool:
             await self._open_idle_connection(_FILL)
         finally:
             self._filling -= 1
+            if not self.closed and len(self._waiting):
+                self._grow()
 
     async def _open_idle_connection(self, purpose: str) -> None:
         """Open a connection in the slot already reserved, retrying with backoff
