@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from . import copying, notifications
 from .cursor import AsyncCursor, Transaction
 from .errors import ConnectionReleased
 
 if TYPE_CHECKING:
+    from psycopg2.sql import Composable
+
+    from .notifications import Notifies
     from .pool import AsyncConnectionPool
 
 __all__ = ["AsyncConnection", "Params", "run_and_commit"]
@@ -133,27 +137,36 @@ class AsyncConnection:
         """Run ``func(raw_connection, *args)`` in a worker thread and return its result.
 
         The escape hatch for any psycopg2 code: cursors created inside ``func``
-        must not escape it. Cancelling the caller waits for ``func`` to finish.
+        must not escape it. ``func`` may call back into the event loop with
+        ``anyio.from_thread.run``. Cancelling the caller waits for ``func`` to
+        finish (a thread cannot be interrupted), then raises the cancellation.
         """
+        raw = self.raw
+        async with self._lock:
+            return await self._pool._offload.run_anyio(func, raw, *args)
+
+    async def _call(self, func: Callable[..., T], *args: Any) -> T:
+        """:meth:`run_sync` for the pool's own calls, which never call back into
+        the loop: the fast path (see :mod:`pgpool_async.offload`)."""
         raw = self.raw
         async with self._lock:
             return await self._pool._offload.run(func, raw, *args)
 
     async def execute(self, sql: str, params: Params = None) -> int:
         """Execute a statement; returns the cursor's ``rowcount``."""
-        return await self.run_sync(execute_sync, sql, params)
+        return await self._call(execute_sync, sql, params)
 
     async def fetchone(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return its first row, or None."""
-        return await self.run_sync(fetchone_sync, sql, params)
+        return await self._call(fetchone_sync, sql, params)
 
     async def fetchall(self, sql: str, params: Params = None) -> list[Any]:
         """Execute a query and return all its rows."""
-        return await self.run_sync(fetchall_sync, sql, params)
+        return await self._call(fetchall_sync, sql, params)
 
     async def fetchval(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return the first column of its first row, or None."""
-        return await self.run_sync(fetchval_sync, sql, params)
+        return await self._call(fetchval_sync, sql, params)
 
     def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
         """A cursor for ``async with conn.cursor() as cur``.
@@ -174,7 +187,7 @@ class AsyncConnection:
         ``deferrable``, ``autocommit``), off the loop. Reset when the connection
         goes back to the pool."""
         self._session_changed = True
-        await self.run_sync(lambda raw: raw.set_session(**settings))
+        await self._call(lambda raw: raw.set_session(**settings))
 
     @property
     def autocommit(self) -> bool:
@@ -183,11 +196,76 @@ class AsyncConnection:
 
     async def commit(self) -> None:
         """Commit the current transaction."""
-        await self.run_sync(PGConnection.commit)
+        await self._call(PGConnection.commit)
 
     async def rollback(self) -> None:
         """Roll back the current transaction."""
-        await self.run_sync(PGConnection.rollback)
+        await self._call(PGConnection.rollback)
+
+    # -- COPY and LISTEN/NOTIFY: the logic lives in copying.py and notifications.py
+
+    async def copy_expert(self, sql: str | Composable, file: object, size: int = copying.DEFAULT_SIZE) -> int:
+        """psycopg2's ``copy_expert``, streamed; ``file`` is sync or async (see
+        :mod:`pgpool_async.copying`). Returns the row count.
+
+        :raises PoolError: a psycopg2 wait callback is set (COPY can't run; nothing sent).
+        :raises TypeError: ``file`` can be neither read nor written.
+        """
+        return await copying.copy_expert(self, sql, file, size)
+
+    async def copy_from(
+        self,
+        file: object,
+        table: str,
+        sep: str = "\t",
+        null: str = "\\N",
+        size: int = copying.DEFAULT_SIZE,
+        columns: Iterable[str] | None = None,
+    ) -> int:
+        """psycopg2's ``copy_from`` from a sync or async file, streamed; returns the row count.
+
+        :raises PoolError: a psycopg2 wait callback is set (nothing sent).
+        :raises TypeError: ``file`` can't be read.
+        """
+        return await copying.copy_from(self, file, table, sep, null, size, columns)
+
+    async def copy_to(
+        self,
+        file: object,
+        table: str,
+        sep: str = "\t",
+        null: str = "\\N",
+        columns: Iterable[str] | None = None,
+        size: int = copying.DEFAULT_SIZE,
+    ) -> int:
+        """psycopg2's ``copy_to`` into a sync or async file (``size``: chunk size
+        for an async one), streamed; returns the row count.
+
+        :raises PoolError: a psycopg2 wait callback is set (nothing sent).
+        :raises TypeError: ``file`` can't be written.
+        """
+        return await copying.copy_to(self, file, table, sep, null, columns, size)
+
+    def notifies(self, *, timeout: float | None = None, stop_after: int | None = None) -> Notifies:
+        """``async for n in conn.notifies()``: notifications (``Notify``) awaited on the
+        event loop, no thread; ``timeout``: stop after that many seconds without one;
+        ``stop_after``: stop after that many. Use autocommit or commit first; waiting
+        inside a transaction raises PoolError (see :mod:`pgpool_async.notifications`).
+        """
+        return notifications.Notifies(self, timeout, stop_after)
+
+    async def listen(self, channel: str) -> None:
+        """``LISTEN channel`` (quoted, case-sensitive); commits unless autocommit or in
+        ``transaction()``. It outlives the loan: :meth:`unlisten` before returning."""
+        await notifications.listen(self, channel)
+
+    async def unlisten(self, channel: str | None = None) -> None:
+        """``UNLISTEN channel``, or ``UNLISTEN *``; commits like :meth:`listen`."""
+        await notifications.unlisten(self, channel)
+
+    async def notify(self, channel: str, payload: str = "") -> None:
+        """``pg_notify(channel, payload)``; commits like :meth:`listen`, so it is sent now."""
+        await notifications.notify(self, channel, payload)
 
     def _release(self) -> PGConnection:
         """Detach from the psycopg2 connection (the pool calls this on return)."""

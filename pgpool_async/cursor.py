@@ -72,7 +72,7 @@ class AsyncCursor:
             object.__setattr__(self, name, value)
 
     async def _io(self, func: Callable[..., T], *args: Any) -> T:
-        return await self._conn.run_sync(lambda _raw: func(*args))
+        return await self._conn._call(lambda _raw: func(*args))
 
     async def execute(self, sql: str, params: Params = None) -> None:
         """Execute a statement in a worker thread."""

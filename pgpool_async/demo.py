@@ -73,8 +73,10 @@ async def run_demo(dsn: str, tasks: int, maxconn: int, out: list[str] | None = N
         elapsed = time.monotonic() - started
         total = await pool.fetchval("SELECT sum(balance) FROM demo_accounts")
         stats = pool.get_stats()
-        say(f"{tasks} transfers in {elapsed:.2f} s ({tasks / elapsed:.0f}/s); "
-            f"money conserved: {total == 20_000} (total {total})")
+        say(
+            f"{tasks} transfers in {elapsed:.2f} s ({tasks / elapsed:.0f}/s); "
+            f"money conserved: {total == 20_000} (total {total})"
+        )
         say(f"longest event-loop stall seen by a 250 ms ticker: {max_gap * 1000:.1f} ms")
         say("stats: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return stats

@@ -131,14 +131,22 @@ def _server_hung_up(conn: PGConnection) -> bool:
     try:
         # libpq keeps its socket non-blocking already: this only tells Python so.
         sock.setblocking(False)
-        first = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        # A few messages at most: e.g. a WARNING notice before the FATAL error and
+        # EOF of an immediate shutdown. Bounded, so a chatty LISTEN cannot spin here.
+        for _ in range(8):
+            try:
+                first = sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return False  # all consumed: nothing but notices and notifications
+            # EOF, or an ErrorResponse while idle: always FATAL (terminated, shut down).
+            if first in (b"", b"E"):
+                return True
+            conn.poll()  # a NOTIFY, notice or parameter status: let libpq consume it
+            if conn.closed:
+                return True
+        return False
     finally:
         sock.detach()
-    # EOF, or an ErrorResponse while idle: always FATAL (terminated, shut down).
-    if first in (b"", b"E"):
-        return True
-    conn.poll()  # a NOTIFY, notice or parameter status: let libpq consume it
-    return bool(conn.closed)
 
 
 def reset_for_reuse(conn: PGConnection) -> bool:

@@ -21,7 +21,7 @@ import random
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -234,7 +234,7 @@ class AsyncConnectionPool:
             minconn, maxconn, *args, **_with_connect_timeout(args, kwargs, self.timeout)
         )
         self._target = _describe_target(args, kwargs)
-        self._offload = Offloader(maxconn)
+        self._offload = Offloader(maxconn, self.name)
         self._tasks = BackgroundTasks(self.name)
         self._waiting = WaitQueue()
         self._lent: dict[int, weakref.ref[AsyncConnection]] = {}
@@ -344,6 +344,7 @@ class AsyncConnectionPool:
             if conns:
                 await self._offload.run_return(_close_all, conns)
             await self._tasks.aclose()
+        self._offload.shutdown()
 
     async def resize(self, minconn: int, maxconn: int) -> None:
         """Change the pool's sizes. Growing takes effect at once (waiters are
@@ -503,28 +504,39 @@ class AsyncConnectionPool:
 
     async def run_sync(self, func: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """Borrow a connection, run ``func(raw_connection, *args)`` and commit in a
-        single worker-thread call, then return the connection (rolled back on error)."""
-        conn = await self.getconn(timeout=timeout)
-        try:
-            return await conn.run_sync(run_and_commit, func, *args)
-        finally:
-            await self.putconn(conn)
+        single worker-thread call, then return the connection (rolled back on error).
+        ``func`` may call back into the loop with ``anyio.from_thread``."""
+        return await self._borrow_and_run(AsyncConnection.run_sync, func, args, timeout)
 
     async def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> int:
         """Run one statement on a pooled connection and commit; returns ``rowcount``."""
-        return await self.run_sync(execute_sync, sql, params, timeout=timeout)
+        return await self._borrow_and_run(AsyncConnection._call, execute_sync, (sql, params), timeout)
 
     async def fetchone(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
         """Run a query on a pooled connection; its first row, or None."""
-        return await self.run_sync(fetchone_sync, sql, params, timeout=timeout)
+        return await self._borrow_and_run(AsyncConnection._call, fetchone_sync, (sql, params), timeout)
 
     async def fetchall(self, sql: str, params: Params = None, *, timeout: float | None = None) -> list[Any]:
         """Run a query on a pooled connection; all its rows."""
-        return await self.run_sync(fetchall_sync, sql, params, timeout=timeout)
+        return await self._borrow_and_run(AsyncConnection._call, fetchall_sync, (sql, params), timeout)
 
     async def fetchval(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
         """Run a query on a pooled connection; the first column of its first row, or None."""
-        return await self.run_sync(fetchval_sync, sql, params, timeout=timeout)
+        return await self._borrow_and_run(AsyncConnection._call, fetchval_sync, (sql, params), timeout)
+
+    async def _borrow_and_run(
+        self,
+        runner: Callable[..., Awaitable[T]],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        timeout: float | None,
+    ) -> T:
+        """Borrow, run ``func`` then commit in one worker-thread call, return."""
+        conn = await self.getconn(timeout=timeout)
+        try:
+            return await runner(conn, run_and_commit, func, *args)
+        finally:
+            await self.putconn(conn)
 
     # -- returning --------------------------------------------------------------
 
@@ -688,7 +700,7 @@ class AsyncConnectionPool:
         # Connections already being opened (to grow or refill) will serve the queue.
         if self._growing or self._filling or self.closed or not len(self._waiting):
             return
-        if not self._engine._reserve():
+        if self._engine.size >= self.maxconn or not self._engine._reserve():
             return
         self._growing += 1
         self._tasks.spawn(self._grow_task)

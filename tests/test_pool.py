@@ -255,7 +255,7 @@ async def test_terminated_idle_connection_replaced(dsn: str, app_name: str) -> N
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
             (app_name,),
         )
-        server_query(dsn, "SELECT pg_sleep(0.05)")
+        server_query(dsn, "SELECT pg_sleep(0.1)")
         assert await pool.fetchval("SELECT 1") == 1
         assert pool.get_stats()["connections_lost"] == 2
 
