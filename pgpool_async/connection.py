@@ -82,6 +82,7 @@ class AsyncConnection:
 
     __slots__ = (
         "__weakref__",
+        "_listened",
         "_lock",
         "_pool",
         "_raw",
@@ -101,6 +102,7 @@ class AsyncConnection:
         self.lent_at = time.monotonic()
         self._tx_depth = 0
         self._session_changed = False
+        self._listened = False
         self.taken_at: traceback.StackSummary | None = None  # with leak_threshold
         self.leak_reported = False
 

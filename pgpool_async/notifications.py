@@ -29,12 +29,14 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
+import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 from psycopg2.extensions import Notify
 from psycopg2.extensions import connection as PGConnection
 
-from .errors import PoolError
+from .engine import CLOSED_MESSAGE, reset_for_reuse
+from .errors import PoolClosed, PoolError
 
 if TYPE_CHECKING:
     from .connection import AsyncConnection
@@ -120,7 +122,11 @@ async def _next_notification(raw: PGConnection) -> Notify:
                 "notifications are delivered only between transactions: commit() or "
                 "rollback() before waiting for them, or use an autocommit connection"
             )
-        await anyio.wait_readable(fd)
+        try:
+            await anyio.wait_readable(fd)
+        except anyio.ClosedResourceError:
+            # The pool closed the connection under us (close()/closeall()).
+            raise PoolClosed(CLOSED_MESSAGE) from None
 
 
 def _check_channel(channel: object) -> str:
@@ -151,7 +157,24 @@ async def listen(conn: AsyncConnection, channel: str) -> None:
     :raises ValueError: ``channel`` is empty.
     """
     query = sql.SQL("LISTEN {}").format(sql.Identifier(_check_channel(channel)))
+    conn._listened = True  # the pool unlistens when the connection comes back
     await conn.run_sync(_run_now, query, None, conn._tx_depth == 0)
+
+
+def forget_listens(raw: PGConnection) -> bool:
+    """In a worker thread, on return to the pool: ``UNLISTEN *`` and drop pending
+    notifications, so the next borrower starts clean. False if that failed."""
+    if not reset_for_reuse(raw):
+        return False
+    try:
+        with raw.cursor() as cur:
+            cur.execute("UNLISTEN *")
+        if not raw.autocommit:
+            raw.commit()
+    except psycopg2.Error:
+        return False
+    del raw.notifies[:]
+    return True
 
 
 async def unlisten(conn: AsyncConnection, channel: str | None = None) -> None:

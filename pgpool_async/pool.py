@@ -58,6 +58,7 @@ from .errors import (
 )
 from .health import ConnInfo, Health
 from .leaks import call_site, describe, logger
+from .notifications import forget_listens
 from .offload import Offloader
 from .stats import PoolStats
 from .waiting import WaitQueue
@@ -338,6 +339,9 @@ class AsyncConnectionPool:
     async def _close_everything(self) -> None:
         # Lent connections are closed too; their holders' putconn() then closes quietly.
         conns = self._engine._close_all_state()
+        for raw in conns:
+            if not raw.closed:
+                anyio.notify_closing(raw)  # wakes a notifies() waiting on its socket
         self._lent.clear()
         self._info.clear()
         with anyio.CancelScope(shield=True):
@@ -565,6 +569,8 @@ class AsyncConnectionPool:
         if conn._session_changed and not raw.closed:
             # No I/O outside a transaction; inside one, reset_for_reuse rolls back first.
             await self._offload.run_return(self._restore_session, raw)
+        if conn._listened and not raw.closed and not close:
+            close = not await self._offload.run_return(forget_listens, raw)
         await self._return_raw(raw, close)
 
     async def _return_raw(self, raw: PGConnection, close: bool = False) -> None:

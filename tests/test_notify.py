@@ -11,7 +11,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolError
+from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolClosed, PoolError
 
 from .conftest import backends, server_query
 
@@ -219,3 +219,40 @@ async def test_notifications_on_trio(dsn: str) -> None:
             assert await conn.fetchval("SELECT 3") == 3
             assert [n async for n in conn.notifies(timeout=0.1)] == []
             await conn.unlisten()
+
+
+@pytest.mark.asyncio
+async def test_returned_listener_is_unlistened(dsn: str) -> None:
+    """LISTEN does not outlive the loan: the next borrower gets no stale notifications."""
+    async with AsyncConnectionPool(1, 1, dsn, autocommit=True) as pool:
+        async with pool.connection() as conn:
+            await conn.listen("stale_chan")
+            raw = conn.raw
+        await pool.execute("NOTIFY stale_chan, 'late'")
+        async with pool.connection() as conn:
+            assert conn.raw is raw
+            assert [n async for n in conn.notifies(timeout=0.2)] == []
+            assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
+
+
+@pytest.mark.asyncio
+async def test_close_wakes_a_waiting_listener(dsn: str) -> None:
+    pool = AsyncConnectionPool(1, 1, dsn, autocommit=True)
+    await pool.open()
+    conn = await pool.getconn()
+    await conn.listen("closing_chan")
+    errors: list[BaseException] = []
+
+    async def listen_forever() -> None:
+        try:
+            async for _ in conn.notifies():
+                pass
+        except PoolClosed as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen_forever)
+            await anyio.sleep(0.1)
+            await pool.closeall()
+    assert len(errors) == 1
