@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -72,6 +73,47 @@ def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
     return result
 
 
+class _OneAtATime:
+    """Runs the calls on one connection one at a time, in call order.
+
+    Lives on the event loop thread only; free when uncontended (no event, no
+    checkpoint). A waiter cancelled after being handed the turn passes it on.
+    """
+
+    __slots__ = ("_busy", "_waiters")
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    def locked(self) -> bool:
+        return self._busy
+
+    async def __aenter__(self) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        turn = anyio.Event()
+        self._waiters.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self._release()  # handed the turn while being cancelled
+            else:
+                self._waiters.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the turn passes on; still busy
+        else:
+            self._busy = False
+
+
 class AsyncConnection:
     """A pooled connection; every call runs off the event loop.
 
@@ -97,7 +139,7 @@ class AsyncConnection:
     def __init__(self, pool: AsyncConnectionPool, raw: PGConnection, key: Hashable) -> None:
         self._raw: PGConnection | None = raw
         self._pool = pool
-        self._lock = anyio.Lock(fast_acquire=True)
+        self._lock = _OneAtATime()
         self.key = key
         self.lent_at = time.monotonic()
         self._tx_depth = 0

@@ -411,7 +411,7 @@ class AsyncConnectionPool:
             raw = self._take_ready(key)
             if raw is None:
                 raw = await self._wait(key, deadline, wait)
-            if await self._passes_check(raw):
+            if self._health.check is None or await self._passes_check(raw):
                 break
         conn = AsyncConnection(self, raw, self._engine._rused[id(raw)])
         if self.leak_threshold is not None:
@@ -432,10 +432,15 @@ class AsyncConnectionPool:
         info = self._info.get(id(raw))
         return info is None or info.generation != self._generation or time.monotonic() >= info.expires_at
 
-    def _take_ready(self, key: Hashable | None) -> PGConnection | None:
-        """An idle connection that still looks alive, lent under ``key``; no I/O."""
+    def _take_ready(self, key: Hashable | None, trusted: PGConnection | None = None) -> PGConnection | None:
+        """An idle connection that still looks alive, lent under ``key``; no I/O.
+
+        ``trusted``: a connection that was in use a moment ago (it is handed on
+        without the socket peek, a system call that costs more than the rest of
+        the hand-off in a busy pool).
+        """
         while (raw := self._engine._take_idle(key)) is not None:
-            if not self._retired(raw) and is_usable(raw):
+            if not self._retired(raw) and (raw is trusted or is_usable(raw)):
                 return raw
             if not raw.closed and self._retired(raw):
                 logger.debug("pool %r: replacing a connection past its lifetime", self.name)
@@ -495,10 +500,10 @@ class AsyncConnectionPool:
         finally:
             self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, trusted: PGConnection | None = None) -> None:
         """Hand idle connections to waiters, first come first served; no I/O."""
         while (waiter := self._waiting.first()) is not None:
-            raw = self._take_ready(waiter.key)
+            raw = self._take_ready(waiter.key, trusted)
             if raw is None:
                 self._grow()
                 return
@@ -618,7 +623,7 @@ class AsyncConnectionPool:
             info = self._info.get(id(raw))
             if info is not None:
                 info.idle_since = time.monotonic()
-            self._dispatch()
+            self._dispatch(trusted=raw if not raw.closed else None)
         else:
             self._close_in_background(raw)
         self._after_slot_freed()

@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import psycopg2
 import psycopg2.extras
@@ -332,3 +333,23 @@ async def test_grows_on_demand_and_keeps_idle(dsn: str) -> None:
         for conn in conns:
             await pool.putconn(conn)
         assert pool.get_stats()["pool_available"] == 4  # kept, not closed above minconn
+
+
+async def test_one_operation_at_a_time_in_call_order(dsn: str) -> None:
+    async with AsyncConnectionPool(1, 1, dsn) as pool, pool.connection() as conn:
+        order: list[int] = []
+
+        async def call(i: int) -> None:
+            await conn.fetchval("SELECT pg_sleep(0.01)")
+            order.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(call, i)
+                await anyio.lowlevel.checkpoint()  # queue them in order
+            # A caller cancelled while waiting for its turn leaves the queue cleanly.
+            with anyio.move_on_after(0.005):
+                await conn.fetchval("SELECT 1")
+        assert order == [0, 1, 2, 3, 4]
+        assert not conn._lock.locked()
+        assert await conn.fetchval("SELECT 7") == 7
