@@ -39,6 +39,7 @@ import psycopg2.pool
 __all__ = [
     "CONTENDERS",
     "AsyncContender",
+    "ContenderClass",
     "Contender",
     "PoolSpec",
     "ThreadsContender",
@@ -96,6 +97,8 @@ class Contender(ABC):
     overload: ClassVar[bool] = False
     checkout_name: ClassVar[str] = ""
     note: ClassVar[str] = ""
+    spike_rounds: ClassVar[int | None] = None
+    checkout_sleep0: ClassVar[bool] = False
 
 
 class AsyncContender(Contender):
@@ -155,6 +158,7 @@ class PgpoolConnection(_PgpoolBase):
     representative = True
     overload = True
     checkout_name = "pgpool_async connection(): pass"
+    checkout_sleep0 = True  # its checkout never suspends: measured again with a sleep(0) after each
 
     async def query(self, sql: str) -> float | None:
         async with self.pool.connection() as conn:
@@ -172,6 +176,7 @@ class PgpoolConnectionAutocommit(PgpoolConnection):
     autocommit = True
     representative = False
     checkout_name = ""
+    checkout_sleep0 = False
 
 
 class PgpoolFetchval(_PgpoolBase):
@@ -364,6 +369,7 @@ class NaiveToThread(AsyncContender):
     overload = True
     checkout_name = "naive getconn+putconn (2 hops)"
     note = "4 thread hops per query: getconn, query, commit, putconn"
+    spike_rounds = 1  # psycopg2's pool connects under its lock: ~45 x 150 ms, the same every time
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -416,6 +422,7 @@ class ThreadsContender(Contender):
     overload = True
     checkout_name = "psycopg2 threads getconn+putconn"
     note = "10 threads for SELECT 1 and checkout; one thread per task otherwise"
+    spike_rounds = 1  # psycopg2's pool connects under its lock: ~45 x 150 ms, the same every time
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -466,10 +473,12 @@ class ThreadsContender(Contender):
 
     def acquire_sync(self) -> AbstractContextManager[Any]:
         """Lend one connection for a ``with`` block."""
-        return self._lease()  # type: ignore[no-any-return]
+        return self._lease()
 
 
-CONTENDERS: tuple[type[AsyncContender] | type[ThreadsContender], ...] = (
+ContenderClass = type[AsyncContender] | type[ThreadsContender]
+
+CONTENDERS: tuple[ContenderClass, ...] = (
     PgpoolConnection,
     PgpoolConnectionAutocommit,
     PgpoolFetchval,
@@ -485,7 +494,7 @@ CONTENDERS: tuple[type[AsyncContender] | type[ThreadsContender], ...] = (
 AnyContender = AsyncContender | ThreadsContender
 
 
-def by_key(key: str) -> type[AsyncContender] | type[ThreadsContender]:
+def by_key(key: str) -> ContenderClass:
     """The contender class with this key.
 
     :raises KeyError: no such contender.
@@ -496,7 +505,7 @@ def by_key(key: str) -> type[AsyncContender] | type[ThreadsContender]:
     raise KeyError(f"unknown contender {key!r}; known: {', '.join(c.key for c in CONTENDERS)}")
 
 
-def select(only: Sequence[str] | None) -> list[type[AsyncContender] | type[ThreadsContender]]:
+def select(only: Sequence[str] | None) -> list[ContenderClass]:
     """The contenders named in ``only`` (keys), in the canonical order; all if empty."""
     if not only:
         return list(CONTENDERS)

@@ -85,11 +85,27 @@ class Samples:
     first_error: str | None = None
     max_gap: float = 0.0
 
+    window: Window | None = None
+    censored: list[float] = field(default_factory=list)
+
     def add(self, started: float, acquired: float | None, ended: float) -> None:
-        """Record one operation (call it only for operations inside the window)."""
-        self.latencies.append(ended - started)
-        if acquired is not None:
-            self.waits.append(acquired - started)
+        """Record one operation, if it ended in the window or was running at its end.
+
+        One still running when the window closed counts with its age then, as
+        a latency and as a wait (a lower bound): so starved requests show up in
+        the percentiles instead of vanishing from them. It is not counted in ops/s.
+        """
+        window = self.window
+        if window is None or ended in window:
+            self.latencies.append(ended - started)
+            if acquired is not None:
+                self.waits.append(acquired - started)
+        elif started < window.end <= ended:
+            self.censored.append(window.end - started)
+            self.latencies.append(window.end - started)
+            self.waits.append(
+                (acquired if acquired is not None and acquired < window.end else window.end) - started
+            )
 
     def fail(self, exc: BaseException) -> None:
         """Count a failed operation, keeping the first error's text."""
@@ -98,9 +114,19 @@ class Samples:
             self.first_error = f"{type(exc).__name__}: {exc}"
 
     @property
+    def unfinished(self) -> int:
+        """Operations still running when the window closed."""
+        return len(self.censored)
+
+    @property
+    def ops(self) -> int:
+        """Operations completed inside the window."""
+        return len(self.latencies) - self.unfinished
+
+    @property
     def ops_per_sec(self) -> float:
         """Operations completed per second of window."""
-        return len(self.latencies) / self.duration if self.duration > 0 else float("nan")
+        return self.ops / self.duration if self.duration > 0 else float("nan")
 
 
 @dataclass
@@ -122,22 +148,29 @@ class Burst:
 
 
 class Ticker:
-    """A task waking every millisecond; ``max_gap`` is its longest sleep, in seconds,
-    among the wake-ups inside ``window`` (1 ms is the floor: the sleep itself)."""
+    """A task waking every millisecond; ``max_gap`` is the longest time, in seconds,
+    between two of its wake-ups, among the gaps that overlap ``window`` (1 ms is
+    the floor: the sleep itself). A task that never yields starves the ticker: the
+    gap closed by :meth:`observe` when the ticker stops still counts it."""
 
     def __init__(self, window: Window | None = None) -> None:
         self.window = window
         self.max_gap = 0.0
+        self._last = perf_counter()
+
+    def observe(self, now: float) -> None:
+        """Close the gap that started at the previous wake-up."""
+        overlaps = self.window is None or (now >= self.window.start and self._last < self.window.end)
+        if overlaps and now - self._last > self.max_gap:
+            self.max_gap = now - self._last
+        self._last = now
 
     async def run(self) -> None:
         """Tick until cancelled."""
-        last = perf_counter()
+        self._last = perf_counter()
         while True:
             await asyncio.sleep(TICK)
-            now = perf_counter()
-            if (self.window is None or now in self.window) and now - last > self.max_gap:
-                self.max_gap = now - last
-            last = now
+            self.observe(perf_counter())
 
 
 @contextlib.asynccontextmanager
@@ -148,6 +181,7 @@ async def ticking(window: Window | None = None) -> AsyncIterator[Ticker]:
     try:
         yield ticker
     finally:
+        ticker.observe(perf_counter())
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -156,7 +190,7 @@ async def ticking(window: Window | None = None) -> AsyncIterator[Ticker]:
 async def drive_async(op: AsyncOp, concurrency: int, warmup: float, duration: float) -> Samples:
     """Run ``op`` in a closed loop from ``concurrency`` asyncio tasks."""
     window = Window.after(warmup, duration)
-    samples = Samples(duration)
+    samples = Samples(duration, window=window)
 
     async def worker() -> None:
         while (started := perf_counter()) < window.end:
@@ -166,9 +200,7 @@ async def drive_async(op: AsyncOp, concurrency: int, warmup: float, duration: fl
                 samples.fail(exc)
                 await asyncio.sleep(_ERROR_PAUSE)
                 continue
-            ended = perf_counter()
-            if ended in window:
-                samples.add(started, acquired, ended)
+            samples.add(started, acquired, perf_counter())
 
     async with ticking(window) as ticker:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -179,7 +211,7 @@ async def drive_async(op: AsyncOp, concurrency: int, warmup: float, duration: fl
 async def drive_threads(op: SyncOp, concurrency: int, warmup: float, duration: float) -> Samples:
     """Run ``op`` in a closed loop from ``concurrency`` OS threads, the ticker on the loop."""
     window = Window.after(warmup, duration)
-    samples = Samples(duration)
+    samples = Samples(duration, window=window)
 
     def worker() -> None:
         while (started := perf_counter()) < window.end:
@@ -189,9 +221,7 @@ async def drive_threads(op: SyncOp, concurrency: int, warmup: float, duration: f
                 samples.fail(exc)
                 threading.Event().wait(_ERROR_PAUSE)
                 continue
-            ended = perf_counter()
-            if ended in window:
-                samples.add(started, acquired, ended)  # list.append: atomic under the GIL
+            samples.add(started, acquired, perf_counter())  # list.append: atomic under the GIL
 
     threads = [threading.Thread(target=worker, name=f"bench-{i}", daemon=True) for i in range(concurrency)]
     async with ticking(window) as ticker:

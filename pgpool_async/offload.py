@@ -3,24 +3,27 @@
 The pool owns its threads instead of sharing anyio's default limiter (40
 threads, also used by FastAPI's sync endpoints):
 
-- ``run`` (connects, queries, commits) uses the pool's own workers, at most
-  one call per connection slot;
+- ``run`` (queries, commits, checks) uses the pool's own workers, at most one
+  per connection slot;
 - ``run_return`` (rollbacks and closes of returned connections) has a limiter
   of its own, sized like the pool, so giving a connection back never queues
-  behind busy queries.
+  behind busy queries;
+- ``run_anyio`` (user code, COPY) and ``run_abandoning`` (connects) use anyio
+  worker threads under the pool's own limiter.
 
-On asyncio, ``run`` hands the call to the pool's own thread pool and waits on a
-future that cannot be cancelled: a cancelled caller still waits for the call
-to finish and then gets the cancellation, exactly like anyio's
-``to_thread.run_sync``, at about half its cost per call (measured in
-``benchmarks/``; a thread hop is the price of every database call here). On
-other event loops (trio) ``run`` is anyio's ``to_thread.run_sync``.
+On asyncio, ``run`` hands the call to the pool's threads through a queue and
+waits on a future that cannot be cancelled: a cancelled caller still waits for
+the call to finish and then gets the cancellation, exactly like anyio's
+``to_thread.run_sync``, for about half the cost per call (see ``benchmarks/``:
+a thread hop is the price of every database call here). On other event loops
+(trio) ``run`` is anyio's ``to_thread.run_sync``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -42,29 +45,88 @@ class _Uncancellable(asyncio.Future[Any]):
         return False
 
 
-def _settle(fut: _Uncancellable, result: Any, error: BaseException | None) -> None:
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
+_STOP = None  # tells a worker thread to end
 
 
-def _call_and_post(
-    loop: asyncio.AbstractEventLoop, fut: _Uncancellable, func: Callable[..., Any], args: tuple[Any, ...]
-) -> None:
-    """In a worker thread: run the call, then post its outcome to the loop."""
-    try:
-        result = func(*args)
-    except BaseException as exc:
-        loop.call_soon_threadsafe(_settle, fut, None, exc)
-    else:
-        loop.call_soon_threadsafe(_settle, fut, result, None)
+class _Workers:
+    """The pool's own worker threads, fed by a ``SimpleQueue``; asyncio only.
+
+    Results come back through one queue, and the loop is woken at most once per
+    batch. The thread bookkeeping happens on the loop thread only, so it needs
+    no lock: ``busy`` counts calls submitted and not yet settled, and a thread
+    is started whenever every started one may be busy.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_threads: int, name: str) -> None:
+        self._loop = loop
+        self.max_threads = max_threads
+        self._name = name
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[tuple[_Uncancellable, Any, BaseException | None]] = (
+            queue.SimpleQueue()
+        )
+        # Raised by a worker that woke the loop, lowered by the loop's drain.
+        self._drain_due = False
+        self._started = 0
+        self._busy = 0
+
+    def submit(self, func: Callable[..., Any], args: tuple[Any, ...]) -> _Uncancellable:
+        """Queue ``func(*args)``; the returned future settles on the loop."""
+        fut = _Uncancellable(loop=self._loop)
+        self._busy += 1
+        if self._busy > self._started and self._started < self.max_threads:
+            self._started += 1
+            threading.Thread(
+                target=self._work, name=f"{self._name}-worker-{self._started}", daemon=True
+            ).start()
+        self._jobs.put((fut, func, args))
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not _STOP:
+            fut, func, args = job
+            try:
+                result = func(*args)
+            except BaseException as exc:
+                self._post(fut, None, exc)
+            else:
+                self._post(fut, result, None)
+
+    def _post(self, fut: _Uncancellable, result: Any, error: BaseException | None) -> None:
+        self._results.put((fut, result, error))
+        # Under the GIL either this thread sees the flag down and wakes the
+        # loop, or the loop has not lowered it yet and its drain takes this too.
+        if not self._drain_due:
+            self._drain_due = True
+            try:  # noqa: SIM105 (cheaper than contextlib.suppress on this path)
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _drain(self) -> None:
+        self._drain_due = False
+        while True:
+            try:
+                fut, result, error = self._results.get_nowait()
+            except queue.Empty:
+                return
+            self._busy -= 1
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+
+    def shutdown(self) -> None:
+        """Let every thread end once the calls queued before are done."""
+        for _ in range(self._started):
+            self._jobs.put(_STOP)
+        self._started = 0
 
 
 class Offloader:
     """The pool's worker threads, ``tokens`` at a time for each kind of work.
 
-    Limiters and the thread pool are created on first use, inside the event loop.
+    Limiters and threads are created on first use, inside the event loop.
     """
 
     def __init__(self, tokens: int, name: str = "pgpool") -> None:
@@ -72,12 +134,12 @@ class Offloader:
         self._name = name
         self._work: anyio.CapacityLimiter | None = None
         self._returns: anyio.CapacityLimiter | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers: _Workers | None = None
+        self._backend_known = False
 
     @property
     def work_limiter(self) -> anyio.CapacityLimiter:
-        """The limiter for connects (and, off asyncio, queries and commits)."""
+        """The limiter for anyio worker threads (connects, user code; all calls off asyncio)."""
         if self._work is None:
             self._work = anyio.CapacityLimiter(self._tokens)
         return self._work
@@ -95,32 +157,28 @@ class Offloader:
         for limiter in (self._work, self._returns):
             if limiter is not None:
                 limiter.total_tokens = tokens
-        if self._threads is not None:
-            # ThreadPoolExecutor only reads it when deciding to start a thread.
-            self._threads._max_workers = tokens
+        if self._workers is not None:
+            self._workers.max_threads = tokens
 
-    def _asyncio_loop(self) -> asyncio.AbstractEventLoop | None:
-        if self._loop is None and sniffio.current_async_library() == "asyncio":
-            self._loop = asyncio.get_running_loop()
-            self._threads = concurrent.futures.ThreadPoolExecutor(
-                self._tokens, thread_name_prefix=f"{self._name}-worker"
-            )
-        return self._loop
+    def _asyncio_workers(self) -> _Workers | None:
+        if not self._backend_known:
+            self._backend_known = True
+            if sniffio.current_async_library() == "asyncio":
+                self._workers = _Workers(asyncio.get_running_loop(), self._tokens, self._name)
+        return self._workers
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(*args)`` in a worker thread.
 
         A thread cannot be stopped: if the caller is cancelled meanwhile, this
         waits for ``func`` to finish and then raises the cancellation. Nothing
-        ``func`` did is lost: the connection is in a known state.
+        ``func`` did is lost: the connection is in a known state. ``func`` must
+        not call back into the loop (use :meth:`run_anyio` for that).
         """
-        loop = self._asyncio_loop()
-        if loop is None:
+        workers = self._asyncio_workers()
+        if workers is None:
             return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
-        assert self._threads is not None
-        fut = _Uncancellable(loop=loop)
-        self._threads.submit(_call_and_post, loop, fut, func, args)
-        result: T = await fut
+        result: T = await workers.submit(func, args)
         return result
 
     async def run_anyio(self, func: Callable[..., T], *args: Any) -> T:
@@ -146,5 +204,5 @@ class Offloader:
 
     def shutdown(self) -> None:
         """Let the worker threads end once idle (the pool is closed)."""
-        if self._threads is not None:
-            self._threads.shutdown(wait=False)
+        if self._workers is not None:
+            self._workers.shutdown()

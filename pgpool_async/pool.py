@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
@@ -71,6 +72,7 @@ _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 # Retry delays after a failed connect: doubling, with jitter, capped.
 _BACKOFF_FIRST = 0.1
 _BACKOFF_MAX = 2.0
+_OPENING_AT_ONCE = 4
 # Why a connection is being opened.
 _OPEN, _GROW, _FILL = "open", "grow", "fill"
 
@@ -285,12 +287,14 @@ class AsyncConnectionPool:
             return
         self._opened = True
         await self._tasks.start()
+        # A few connects at a time, like psycopg_pool's workers: each takes a thread.
+        opening = anyio.CapacityLimiter(_OPENING_AT_ONCE)
         try:
             with anyio.fail_after(self.timeout):
                 async with anyio.create_task_group() as group:
                     for _ in range(self.minconn):
                         if self._engine._reserve():
-                            group.start_soon(self._open_idle_connection, _OPEN)
+                            group.start_soon(self._open_idle_connection, _OPEN, opening)
         except TimeoutError:
             await self.close()
             raise PoolTimeout(
@@ -404,6 +408,9 @@ class AsyncConnectionPool:
             lent = self._lent[id(raw)]()
             if lent is not None:
                 return lent
+        # Every call is a checkpoint (trio's rule), so a loop of checkouts that
+        # never waits still lets other tasks run, and cancellation is seen here.
+        await anyio.lowlevel.checkpoint()
         deadline = time.monotonic() + wait
         # Bounded: each pass that does not return discards a connection that
         # failed its check, and only idle connections are ever checked.
@@ -480,22 +487,29 @@ class AsyncConnectionPool:
         self._stats.requests_queued += 1
         self._grow()
         started = time.monotonic()
+        remaining = max(deadline - started, 0.0)
+        # A bare cancel scope, not fail_after: this runs for every queued request.
+        scope = anyio.CancelScope(deadline=anyio.current_time() + remaining)
         try:
-            with anyio.fail_after(max(deadline - started, 0)):
+            with scope:
                 return await waiter.wait()
+            # The deadline passed: only now may the request give up.
+            handed = self._waiting.leave(waiter)
+            if handed is not None:  # it arrived just in time: keep it
+                return handed
+            self._stats.requests_errors += 1
+            raise PoolTimeout(
+                f"couldn't get a connection after {timeout:.2f} sec "
+                f"(pool {self.name!r}: {self._engine.used_count} in use, max {self.maxconn})"
+            ) from self._last_error
+        except PoolTimeout:
+            raise
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled
                 await self._give_back_nowait(handed)
-            if isinstance(exc, PoolError):
+            if isinstance(exc, PoolError):  # PoolClosed from close()
                 self._stats.requests_errors += 1
-                raise
-            if isinstance(exc, TimeoutError):
-                self._stats.requests_errors += 1
-                raise PoolTimeout(
-                    f"couldn't get a connection after {timeout:.2f} sec "
-                    f"(pool {self.name!r}: {self._engine.used_count} in use, max {self.maxconn})"
-                ) from self._last_error
             raise
         finally:
             self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
@@ -740,7 +754,14 @@ class AsyncConnectionPool:
             if not self.closed and len(self._waiting):
                 self._grow()
 
-    async def _open_idle_connection(self, purpose: str) -> None:
+    async def _open_idle_connection(self, purpose: str, limiter: anyio.CapacityLimiter | None = None) -> None:
+        if limiter is None:
+            await self._open_idle_connection_now(purpose)
+        else:
+            async with limiter:
+                await self._open_idle_connection_now(purpose)
+
+    async def _open_idle_connection_now(self, purpose: str) -> None:
         """Open a connection in the slot already reserved, retrying with backoff
         and jitter, and put it idle (then to the waiters). ``_GROW`` gives up
         when nobody waits any more; ``_FILL`` after ``reconnect_timeout``."""

@@ -1,0 +1,381 @@
+"""Medians over rounds, ratios to pgpool_async, the printed tables and the JSON.
+
+Figures per round come in as ``rounds[workload][contender_key] -> [figures, ...]``;
+each table shows the median over the rounds without an error. ``/pg`` columns
+divide a row's figure by pgpool_async ``connection()``'s (default mode) figure.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .contenders import CONTENDERS, by_key
+from .memory import BASELINE_KEY
+
+__all__ = ["REFERENCE", "Column", "aggregate", "render", "targets"]
+
+REFERENCE = "pgpool"
+Figures = dict[str, Any]
+Results = dict[str, dict[str, Figures]]
+
+
+def _median_figures(rounds: Sequence[Figures]) -> Figures:
+    """Median of every numeric figure over the rounds that did not fail."""
+    good = [r for r in rounds if "error" not in r]
+    out: Figures = {"rounds_ok": len(good), "rounds": len(rounds)}
+    if not good:
+        out["error"] = rounds[-1].get("error", "no rounds") if rounds else "no rounds"
+        return out
+    for name in good[0]:
+        values = [
+            r[name] for r in good if isinstance(r.get(name), (int, float)) and not isinstance(r[name], bool)
+        ]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            out[name] = statistics.median(values)
+    errors = sum(int(r.get("errors", 0)) for r in good)
+    if errors:
+        out["errors"] = errors
+        out["first_error"] = next(r["first_error"] for r in good if r.get("first_error"))
+    if "max_stall_ms" in out:
+        out["worst_stall_ms"] = max(r.get("max_stall_ms", 0.0) for r in good)
+    return out
+
+
+def aggregate(rounds: dict[str, dict[str, list[Figures]]]) -> Results:
+    """``workload -> key -> median figures``."""
+    return {
+        work: {key: _median_figures(runs) for key, runs in by_key_.items()}
+        for work, by_key_ in rounds.items()
+    }
+
+
+# -- formatting ------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (int, float)) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def _ratio(value: Any, reference: Any) -> float | None:
+    if not isinstance(value, (int, float)) or not isinstance(reference, (int, float)) or not reference:
+        return None
+    return value / reference
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: header, figure name, and whether to add a ``/pg`` ratio column."""
+
+    header: str
+    field: str
+    ratio: bool = False
+    digits: int = 2
+
+
+SLEEP0 = "+sleep0"
+
+
+def _label(key: str, workload: str) -> str:
+    if key == BASELINE_KEY:
+        return "asyncio tasks on an Event (floor)"
+    if key.endswith(SLEEP0):
+        return _label(key.removesuffix(SLEEP0), workload) + "; sleep(0)"
+    cls = by_key(key)
+    return cls.checkout_name if workload == "checkout" and cls.checkout_name else cls.name
+
+
+def _mode(key: str) -> str:
+    return "-" if key == BASELINE_KEY else by_key(key.removesuffix(SLEEP0)).mode
+
+
+def checkout_rows(results: Results) -> dict[str, Figures]:
+    """The checkout table: each library's checkout, and pgpool's again with a
+    ``sleep(0)`` after each (its checkout alone never lets other tasks run)."""
+    rows = dict(results.get("checkout", {}))
+    for key, figures in results.get("checkout" + SLEEP0, {}).items():
+        rows[key + SLEEP0] = figures
+    return rows
+
+
+def _table_rows(workload: str, figures: dict[str, Figures], columns: Sequence[Column]) -> list[list[str]]:
+    reference = figures.get(REFERENCE, {})
+    rows = []
+    for key, fig in figures.items():
+        row = [_label(key, workload), _mode(key)]
+        if "error" in fig and len(fig) <= 3:
+            cells = sum(2 if col.ratio else 1 for col in columns)
+            rows.append([*row, *(["-"] * cells), f"error: {fig['error']}"[:120]])
+            continue
+        for col in columns:
+            row.append(_num(fig.get(col.field), col.digits))
+            if col.ratio:
+                ratio = _ratio(fig.get(col.field), reference.get(col.field))
+                row.append("-" if ratio is None else f"{ratio:.2f}")
+        if fig.get("errors"):
+            row.append(f"({fig['errors']} errors: {str(fig.get('first_error'))[:60]})")
+        rows.append(row)
+    return rows
+
+
+def _align(column: int, text: str, width: int) -> str:
+    """Names left, figures right."""
+    return text.ljust(width) if column < 2 else text.rjust(width)
+
+
+def _format_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row[: len(headers)]):
+            widths[i] = max(widths[i], len(cell))
+    lines = [
+        title,
+        "  ".join(_align(i, h, w) for i, (h, w) in enumerate(zip(headers, widths, strict=True))),
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        cells = [_align(i, c, widths[i]) for i, c in enumerate(row[: len(headers)])]
+        lines.append("  ".join(cells + row[len(headers) :]))
+    return "\n".join(lines)
+
+
+def table(title: str, workload: str, figures: dict[str, Figures], columns: Sequence[Column]) -> str:
+    """One workload's table: contender, mode, then the columns (with ratio columns)."""
+    headers = ["contender", "mode"]
+    for col in columns:
+        headers.append(col.header)
+        if col.ratio:
+            headers.append("/pg")
+    return _format_table(title, headers, _table_rows(workload, figures, columns))
+
+
+# -- the tables ----------------------------------------------------------------------------
+
+SELECT1_COLUMNS = (
+    Column("ops/s", "ops_per_sec", ratio=True),
+    Column("p50 ms", "p50_ms", digits=3),
+    Column("p99 ms", "p99_ms", digits=3),
+    Column("stall ms", "max_stall_ms"),
+)
+OVERLOAD_COLUMNS = (
+    Column("ops/s", "ops_per_sec", ratio=True),
+    Column("/ideal", "ops_vs_ideal", digits=3),
+    Column("wait p50", "wait_p50_ms", digits=1),
+    Column("wait p99", "wait_p99_ms", digits=1),
+    Column("op p50", "p50_ms", digits=1),
+    Column("op p99", "p99_ms", digits=1),
+    Column("p99/p50", "p99_over_p50"),
+    Column("stall ms", "max_stall_ms"),
+)
+SPIKE_COLUMNS = (
+    Column("opened", "opened", ratio=True, digits=1),
+    Column("makespan ms", "makespan_ms", ratio=True, digits=1),
+    Column("p50 ms", "p50_ms", digits=1),
+    Column("p99 ms", "p99_ms", digits=1),
+    Column("stall ms", "max_stall_ms"),
+)
+STALL_COLUMNS = (
+    Column("select1", "select1"),
+    Column("checkout", "checkout"),
+    Column("overload", "overload"),
+    Column("spike", "spike"),
+    Column("worst", "worst", ratio=True),
+)
+MEMORY_COLUMNS = (
+    Column("MiB/10k waiters", "waiting_mib", ratio=True),
+    Column("KiB/idle conn", "idle_kib", ratio=True, digits=1),
+    Column("threads", "idle_threads", digits=0),
+)
+
+
+def memory_figures(memory: dict[str, dict[str, Figures]]) -> dict[str, Figures]:
+    """``key -> {waiting_mib, idle_kib, idle_threads}`` from the raw memory measures."""
+    out: dict[str, Figures] = {}
+    for key, measures in memory.items():
+        waiting = measures.get("waiting", {})
+        idle = measures.get("idle", {})
+        fig: Figures = {
+            "waiting_mib": waiting.get("scaled_mib"),
+            "idle_kib": None if "bytes_per_item" not in idle else idle["bytes_per_item"] / 1024,
+            "idle_threads": idle.get("threads_after"),
+        }
+        errors = [m["error"] for m in (waiting, idle) if "error" in m]
+        if errors:
+            fig["errors"] = len(errors)
+            fig["first_error"] = errors[0]
+        out[key] = fig
+    return out
+
+
+def _get(results: Results, workload: str, key: str, field: str) -> Any:
+    value = results.get(workload, {}).get(key, {}).get(field)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _quotient(results: Results, workload: str, key: str, other: str, field: str) -> float | None:
+    ratio = _ratio(_get(results, workload, key, field), _get(results, workload, other, field))
+    return None if ratio is None else round(ratio, 3)
+
+
+def _runs_queries(workload: str) -> bool:
+    """The workloads whose operations include a query (not the checkout ones)."""
+    return not workload.startswith("checkout")
+
+
+def _pgpool_stalls(results: Results, include: Callable[[str], bool], field: str) -> list[float]:
+    """``field`` (``max_stall_ms``: median round; ``worst_stall_ms``) of every
+    pgpool_async row, in the workloads ``include`` keeps."""
+    return [
+        fig[field]
+        for work, per_key in results.items()
+        if include(work)
+        for key, fig in per_key.items()
+        if key.startswith("pgpool") and isinstance(fig.get(field), (int, float))
+    ]
+
+
+def _ratio_across(results: Results, top: tuple[str, str], bottom: tuple[str, str]) -> float | None:
+    """``results[top] / results[bottom]`` in ops/s, each a ``(workload, key)``."""
+    ratio = _ratio(_get(results, *top, "ops_per_sec"), _get(results, *bottom, "ops_per_sec"))
+    return None if ratio is None else round(ratio, 3)
+
+
+def targets(results: Results) -> list[Figures]:
+    """The ratios the project tracks, pgpool_async's figure first."""
+    q = _quotient
+    stalls = _pgpool_stalls(results, _runs_queries, "max_stall_ms")
+    worst = _pgpool_stalls(results, _runs_queries, "worst_stall_ms")
+    rows: list[tuple[str, Any, str]] = [
+        (
+            "connection()+SELECT 1 vs aiopg",
+            q(results, "select1", "pgpool", "aiopg", "ops_per_sec"),
+            "ops/s ratio, pgpool tx vs aiopg autocommit",
+        ),
+        (
+            "connection() autocommit+SELECT 1 vs aiopg",
+            q(results, "select1", "pgpool-ac", "aiopg", "ops_per_sec"),
+            "ops/s ratio, both autocommit",
+        ),
+        (
+            "connection()+SELECT 1 vs naive wrapper",
+            q(results, "select1", "pgpool", "naive", "ops_per_sec"),
+            "ops/s ratio, both tx",
+        ),
+        (
+            "pool.fetchval vs aiopg",
+            q(results, "select1", "pgpool-fetchval", "aiopg", "ops_per_sec"),
+            "ops/s ratio, pgpool tx",
+        ),
+        (
+            "pool.fetchval autocommit vs aiopg",
+            q(results, "select1", "pgpool-fetchval-ac", "aiopg", "ops_per_sec"),
+            "ops/s ratio, both autocommit",
+        ),
+        (
+            "checkout+return vs psycopg_pool",
+            q(results, "checkout", "pgpool", "psycopg_pool", "ops_per_sec"),
+            "ops/s ratio; pgpool's never suspends: one task runs alone",
+        ),
+        (
+            "checkout+return; sleep(0) vs psycopg_pool",
+            _ratio_across(results, ("checkout" + SLEEP0, "pgpool"), ("checkout", "psycopg_pool")),
+            "ops/s ratio, pgpool yielding once per checkout",
+        ),
+        (
+            "overload throughput / ideal",
+            _get(results, "overload", "pgpool", "ops_vs_ideal"),
+            "ideal = 10 conns / 5 ms = 2000 ops/s",
+        ),
+        ("overload p99/p50", _get(results, "overload", "pgpool", "p99_over_p50"), "whole operation"),
+        (
+            "spike connections opened",
+            _get(results, "spike", "pgpool", "opened"),
+            "50 requests, 150 ms connects",
+        ),
+        ("spike makespan ms", _get(results, "spike", "pgpool", "makespan_ms"), ""),
+        (
+            "max event-loop stall ms",
+            max(stalls, default=None),
+            "median round, worst pgpool row running queries (1-2 ms = none)",
+        ),
+        (
+            "max event-loop stall, worst round ms",
+            max(worst, default=None),
+            "the same, worst single round (other processes share the 2 cores)",
+        ),
+        (
+            "event-loop stall in the checkout loop ms",
+            max(_pgpool_stalls(results, lambda work: work == "checkout", "max_stall_ms"), default=None),
+            "checkout+return alone never suspends: the whole window",
+        ),
+    ]
+    return [{"target": name, "value": value, "detail": detail} for name, value, detail in rows]
+
+
+def _targets_table(rows: list[Figures]) -> str:
+    lines = ["== Targets (pgpool_async's figures) =="]
+    width = max(len(r["target"]) for r in rows)
+    for row in rows:
+        lines.append(f"{row['target'].ljust(width)}  {_num(row['value'], 3):>8}  {row['detail']}")
+    return "\n".join(lines)
+
+
+def render(results: Results, stalls: dict[str, Figures], memory: dict[str, Figures], header: str) -> str:
+    """Every table, as printed."""
+    parts = [header]
+    sections: list[tuple[str, str, Sequence[Column], Callable[[], dict[str, Figures]]]] = [
+        (
+            "== 1. SELECT 1: 50 tasks, pool 10 (threads: 10) ==",
+            "select1",
+            SELECT1_COLUMNS,
+            lambda: results.get("select1", {}),
+        ),
+        (
+            "== 1b. checkout + return alone: 50 tasks, pool 10 ==",
+            "checkout",
+            SELECT1_COLUMNS,
+            lambda: checkout_rows(results),
+        ),
+        (
+            "== 2. overload: SELECT pg_sleep(0.005), 200 tasks, pool 10 (ideal 2000 ops/s; ms) ==",
+            "overload",
+            OVERLOAD_COLUMNS,
+            lambda: results.get("overload", {}),
+        ),
+        (
+            "== 3. spike: 50 requests at once, min 5 / max 50, connect +150 ms "
+            "(psycopg2-pool rows: 1 round, ~7 s each) ==",
+            "spike",
+            SPIKE_COLUMNS,
+            lambda: results.get("spike", {}),
+        ),
+        (
+            "== 4. event-loop stall: longest ticker gap, median round (worst: any round), ms "
+            "(1 ms tick: 1-2 = none) ==",
+            "stall",
+            STALL_COLUMNS,
+            lambda: stalls,
+        ),
+        ("== 5. memory: RSS growth (fresh process each) ==", "memory", MEMORY_COLUMNS, lambda: memory),
+    ]
+    for title, workload, columns, figures in sections:
+        rows = figures()
+        if rows:
+            parts.append(table(title, workload, _ordered(rows), columns))
+    parts.append(_targets_table(targets(results)))
+    return "\n\n".join(parts) + "\n"
+
+
+def _ordered(figures: dict[str, Figures]) -> dict[str, Figures]:
+    order = [BASELINE_KEY, *(key for cls in CONTENDERS for key in (cls.key, cls.key + SLEEP0))]
+    return {key: figures[key] for key in order if key in figures}

@@ -1,0 +1,246 @@
+"""The workloads, each run on one contender and turned into a dict of figures.
+
+1. ``select1``: ``SELECT 1`` from 50 tasks on a warmed pool of 10 (the OS-threads
+   baseline runs 10 threads, one per connection);
+2. ``checkout``: the same load, checkout and return alone, no query;
+3. ``overload``: ``SELECT pg_sleep(0.005)`` from 200 tasks on a pool of 10;
+   the ideal is ``10 / 0.005 = 2000`` ops/s;
+4. ``spike``: HikariCP's spike test: behind a proxy that makes each connect take
+   150 ms, 50 requests of ``SELECT pg_sleep(0.002)`` at once on a pool of
+   min 5 / max 50 warmed with 5; connections opened during the spike (the
+   proxy's accept counter) and the makespan.
+
+Every workload reports the longest event-loop stall its 1 ms ticker saw.
+Memory lives in :mod:`benchmarks.memory` (it needs fresh processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from pgpool_async.faultproxy import FaultProxy
+
+from .contenders import AsyncContender, PoolSpec, ThreadsContender
+from .drivers import (
+    AsyncOp,
+    Burst,
+    Samples,
+    burst_async,
+    burst_threads,
+    drive_async,
+    drive_threads,
+    percentile,
+)
+
+__all__ = [
+    "OVERLOAD_IDEAL",
+    "Plan",
+    "pool_round",
+    "spike_round",
+]
+
+POOL_SIZE = 10
+SELECT1_SQL = "SELECT 1"
+SELECT1_TASKS = 50
+THREADS_PER_POOL = POOL_SIZE
+OVERLOAD_SQL = "SELECT pg_sleep(0.005)"
+OVERLOAD_SLEEP = 0.005
+OVERLOAD_TASKS = 200
+OVERLOAD_IDEAL = POOL_SIZE / OVERLOAD_SLEEP
+SPIKE_SQL = "SELECT pg_sleep(0.002)"
+SPIKE_REQUESTS = 50
+SPIKE_MIN = 5
+SPIKE_MAX = 50
+SPIKE_CONNECT_DELAY = 0.15
+CHECKOUT_SLEEP0_WORK = "checkout+sleep0"
+OPEN_TIMEOUT = 60.0
+MEASURE_SLACK = 60.0
+
+Contender = AsyncContender | ThreadsContender
+
+
+#: Each workload's measured window, as a fraction of ``--seconds``.
+WINDOW_FRACTION = {"select1": 1.0, "overload": 0.5, "checkout": 0.25, CHECKOUT_SLEEP0_WORK: 0.25}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long to measure: ``seconds`` times the workload's :data:`WINDOW_FRACTION`,
+    each after ``warmup`` seconds not counted."""
+
+    seconds: float
+    warmup: float
+
+    def window(self, workload: str) -> float:
+        """The measured window of ``workload``, in seconds."""
+        return self.seconds * WINDOW_FRACTION[workload]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _errors(figures: dict[str, Any], errors: int, first_error: str | None) -> dict[str, Any]:
+    if errors:
+        figures["errors"] = errors
+        figures["first_error"] = first_error
+    return figures
+
+
+def loop_figures(samples: Samples) -> dict[str, Any]:
+    """ops/s, latency percentiles, stall, and connection waits when known."""
+    p50 = percentile(samples.latencies, 50)
+    p99 = percentile(samples.latencies, 99)
+    figures: dict[str, Any] = {
+        "ops_per_sec": round(samples.ops_per_sec, 1),
+        "ops": samples.ops,
+        "unfinished": samples.unfinished,
+        "p50_ms": _ms(p50),
+        "p99_ms": _ms(p99),
+        "p99_over_p50": round(p99 / p50, 3) if p50 > 0 else None,
+        "max_stall_ms": _ms(samples.max_gap),
+    }
+    if samples.waits:
+        figures["wait_p50_ms"] = _ms(percentile(samples.waits, 50))
+        figures["wait_p99_ms"] = _ms(percentile(samples.waits, 99))
+    return _errors(figures, samples.errors, samples.first_error)
+
+
+def burst_figures(burst: Burst, opened: int) -> dict[str, Any]:
+    """Makespan, connections opened, latency percentiles, stall."""
+    figures: dict[str, Any] = {
+        "opened": opened,
+        "makespan_ms": _ms(burst.makespan),
+        "p50_ms": _ms(percentile(burst.latencies, 50)),
+        "p99_ms": _ms(percentile(burst.latencies, 99)),
+        "max_stall_ms": _ms(burst.max_gap),
+    }
+    return _errors(figures, burst.errors, burst.first_error)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One closed-loop load: the query (None: checkout alone), asyncio tasks, OS threads."""
+
+    sql: str | None
+    tasks: int
+    threads: int
+    yield_after: bool = False
+
+
+SELECT1 = Load(SELECT1_SQL, SELECT1_TASKS, THREADS_PER_POOL)
+CHECKOUT = Load(None, SELECT1_TASKS, THREADS_PER_POOL)
+OVERLOAD = Load(OVERLOAD_SQL, OVERLOAD_TASKS, OVERLOAD_TASKS)
+CHECKOUT_SLEEP0 = Load(None, SELECT1_TASKS, THREADS_PER_POOL, yield_after=True)
+_LOADS = {
+    "select1": SELECT1,
+    "checkout": CHECKOUT,
+    CHECKOUT_SLEEP0_WORK: CHECKOUT_SLEEP0,
+    "overload": OVERLOAD,
+}
+
+
+async def closed_loop(contender: Contender, load: Load, warmup: float, duration: float) -> Samples:
+    """Run the query operation (or the checkout one) in a closed loop.
+
+    Checkout operations return None: no wait for a connection is recorded then.
+    """
+    if isinstance(contender, ThreadsContender):
+        sync_op = contender.checkout_sync if load.sql is None else partial(contender.query_sync, load.sql)
+        run = drive_threads(sync_op, load.threads, warmup, duration)
+    else:
+        async_op = (
+            _checkout_op(contender, load.yield_after)
+            if load.sql is None
+            else partial(contender.query, load.sql)
+        )
+        run = drive_async(async_op, load.tasks, warmup, duration)
+    return await asyncio.wait_for(run, warmup + duration + MEASURE_SLACK)
+
+
+def _checkout_op(contender: AsyncContender, yield_after: bool) -> AsyncOp:
+    """The checkout operation; with ``yield_after``, followed by ``asyncio.sleep(0)``
+    so that a checkout that never suspends still lets the other tasks run."""
+
+    async def checkout() -> None:
+        await contender.checkout()
+
+    async def checkout_then_yield() -> None:
+        await contender.checkout()
+        await asyncio.sleep(0)
+
+    return checkout_then_yield if yield_after else checkout
+
+
+async def pool_round(
+    cls: type[Contender], dsn: str, plan: Plan, enabled: frozenset[str]
+) -> dict[str, dict[str, Any]]:
+    """One round of the pool-of-10 workloads on a fresh pool of ``cls``, those in
+    ``enabled``: ``select1`` for all, ``checkout`` for representatives, ``overload``
+    for those marked so."""
+    wanted = [
+        work
+        for work, applies in (
+            ("select1", True),
+            ("checkout", cls.representative),
+            (CHECKOUT_SLEEP0_WORK, cls.checkout_sleep0),
+            ("overload", cls.overload),
+        )
+        if applies and work.split("+")[0] in enabled
+    ]
+    if not wanted:
+        return {}
+    contender = cls()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        await asyncio.wait_for(contender.open(PoolSpec(dsn, POOL_SIZE, POOL_SIZE)), OPEN_TIMEOUT)
+    except Exception as exc:
+        return {work: {"error": f"open failed: {type(exc).__name__}: {exc}"} for work in wanted}
+    try:
+        for work in wanted:
+            results[work] = await _measure(contender, _LOADS[work], plan.warmup, plan.window(work))
+        if "ops_per_sec" in results.get("overload", {}):
+            results["overload"]["ops_vs_ideal"] = round(
+                results["overload"]["ops_per_sec"] / OVERLOAD_IDEAL, 4
+            )
+    finally:
+        await asyncio.wait_for(contender.close(), OPEN_TIMEOUT)
+    return results
+
+
+async def _measure(contender: Contender, load: Load, warmup: float, duration: float) -> dict[str, Any]:
+    try:
+        samples = await closed_loop(contender, load, warmup, duration)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return loop_figures(samples)
+
+
+async def spike_round(cls: type[Contender], proxy: FaultProxy, dsn: str) -> dict[str, Any]:
+    """One spike on a fresh pool (min 5, max 50) opened through ``proxy`` without delay;
+    the 150 ms connect delay is switched on just before the 50 requests start."""
+    await asyncio.to_thread(proxy.passthrough)
+    contender = cls()
+    try:
+        await asyncio.wait_for(contender.open(PoolSpec(proxy.dsn(dsn), SPIKE_MIN, SPIKE_MAX)), OPEN_TIMEOUT)
+    except Exception as exc:
+        return {"error": f"open failed: {type(exc).__name__}: {exc}"}
+    try:
+        await asyncio.sleep(0.05)  # let pools that open in the background settle
+        await asyncio.to_thread(proxy.delay, SPIKE_CONNECT_DELAY)
+        before = proxy.connections_accepted
+        if isinstance(contender, ThreadsContender):
+            run = burst_threads(partial(contender.query_sync, SPIKE_SQL), SPIKE_REQUESTS)
+        else:
+            run = burst_async(partial(contender.query, SPIKE_SQL), SPIKE_REQUESTS)
+        burst = await asyncio.wait_for(run, MEASURE_SLACK)
+        opened = proxy.connections_accepted - before
+        return burst_figures(burst, opened)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        await asyncio.to_thread(proxy.passthrough)
+        await asyncio.wait_for(contender.close(), OPEN_TIMEOUT)
