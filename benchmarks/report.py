@@ -284,7 +284,7 @@ def targets(results: Results) -> list[Figures]:
         (
             "checkout+return vs psycopg_pool",
             q(results, "checkout", "pgpool", "psycopg_pool", "ops_per_sec"),
-            "ops/s ratio; pgpool's never suspends: one task runs alone",
+            "ops/s ratio; getconn checkpoints once per checkout",
         ),
         (
             "checkout+return; sleep(0) vs psycopg_pool",
@@ -316,7 +316,7 @@ def targets(results: Results) -> list[Figures]:
         (
             "event-loop stall in the checkout loop ms",
             max(_pgpool_stalls(results, lambda work: work == "checkout", "max_stall_ms"), default=None),
-            "checkout+return alone never suspends: the whole window",
+            "longest gap in the checkout-alone loop",
         ),
     ]
     return [{"target": name, "value": value, "detail": detail} for name, value, detail in rows]

@@ -62,7 +62,7 @@ from .leaks import call_site, describe, logger
 from .notifications import forget_listens
 from .offload import Offloader
 from .stats import PoolStats
-from .waiting import WaitQueue
+from .waiting import Waiter, WaitQueue
 
 __all__ = ["AsyncConnectionPool"]
 
@@ -104,6 +104,13 @@ def _describe_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     port = params.get("port", "")
     db = params.get("dbname", "")
     return f"{db}@{host}{':' if port else ''}{port}"
+
+
+class _NoEvent:
+    """Stands in for the sweeper's event before ``open()`` (no loop yet)."""
+
+    def set(self) -> None:
+        return None
 
 
 class _Attempt:
@@ -251,6 +258,8 @@ class AsyncConnectionPool:
         self._all_returned: anyio.Event | None = None
         self._last_error: BaseException | None = None
         self._stats = PoolStats()
+        self._sweep_target = math.inf
+        self._sweep_wake: anyio.Event | Any = _NoEvent()
 
     # -- properties ---------------------------------------------------------
 
@@ -287,6 +296,8 @@ class AsyncConnectionPool:
             return
         self._opened = True
         await self._tasks.start()
+        self._sweep_wake = anyio.Event()
+        self._tasks.spawn(self._expire_waiters)
         # A few connects at a time, like psycopg_pool's workers: each takes a thread.
         opening = anyio.CapacityLimiter(_OPENING_AT_ONCE)
         try:
@@ -483,36 +494,43 @@ class AsyncConnectionPool:
                 f"{len(self._waiting)} requests are already waiting for a connection "
                 f"(max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
             )
-        waiter = self._waiting.push(key)
+        started = time.monotonic()
+        deadline = anyio.current_time() + max(deadline - started, 0.0)
+        waiter = self._waiting.push(key, deadline, timeout)
+        if deadline < self._sweep_target:
+            self._sweep_wake.set()  # the sweeper sleeps until a later deadline
         self._stats.requests_queued += 1
         self._grow()
-        started = time.monotonic()
-        remaining = max(deadline - started, 0.0)
-        # A bare cancel scope, not fail_after: this runs for every queued request.
-        scope = anyio.CancelScope(deadline=anyio.current_time() + remaining)
         try:
-            with scope:
-                return await waiter.wait()
-            # The deadline passed: only now may the request give up.
-            handed = self._waiting.leave(waiter)
-            if handed is not None:  # it arrived just in time: keep it
-                return handed
-            self._stats.requests_errors += 1
-            raise PoolTimeout(
-                f"couldn't get a connection after {timeout:.2f} sec "
-                f"(pool {self.name!r}: {self._engine.used_count} in use, max {self.maxconn})"
-            ) from self._last_error
-        except PoolTimeout:
-            raise
+            return await waiter.wait()  # or PoolTimeout from the sweeper, PoolClosed from close()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled
                 await self._give_back_nowait(handed)
-            if isinstance(exc, PoolError):  # PoolClosed from close()
+            if isinstance(exc, PoolClosed):
                 self._stats.requests_errors += 1
             raise
         finally:
             self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
+
+    async def _expire_waiters(self) -> None:
+        """The one task that enforces waiters' deadlines: it sleeps until the
+        earliest one, or until a request with an earlier deadline arrives."""
+        while not self.closed:
+            now = anyio.current_time()
+            self._stats.requests_errors += self._waiting.expire(now, self._timeout_error)
+            self._sweep_target = self._waiting.next_deadline()
+            self._sweep_wake = anyio.Event()
+            with anyio.move_on_after(self._sweep_target - now):
+                await self._sweep_wake.wait()
+
+    def _timeout_error(self, waiter: Waiter) -> PoolTimeout:
+        error = PoolTimeout(
+            f"couldn't get a connection after {waiter.timeout:.2f} sec "
+            f"(pool {self.name!r}: {self._engine.used_count} in use, max {self.maxconn})"
+        )
+        error.__cause__ = self._last_error
+        return error
 
     def _dispatch(self, trusted: PGConnection | None = None) -> None:
         """Hand idle connections to waiters, first come first served; no I/O."""

@@ -5,12 +5,18 @@ the waiter takes the connection (:meth:`Waiter.hand` returns True) or it has
 already given up and the caller keeps the connection. A waiter that gives up
 after being handed one gets it back from :meth:`Waiter.abandon`, to return it:
 a timed-out or cancelled waiter never swallows a connection.
+
+Deadlines are kept in a heap and enforced by one task per pool (see
+:meth:`WaitQueue.expire`) rather than a cancel scope and timer per request:
+in a busy pool most requests wait, and that is the cheaper way.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import anyio
 from psycopg2.extensions import connection as PGConnection
@@ -21,10 +27,12 @@ __all__ = ["WaitQueue", "Waiter"]
 class Waiter:
     """One request queued for a connection."""
 
-    __slots__ = ("_conn", "_done", "_error", "_event", "key")
+    __slots__ = ("_conn", "_done", "_error", "_event", "deadline", "key", "timeout")
 
-    def __init__(self, key: Hashable | None) -> None:
+    def __init__(self, key: Hashable | None, deadline: float = math.inf, timeout: float = math.inf) -> None:
         self.key = key
+        self.deadline = deadline  # in anyio.current_time()'s clock
+        self.timeout = timeout  # as the caller gave it, for the error message
         self._event = anyio.Event()
         self._conn: PGConnection | None = None
         self._error: BaseException | None = None
@@ -76,16 +84,41 @@ class WaitQueue:
     def __init__(self) -> None:
         self._waiters: deque[Waiter] = deque()
         self._live = 0
+        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._pushed = 0
 
     def __len__(self) -> int:
         return self._live
 
-    def push(self, key: Hashable | None) -> Waiter:
+    def push(self, key: Hashable | None, deadline: float = math.inf, timeout: float = math.inf) -> Waiter:
         """Queue a new waiter at the back."""
-        waiter = Waiter(key)
+        waiter = Waiter(key, deadline, timeout)
         self._waiters.append(waiter)
         self._live += 1
+        if deadline != math.inf:
+            self._pushed += 1
+            heapq.heappush(self._deadlines, (deadline, self._pushed, waiter))
         return waiter
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of a live waiter (``math.inf`` if none)."""
+        heap = self._deadlines
+        while heap and heap[0][2].done:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def expire(self, now: float, error: Callable[[Waiter], BaseException]) -> int:
+        """Fail every live waiter whose deadline is past with ``error(waiter)``;
+        returns how many."""
+        expired = 0
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            waiter = heapq.heappop(heap)[2]
+            if not waiter.done:
+                self._live -= 1
+                waiter.fail(error(waiter))
+                expired += 1
+        return expired
 
     def first(self) -> Waiter | None:
         """The live waiter at the front, or None."""
