@@ -479,7 +479,7 @@ class AsyncConnectionPool:
         except BaseException:
             # The check finished (threads are not interrupted): give the connection back.
             with anyio.CancelScope(shield=True):
-                await self._give_back(raw)
+                await self._return_raw(raw)
             raise
         if not ok:
             self._stats.connections_lost += 1
@@ -506,7 +506,7 @@ class AsyncConnectionPool:
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled
-                await self._give_back_nowait(handed)
+                self._give_back_nowait(handed)
             if isinstance(exc, PoolClosed):
                 self._stats.requests_errors += 1
             raise
@@ -629,11 +629,7 @@ class AsyncConnectionPool:
         self._after_slot_freed()
         self._ensure_min()
 
-    async def _give_back(self, raw: PGConnection) -> None:
-        """Return a lent connection nobody wrapped yet (a cancelled request's)."""
-        await self._return_raw(raw)
-
-    async def _give_back_nowait(self, raw: PGConnection) -> None:
+    def _give_back_nowait(self, raw: PGConnection) -> None:
         # A connection just handed over is clean: no I/O is needed to return it.
         if self._engine._detach(raw, None) is None:
             self._close_in_background(raw)
