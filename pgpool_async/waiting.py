@@ -97,7 +97,13 @@ class WaitQueue:
         self._live += 1
         if deadline != math.inf:
             self._pushed += 1
-            heapq.heappush(self._deadlines, (deadline, self._pushed, waiter))
+            heap = self._deadlines
+            if len(heap) > 2 * self._live + 64:
+                # Served waiters stay in the heap until the sweeper meets them:
+                # drop them now and then, so the heap (and GC work) stays small.
+                heap[:] = [entry for entry in heap if not entry[2].done]
+                heapq.heapify(heap)
+            heapq.heappush(heap, (deadline, self._pushed, waiter))
         return waiter
 
     def next_deadline(self) -> float:

@@ -353,3 +353,19 @@ async def test_one_operation_at_a_time_in_call_order(dsn: str) -> None:
         assert order == [0, 1, 2, 3, 4]
         assert not conn._lock.locked()
         assert await conn.fetchval("SELECT 7") == 7
+
+
+async def test_served_waiters_do_not_pile_up(dsn: str) -> None:
+    """Deadlines of served requests are dropped: memory stays bounded in a busy pool."""
+    async with AsyncConnectionPool(1, 1, dsn) as pool:
+
+        async def use() -> None:
+            async with pool.connection():
+                await anyio.lowlevel.checkpoint()
+
+        for _ in range(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(50):
+                    tg.start_soon(use)
+        assert pool.get_stats()["requests_queued"] > 500
+        assert len(pool._waiting._deadlines) < 200
