@@ -9,6 +9,8 @@ further use with :class:`~pgpool_async.errors.ConnectionReleased`.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import traceback
 from collections import deque
@@ -71,6 +73,11 @@ def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
     if raw.get_transaction_status() != _STATUS_IDLE:
         raw.commit()
     return result
+
+
+def _cancel_quietly(raw: PGConnection) -> None:
+    with contextlib.suppress(Exception):
+        raw.cancel()
 
 
 class _OneAtATime:
@@ -194,7 +201,15 @@ class AsyncConnection:
         the loop: the fast path (see :mod:`pgpool_async.offload`)."""
         raw = self.raw
         async with self._lock:
-            return await self._pool._offload.run(func, raw, *args)
+            return await self._pool._offload.run(func, raw, *args, on_cancel=self._cancel_query)
+
+    def _cancel_query(self) -> None:
+        """The caller was cancelled mid-call: ask the server to cancel the
+        running statement, so the worker thread (and the caller) are free soon.
+        The request opens its own connection, so it runs in a thread of its own."""
+        raw = self._raw
+        if raw is not None and not raw.closed:
+            threading.Thread(target=_cancel_quietly, args=(raw,), name="pgpool-cancel", daemon=True).start()
 
     async def execute(self, sql: str, params: Params = None) -> int:
         """Execute a statement; returns the cursor's ``rowcount``."""

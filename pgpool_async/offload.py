@@ -39,9 +39,15 @@ T = TypeVar("T")
 class _Uncancellable(asyncio.Future[Any]):
     """A future whose ``cancel()`` is refused: asyncio then delivers the task's
     cancellation only once the result is in, so a thread's work is never
-    abandoned half-seen."""
+    abandoned half-seen. The first refused ``cancel()`` calls ``on_cancel``
+    (e.g. asks the server to cancel the running query, so it ends soon)."""
+
+    on_cancel: Callable[[], object] | None = None
 
     def cancel(self, msg: Any = None) -> bool:
+        if self.on_cancel is not None and not self.done():
+            on_cancel, self.on_cancel = self.on_cancel, None
+            on_cancel()
         return False
 
 
@@ -70,9 +76,12 @@ class _Workers:
         self._started = 0
         self._busy = 0
 
-    def submit(self, func: Callable[..., Any], args: tuple[Any, ...]) -> _Uncancellable:
+    def submit(
+        self, func: Callable[..., Any], args: tuple[Any, ...], on_cancel: Callable[[], object] | None
+    ) -> _Uncancellable:
         """Queue ``func(*args)``; the returned future settles on the loop."""
         fut = _Uncancellable(loop=self._loop)
+        fut.on_cancel = on_cancel
         self._busy += 1
         if self._busy > self._started and self._started < self.max_threads:
             self._started += 1
@@ -91,6 +100,9 @@ class _Workers:
                 self._post(fut, None, exc)
             else:
                 self._post(fut, result, None)
+            # An idle thread must not keep the last call's objects alive (a
+            # connection wrapper dropped by its user must be collectable).
+            job = fut = func = args = result = None
 
     def _post(self, fut: _Uncancellable, result: Any, error: BaseException | None) -> None:
         self._results.put((fut, result, error))
@@ -111,6 +123,7 @@ class _Workers:
             except queue.Empty:
                 return
             self._busy -= 1
+            fut.on_cancel = None
             if error is None:
                 fut.set_result(result)
             else:
@@ -167,18 +180,22 @@ class Offloader:
                 self._workers = _Workers(asyncio.get_running_loop(), self._tokens, self._name)
         return self._workers
 
-    async def run(self, func: Callable[..., T], *args: Any) -> T:
+    async def run(
+        self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
+    ) -> T:
         """Run ``func(*args)`` in a worker thread.
 
         A thread cannot be stopped: if the caller is cancelled meanwhile, this
         waits for ``func`` to finish and then raises the cancellation. Nothing
-        ``func`` did is lost: the connection is in a known state. ``func`` must
-        not call back into the loop (use :meth:`run_anyio` for that).
+        ``func`` did is lost: the connection is in a known state. On asyncio,
+        ``on_cancel()`` is called (on the loop, once) when the cancellation
+        arrives, to make ``func`` end sooner. ``func`` must not call back into
+        the loop (use :meth:`run_anyio` for that).
         """
         workers = self._asyncio_workers()
         if workers is None:
             return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
-        result: T = await workers.submit(func, args)
+        result: T = await workers.submit(func, args, on_cancel)
         return result
 
     async def run_anyio(self, func: Callable[..., T], *args: Any) -> T:

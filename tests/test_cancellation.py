@@ -146,3 +146,16 @@ async def test_cancel_while_returning(dsn: str, app_name: str) -> None:
                 await pool.putconn(conn)  # shielded rollback, then the cancel lands
             assert conn.released
         await assert_pool_whole(pool, dsn, app_name)
+
+
+async def test_cancelled_query_is_cancelled_on_the_server(dsn: str, app_name: str) -> None:
+    """A timeout around a long query ends it on the server: the caller is not
+    held for the query's whole run, and the connection comes back clean."""
+    async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
+        started = time.monotonic()
+        with anyio.move_on_after(0.2) as scope:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 10  # generous: the query would take 30 s
+        await assert_pool_whole(pool, dsn, app_name)
