@@ -8,16 +8,17 @@ Who does what:
 - :mod:`~pgpool_async.waiting` queues requests when no connection is idle;
 - :mod:`~pgpool_async.offload` runs every connect, query, rollback and close in
   the pool's own worker threads;
-- :mod:`~pgpool_async.background` runs the tasks that open connections for
-  waiters, so a waiter is served by whichever comes first, a returned
-  connection or a new one, and a timed-out waiter abandons nothing.
+- :mod:`~pgpool_async.background` hosts the pool's tasks: those of
+  :mod:`~pgpool_async.growth` open connections for waiters and refill
+  ``minconn`` (a waiter is served by whichever comes first, a returned
+  connection or a new one), those of :mod:`~pgpool_async.upkeep` enforce
+  deadlines and lifetimes and report leaks.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import random
 import time
 import traceback
 import weakref
@@ -57,24 +58,21 @@ from .errors import (
     PoolTimeout,
     TooManyRequests,
 )
+from .growth import OPEN, PoolGrowth
 from .health import ConnInfo, Health
-from .leaks import call_site, describe, logger
+from .leaks import call_site, logger
 from .notifications import forget_listens
 from .offload import Offloader
 from .stats import PoolStats
-from .waiting import Waiter, WaitQueue
+from .upkeep import PoolUpkeep
+from .waiting import WaitQueue
 
 __all__ = ["AsyncConnectionPool"]
 
 T = TypeVar("T")
 _names = itertools.count(1)
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-# Retry delays after a failed connect: doubling, with jitter, capped.
-_BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 2.0
 _OPENING_AT_ONCE = 4
-# Why a connection is being opened.
-_OPEN, _GROW, _FILL = "open", "grow", "fill"
 
 
 def _check_timeout(name: str, value: float) -> float:
@@ -113,24 +111,6 @@ class _NoEvent:
         return None
 
 
-class _Attempt:
-    """One connect running in a worker thread, which its task may abandon.
-
-    Under the GIL one of the two sides always sees the other: the thread closes
-    a connection nobody waits for, or the task gets it.
-    """
-
-    __slots__ = ("abandoned", "conn")
-
-    def __init__(self) -> None:
-        self.conn: PGConnection | None = None
-        self.abandoned = False
-
-    def give_up(self) -> PGConnection | None:
-        self.abandoned = True
-        return self.conn
-
-
 class _ConnectionContext:
     """``async with pool.connection() as conn``: commit on success, rollback on error."""
 
@@ -167,7 +147,7 @@ class _ConnectionContext:
             await self._pool.putconn(conn)
 
 
-class AsyncConnectionPool:
+class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
     """An asyncio/trio connection pool over psycopg2, that never blocks the event loop.
 
     ``AsyncConnectionPool(minconn, maxconn, *args, **kwargs)``: ``args`` and
@@ -305,7 +285,7 @@ class AsyncConnectionPool:
                 async with anyio.create_task_group() as group:
                     for _ in range(self.minconn):
                         if self._engine._reserve():
-                            group.start_soon(self._open_idle_connection, _OPEN, opening)
+                            group.start_soon(self._open_idle_connection, OPEN, opening)
         except TimeoutError:
             await self.close()
             raise PoolTimeout(
@@ -513,25 +493,6 @@ class AsyncConnectionPool:
         finally:
             self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
 
-    async def _expire_waiters(self) -> None:
-        """The one task that enforces waiters' deadlines: it sleeps until the
-        earliest one, or until a request with an earlier deadline arrives."""
-        while not self.closed:
-            now = anyio.current_time()
-            self._stats.requests_errors += self._waiting.expire(now, self._timeout_error)
-            self._sweep_target = self._waiting.next_deadline()
-            self._sweep_wake = anyio.Event()
-            with anyio.move_on_after(self._sweep_target - now):
-                await self._sweep_wake.wait()
-
-    def _timeout_error(self, waiter: Waiter) -> PoolTimeout:
-        error = PoolTimeout(
-            f"couldn't get a connection after {waiter.timeout:.2f} sec "
-            f"(pool {self.name!r}: {self._engine.used_count} in use, max {self.maxconn})"
-        )
-        error.__cause__ = self._last_error
-        return error
-
     def _dispatch(self, trusted: PGConnection | None = None) -> None:
         """Hand idle connections to waiters, first come first served; no I/O."""
         while (waiter := self._waiting.first()) is not None:
@@ -685,198 +646,6 @@ class AsyncConnectionPool:
             self._tasks.spawn(self._offload.run_return, close_quietly, raw)
         except PoolClosed:
             close_quietly(raw)  # no loop task left to use; closing sends one packet
-
-    # -- leaks ------------------------------------------------------------------
-
-    def _make_orphan_hook(
-        self, raw: PGConnection, site: traceback.StackSummary | None
-    ) -> Callable[[weakref.ref[AsyncConnection]], None]:
-        def orphaned(ref: weakref.ref[AsyncConnection]) -> None:
-            # May run in any thread, at any time: only record it here.
-            if self._lent.get(id(raw)) is ref:
-                self._orphans.append((raw, site))
-
-        return orphaned
-
-    async def _recover_orphans(self) -> None:
-        while self._orphans:
-            raw, site = self._orphans.pop()
-            self._lent.pop(id(raw), None)
-            self._stats.connections_leaked += 1
-            logger.warning(
-                "pool %r: a connection was garbage-collected without being returned; "
-                "its slot is recovered. It was taken at %s",
-                self.name,
-                describe(site),
-            )
-            await self._return_raw(raw)
-
-    def _report_leaks(self) -> None:
-        if self.leak_threshold is None:
-            return
-        now = time.monotonic()
-        for ref in list(self._lent.values()):
-            conn = ref()
-            if conn is None or conn.leak_reported or now - conn.lent_at < self.leak_threshold:
-                continue
-            conn.leak_reported = True
-            self._stats.connections_leaked += 1
-            logger.warning(
-                "pool %r: a connection has been lent for %.1f s (leak_threshold=%s) and not "
-                "returned. It was taken at %s",
-                self.name,
-                now - conn.lent_at,
-                self.leak_threshold,
-                describe(conn.taken_at),
-            )
-
-    # -- opening connections and upkeep -------------------------------------------
-
-    def _grow(self) -> None:
-        """Open one more connection in the background while requests wait and
-        there is room. One at a time, like psycopg_pool: a burst is mostly
-        served by connections coming back, not by a storm of connects."""
-        # Connections already being opened (to grow or refill) will serve the queue.
-        if self._growing or self._filling or self.closed or not len(self._waiting):
-            return
-        if self._engine.size >= self.maxconn or not self._engine._reserve():
-            return
-        self._growing += 1
-        self._tasks.spawn(self._grow_task)
-
-    async def _grow_task(self) -> None:
-        try:
-            await self._open_idle_connection(_GROW)
-        finally:
-            self._growing -= 1
-            if not self.closed and len(self._waiting):
-                self._grow()
-
-    def _ensure_min(self) -> None:
-        """Refill ``minconn`` in the background, never in a caller's request."""
-        if self.closed or not self._opened:
-            return
-        while self._engine.size < self.minconn and self._engine._reserve():
-            self._filling += 1
-            self._tasks.spawn(self._fill_task)
-
-    async def _fill_task(self) -> None:
-        try:
-            await self._open_idle_connection(_FILL)
-        finally:
-            self._filling -= 1
-            if not self.closed and len(self._waiting):
-                self._grow()
-
-    async def _open_idle_connection(self, purpose: str, limiter: anyio.CapacityLimiter | None = None) -> None:
-        if limiter is None:
-            await self._open_idle_connection_now(purpose)
-        else:
-            async with limiter:
-                await self._open_idle_connection_now(purpose)
-
-    async def _open_idle_connection_now(self, purpose: str) -> None:
-        """Open a connection in the slot already reserved, retrying with backoff
-        and jitter, and put it idle (then to the waiters). ``_GROW`` gives up
-        when nobody waits any more; ``_FILL`` after ``reconnect_timeout``."""
-        delay = _BACKOFF_FIRST
-        first_failure: float | None = None
-        attempt = _Attempt()
-        try:
-            while True:
-                attempt = _Attempt()
-                started = time.monotonic()
-                self._stats.connections_num += 1
-                try:
-                    raw = await self._offload.run_abandoning(self._connect_thread, attempt)
-                except Exception as exc:
-                    self._stats.connections_errors += 1
-                    self._last_error = exc
-                    logger.warning("pool %r: connection to %s failed: %s", self.name, self._target, exc)
-                else:
-                    self._stats.connections_ms += int((time.monotonic() - started) * 1000)
-                    self._last_error = None
-                    self._info[id(raw)] = self._health.new_info(self._generation)
-                    if self._engine._adopt_idle(raw):
-                        self._info[id(raw)].idle_since = time.monotonic()
-                        self._dispatch()
-                    else:
-                        self._forget_info(raw)
-                        await self._offload.run_return(close_quietly, raw)
-                    return
-                now = time.monotonic()
-                first_failure = first_failure or now
-                if self.closed or (purpose == _GROW and not len(self._waiting)):
-                    break
-                if purpose == _FILL and now - first_failure >= self.reconnect_timeout:
-                    self._give_up_reconnecting()
-                    break
-                await anyio.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, _BACKOFF_MAX)
-        except BaseException:
-            orphan = attempt.give_up()
-            if orphan is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._offload.run_return(close_quietly, orphan)
-            raise
-        finally:
-            if attempt.conn is None or attempt.abandoned:
-                self._engine._release_slot()
-
-    def _give_up_reconnecting(self) -> None:
-        logger.error(
-            "pool %r: could not reconnect to %s for %.1f s (reconnect_timeout); will retry later",
-            self.name,
-            self._target,
-            self.reconnect_timeout,
-        )
-        if self._reconnect_failed is not None:
-            try:
-                self._reconnect_failed(self)
-            except Exception:
-                logger.exception("pool %r: the reconnect_failed callback raised", self.name)
-
-    def _connect_thread(self, attempt: _Attempt) -> PGConnection:
-        """In a worker thread: open and set up one connection."""
-        raw = self._engine._open_connection()
-        try:
-            self._health.set_up(raw, self.autocommit)
-        except BaseException:
-            close_quietly(raw)
-            raise
-        attempt.conn = raw
-        if attempt.abandoned or self.closed:
-            attempt.conn = None
-            close_quietly(raw)
-            raise PoolClosed(CLOSED_MESSAGE)
-        return raw
-
-    async def _maintain(self) -> None:
-        """Upkeep, every ``_maintenance_interval`` seconds: retire connections
-        past their lifetime or idle too long, refill ``minconn``, report leaks."""
-        while not self.closed:
-            await anyio.sleep(self._maintenance_interval())
-            await self._recover_orphans()
-            self._report_leaks()
-            await self._close_evicted(self._engine._evict_idle(self._retired, keep=0))
-            if self._health.max_idle is not None:
-                idle = self._engine._evict_idle(self._idle_too_long, keep=self.minconn)
-                await self._close_evicted(idle)
-            self._ensure_min()
-
-    def _idle_too_long(self, raw: PGConnection) -> bool:
-        info = self._info.get(id(raw))
-        max_idle = self._health.max_idle
-        if info is None or info.idle_since is None or max_idle is None:
-            return False
-        return time.monotonic() - info.idle_since >= max_idle
-
-    def _maintenance_interval(self) -> float:
-        periods = [1.0]
-        for value in (self._health.max_idle, self._health.max_lifetime, self.leak_threshold):
-            if value is not None:
-                periods.append(value / 4)
-        return max(0.02, min(periods))
 
     # -- reporting ----------------------------------------------------------
 
