@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING
 
 import anyio
 from psycopg2.extensions import connection as PGConnection
@@ -21,9 +20,6 @@ from ._internals import PoolInternals
 from .engine import CLOSED_MESSAGE, close_quietly
 from .errors import PoolClosed
 from .leaks import logger
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["OPEN", "PoolGrowth"]
 
