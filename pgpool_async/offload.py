@@ -187,16 +187,39 @@ class Offloader:
 
         A thread cannot be stopped: if the caller is cancelled meanwhile, this
         waits for ``func`` to finish and then raises the cancellation. Nothing
-        ``func`` did is lost: the connection is in a known state. On asyncio,
+        ``func`` did is lost: the connection is in a known state.
         ``on_cancel()`` is called (on the loop, once) when the cancellation
         arrives, to make ``func`` end sooner. ``func`` must not call back into
         the loop (use :meth:`run_anyio` for that).
         """
         workers = self._asyncio_workers()
         if workers is None:
-            return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
+            return await self._run_anyio_cancelling(func, args, on_cancel)
         result: T = await workers.submit(func, args, on_cancel)
         return result
+
+    async def _run_anyio_cancelling(
+        self, func: Callable[..., T], args: tuple[Any, ...], on_cancel: Callable[[], object] | None
+    ) -> T:
+        """:meth:`run` off asyncio: an anyio worker thread; on cancellation call
+        ``on_cancel()``, wait for ``func`` to end, then raise the cancellation."""
+        if on_cancel is None:
+            return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
+        finished = threading.Event()
+
+        def call() -> T:
+            try:
+                return func(*args)
+            finally:
+                finished.set()
+
+        try:
+            return await anyio.to_thread.run_sync(call, limiter=self.work_limiter, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            on_cancel()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait, limiter=self.returns_limiter)
+            raise
 
     async def run_anyio(self, func: Callable[..., T], *args: Any) -> T:
         """Like :meth:`run`, in an anyio worker thread: ``func`` may call back into

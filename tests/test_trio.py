@@ -57,3 +57,17 @@ async def test_random_cancellation_on_trio(dsn: str, app_name: str) -> None:
         assert "idle in transaction" not in [s for s, _ in backends(dsn, app_name)]
         for conn in conns:
             await pool.putconn(conn)
+
+
+async def test_cancelled_query_is_cancelled_on_the_server_on_trio(dsn: str, app_name: str) -> None:
+    import time
+
+    async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
+        started = time.monotonic()
+        with anyio.move_on_after(0.2) as scope:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT pg_sleep(30)")
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 10  # generous: the query would take 30 s
+        assert await pool.fetchval("SELECT 1") == 1
+        assert [s for s, _ in backends(dsn, app_name)] == ["idle"]
