@@ -201,25 +201,33 @@ class Offloader:
     async def _run_anyio_cancelling(
         self, func: Callable[..., T], args: tuple[Any, ...], on_cancel: Callable[[], object] | None
     ) -> T:
-        """:meth:`run` off asyncio: an anyio worker thread; on cancellation call
-        ``on_cancel()``, wait for ``func`` to end, then raise the cancellation."""
+        """:meth:`run` off asyncio: an anyio worker thread, in a child task so that
+        a cancellation is seen at once (to call ``on_cancel()``) while the thread
+        is still waited for; then the cancellation is raised."""
         if on_cancel is None:
             return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
-        finished = threading.Event()
+        outcome: list[Any] = []
+        finished = anyio.Event()
 
-        def call() -> T:
+        async def in_thread() -> None:
             try:
-                return func(*args)
+                outcome.append(await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter))
+            except BaseException as exc:  # handed to the caller below, not to the group
+                outcome.append(exc)
             finally:
                 finished.set()
 
-        try:
-            return await anyio.to_thread.run_sync(call, limiter=self.work_limiter, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            on_cancel()
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(finished.wait, limiter=self.returns_limiter)
-            raise
+        async with anyio.create_task_group() as group:
+            group.start_soon(in_thread)
+            try:
+                await finished.wait()
+            except anyio.get_cancelled_exc_class():
+                on_cancel()  # the thread is still running: the group waits for it
+                raise
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
 
     async def run_anyio(self, func: Callable[..., T], *args: Any) -> T:
         """Like :meth:`run`, in an anyio worker thread: ``func`` may call back into
