@@ -149,8 +149,13 @@ async def test_cancel_while_returning(dsn: str, app_name: str) -> None:
 
 
 async def test_cancelled_query_is_cancelled_on_the_server(dsn: str, app_name: str) -> None:
+    await cancel_a_long_query(dsn, app_name)
+
+
+async def cancel_a_long_query(dsn: str, app_name: str) -> None:
     """A timeout around a long query ends it on the server: the caller is not
-    held for the query's whole run, and the connection comes back clean."""
+    held for the query's whole run, and the connection comes back clean.
+    (Shared with the trio tests.)"""
     async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
         started = time.monotonic()
         with anyio.move_on_after(0.2) as scope:

@@ -10,6 +10,7 @@ import pytest
 from pgpool_async import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from .conftest import backends, server_query
+from .test_cancellation import cancel_a_long_query
 
 pytestmark = pytest.mark.anyio
 
@@ -60,14 +61,4 @@ async def test_random_cancellation_on_trio(dsn: str, app_name: str) -> None:
 
 
 async def test_cancelled_query_is_cancelled_on_the_server_on_trio(dsn: str, app_name: str) -> None:
-    import time
-
-    async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
-        started = time.monotonic()
-        with anyio.move_on_after(0.2) as scope:
-            async with pool.connection() as conn:
-                await conn.execute("SELECT pg_sleep(30)")
-        assert scope.cancelled_caught
-        assert time.monotonic() - started < 10  # generous: the query would take 30 s
-        assert await pool.fetchval("SELECT 1") == 1
-        assert [s for s, _ in backends(dsn, app_name)] == ["idle"]
+    await cancel_a_long_query(dsn, app_name)
