@@ -16,7 +16,9 @@ waits on a future that cannot be cancelled: a cancelled caller still waits for
 the call to finish and then gets the cancellation, exactly like anyio's
 ``to_thread.run_sync``, for about half the cost per call (see ``benchmarks/``:
 a thread hop is the price of every database call here). On other event loops
-(trio) ``run`` is anyio's ``to_thread.run_sync``.
+(trio) ``run`` uses anyio's worker threads. Either way, a caller cancelled
+mid-call triggers ``on_cancel`` (the connection asks the server to cancel the
+statement) and gets its cancellation once the thread is done.
 """
 
 from __future__ import annotations
