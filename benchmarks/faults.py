@@ -61,7 +61,7 @@ import psycopg2.extensions
 import pgpool_async
 from pgpool_async import AsyncConnectionPool, PoolTimeout
 from pgpool_async.faultproxy import FaultProxy
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.throwaway import ThrowawayPostgres, run_sql
 
 __all__ = [
     "KEEPALIVE_OPTIONS",
@@ -205,16 +205,8 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 # -- the server, seen from outside the pool (blocking: run in threads) -------------
 
 
-def query_server(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Run one statement on a fresh autocommit connection. Blocking: call it in a thread."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
+# One statement on a fresh autocommit connection; blocking.
+query_server = run_sql
 
 
 async def server_sql(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:

@@ -46,12 +46,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 __all__ = [
     "ENV_BINDIR",
     "ThrowawayError",
     "ThrowawayPostgres",
     "find_bindir",
+    "run_sql",
     "wheel_bindir",
 ]
 
@@ -839,3 +841,20 @@ class ThrowawayPostgres:
         # Nothing sensible can be done about a failure at interpreter exit.
         with contextlib.suppress(Exception):
             self.destroy()
+
+
+def run_sql(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """Run one statement on a fresh autocommit connection to ``dsn`` and return its
+    rows (none for a statement without a result). Blocking: from async code, call it
+    in a worker thread. For tests and scripts that look at a server from outside a pool.
+    """
+    import psycopg2  # only this helper needs it
+
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()

@@ -24,7 +24,7 @@ import psycopg2.extensions
 import psycopg2.extras
 import pytest
 
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.throwaway import ThrowawayPostgres, run_sql
 
 # -- the server --------------------------------------------------------------
 
@@ -58,14 +58,7 @@ def app_name() -> str:
 def server_query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
     """Run one query on a fresh, separate connection (off any pool), autocommit."""
     with _loop_guard_off():
-        conn = psycopg2.connect(dsn)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchall() if cur.description else []
-        finally:
-            conn.close()
+        return run_sql(dsn, sql, params)
 
 
 def backends(dsn: str, app_name: str) -> list[tuple[str, str]]:
