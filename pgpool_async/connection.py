@@ -196,6 +196,15 @@ class AsyncConnection:
         async with self._lock:
             return await self._pool._offload.run_anyio(func, raw, *args)
 
+    async def _run_sync_cancellable(
+        self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object]
+    ) -> T:
+        """:meth:`run_sync`, calling ``on_cancel()`` on the loop as soon as the
+        caller is cancelled (the thread is still waited for)."""
+        raw = self.raw
+        async with self._lock:
+            return await self._pool._offload.run_anyio(func, raw, *args, on_cancel=on_cancel)
+
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         """:meth:`run_sync` for the pool's own calls, which never call back into
         the loop: the fast path (see :mod:`pgpool_async.offload`)."""

@@ -148,7 +148,9 @@ def _check_no_wait_callback() -> None:
 async def _run(conn: AsyncConnection, adapter: _CopyFile, call: Callable[[PGCursor], None]) -> int:
     _check_no_wait_callback()
     try:
-        return await conn.run_sync(_copy_in_thread, adapter, call)
+        # A cancellation stops the COPY at its next chunk (anyio alone would not
+        # reliably cancel the loop calls of a thread that is between chunks).
+        return await conn._run_sync_cancellable(_copy_in_thread, adapter, call, on_cancel=adapter.abort)
     except BaseException as exc:
         error = adapter.error
         if error is None:
@@ -192,6 +194,11 @@ def _leave_copy_out(raw: PGConnection) -> None:
         pass  # "canceling statement" or "current transaction is aborted": expected
 
 
+class CopyAborted(Exception):
+    """Raised in the worker thread to stop a COPY whose caller was cancelled;
+    the caller sees its cancellation, not this."""
+
+
 class _CopyFile:
     """What psycopg2 reads from and writes to, in the worker thread.
 
@@ -208,6 +215,8 @@ class _CopyFile:
         text: bool,
     ) -> None:
         self.error: BaseException | None = None
+        # Set on the loop when the caller is cancelled; the next chunk aborts the COPY.
+        self.aborted = False
         self._reader = reader
         self._writer = writer
         self._size = size
@@ -226,10 +235,19 @@ class _CopyFile:
             self._fail(exc)
             raise exc
         try:
+            self._check_aborted()
             return self._reader(self._size if size is None or size < 0 else size)
         except BaseException as exc:
             self._fail(exc)
             raise
+
+    def _check_aborted(self) -> None:
+        if self.aborted:
+            raise CopyAborted("the COPY's caller was cancelled")
+
+    def abort(self) -> None:
+        """On the loop: the caller was cancelled; stop at the next chunk."""
+        self.aborted = True
 
     def readline(self, size: int | None = -1, /) -> Any:
         """Only here because psycopg2's ``copy_from`` checks for it; never called."""
@@ -260,6 +278,7 @@ class _CopyFile:
     def _call_writer(self, data: Any) -> None:
         assert self._writer is not None
         try:
+            self._check_aborted()
             self._writer(data)
         except BaseException as exc:
             self._fail(exc)

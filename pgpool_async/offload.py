@@ -231,11 +231,13 @@ class Offloader:
             raise result
         return result  # type: ignore[no-any-return]
 
-    async def run_anyio(self, func: Callable[..., T], *args: Any) -> T:
-        """Like :meth:`run`, in an anyio worker thread: ``func`` may call back into
-        the event loop with ``anyio.from_thread``, and those calls are cancelled
-        with the caller. For user code; the pool's own calls use :meth:`run`."""
-        return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
+    async def run_anyio(
+        self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
+    ) -> T:
+        """Like :meth:`run`, always in an anyio worker thread: ``func`` may call
+        back into the event loop with ``anyio.from_thread``. For user code and
+        COPY; the pool's own calls use :meth:`run`."""
+        return await self._run_anyio_cancelling(func, args, on_cancel)
 
     async def run_abandoning(self, func: Callable[..., T], *args: Any) -> T:
         """Like :meth:`run`, but a cancelled caller stops waiting at once.

@@ -421,3 +421,19 @@ async def test_copy_on_trio(dsn: str, tmp_path: Path) -> None:
         await conn.rollback()
         assert await conn.fetchval("SELECT 1") == 1
     server_query(dsn, "DROP TABLE copy_trio")
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_copy_between_chunks(dsn: str, app_name: str) -> None:
+    """A fast async writer: the thread spends most of its time in libpq, between
+    calls back to the loop, when the cancellation lands. The COPY still stops."""
+    async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
+        for _ in range(5):
+            writer = CountingAsyncWriter()
+            with anyio.move_on_after(0.05) as scope:
+                async with pool.connection() as conn:
+                    await conn.copy_expert(f"COPY ({BIG_SELECT}) TO STDOUT", writer)
+            assert scope.cancelled_caught
+            assert writer.calls < 4000  # the whole COPY is about 8,000 chunks
+        assert [s for s, _ in backends(dsn, app_name)] == ["idle"]
+        assert await pool.fetchval("SELECT 1") == 1
