@@ -31,7 +31,6 @@ import contextlib
 import select
 import socket
 import threading
-import time
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -73,11 +72,12 @@ def check_sizes(minconn: int, maxconn: int) -> None:
         )
 
 
-def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
     """Check, without any I/O, that ``psycopg2.connect(*args, **kwargs)`` is well formed.
 
     Catches a malformed DSN, an unknown libpq keyword and arguments the pool
     cannot honour, with a :class:`PoolConfigError` that says what to change.
+    Returns the libpq parameters they amount to (the password among them).
     """
     if len(args) > 1:
         raise PoolConfigError(
@@ -94,12 +94,13 @@ def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         raise PoolConfigError(f"the DSN must be a str, got {type(dsn).__name__}")
     libpq = {k: v for k, v in kwargs.items() if k not in (*_CONNECT_ONLY, "dsn", "async", "async_")}
     try:
-        psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
+        params: dict[str, str] = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
     except psycopg2.ProgrammingError as exc:
         raise PoolConfigError(
             f"invalid connection arguments ({str(exc).strip()}): fix the DSN or the "
             "libpq keyword arguments given to the pool"
         ) from None
+    return params
 
 
 def close_quietly(conn: PGConnection) -> None:
@@ -218,7 +219,6 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         self._keys = 0
         # Slots held by connections being opened or reset: counted against maxconn.
         self._pending = 0
-        self._idle_since: dict[int, float] = {}
         self.connections_opened = 0
         self._lock = self._make_lock()
 
@@ -259,7 +259,6 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             if not self._pool:
                 return None
             conn = self._pool.pop()
-            self._idle_since.pop(id(conn), None)
             self._lend(conn, key)
             return conn
 
@@ -348,7 +347,6 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             if self.closed:
                 return False
             self._pool.append(conn)
-            self._idle_since[id(conn)] = time.monotonic()
             return True
 
     def _evict_idle(self, evict: Callable[[PGConnection], bool], keep: int) -> list[PGConnection]:
@@ -362,7 +360,6 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
                     break
                 if evict(conn):
                     self._pool.remove(conn)
-                    self._idle_since.pop(id(conn), None)
                     evicted.append(conn)
             return evicted
 
@@ -375,7 +372,6 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             self._pool.clear()
             self._used.clear()
             self._rused.clear()
-            self._idle_since.clear()
             return conns
 
     # -- I/O helpers: no pool state ----------------------------------------

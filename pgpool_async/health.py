@@ -63,12 +63,12 @@ class ConnInfo:
 class Health:
     """The pool's health policy; see :class:`~pgpool_async.AsyncConnectionPool`."""
 
-    check: Hook | None = None
-    check_idle: float = 1.0
-    configure: Hook | None = None
-    reset: Hook | None = None
-    max_lifetime: float | None = 3600.0
-    max_idle: float | None = 600.0
+    check: Hook | None
+    check_idle: float
+    configure: Hook | None
+    reset: Hook | None
+    max_lifetime: float | None
+    max_idle: float | None
 
     @classmethod
     def build(

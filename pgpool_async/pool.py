@@ -83,25 +83,20 @@ def _check_timeout(name: str, value: float) -> float:
     return float(value)
 
 
-def _with_connect_timeout(args: tuple[Any, ...], kwargs: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _with_connect_timeout(kwargs: dict[str, Any], params: dict[str, str], timeout: float) -> dict[str, Any]:
     """libpq waits forever for an unresponsive server: bound each connect attempt
     by the pool timeout unless the user set ``connect_timeout`` themselves."""
-    dsn = args[0] if args else kwargs.get("dsn")
-    if "connect_timeout" in kwargs or (dsn and "connect_timeout" in psycopg2.extensions.parse_dsn(dsn)):
+    if "connect_timeout" in params:
         return kwargs
     seconds = 2 if math.isinf(timeout) else max(2, math.ceil(timeout))
     return {**kwargs, "connect_timeout": seconds}
 
 
-def _describe_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+def _describe_target(params: dict[str, str]) -> str:
     """``dbname@host:port`` for messages: never the password."""
-    dsn = args[0] if args else kwargs.get("dsn")
-    libpq = {k: v for k, v in kwargs.items() if k not in ("dsn", "connection_factory", "cursor_factory")}
-    params = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
     host = params.get("host", "")
     port = params.get("port", "")
-    db = params.get("dbname", "")
-    return f"{db}@{host}{':' if port else ''}{port}"
+    return f"{params.get('dbname', '')}@{host}{':' if port else ''}{port}"
 
 
 class _NoEvent:
@@ -203,7 +198,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
-        check_connect_args(args, kwargs)
+        params = check_connect_args(args, kwargs)
         self.timeout = _check_timeout("timeout", timeout)
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
@@ -221,9 +216,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             None if leak_threshold is None else _check_timeout("leak_threshold", leak_threshold)
         )
         self._engine: ThreadedConnectionPool = ThreadedConnectionPool.unopened(
-            minconn, maxconn, *args, **_with_connect_timeout(args, kwargs, self.timeout)
+            minconn, maxconn, *args, **_with_connect_timeout(kwargs, params, self.timeout)
         )
-        self._target = _describe_target(args, kwargs)
+        self._target = _describe_target(params)
         self._offload = Offloader(maxconn, self.name)
         self._tasks = BackgroundTasks(self.name)
         self._waiting = WaitQueue()
@@ -438,9 +433,10 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         the hand-off in a busy pool).
         """
         while (raw := self._engine._take_idle(key)) is not None:
-            if not self._retired(raw) and (raw is trusted or is_usable(raw)):
+            retired = self._retired(raw)
+            if not retired and (raw is trusted or is_usable(raw)):
                 return raw
-            if not raw.closed and self._retired(raw):
+            if retired and not raw.closed:
                 logger.debug("pool %r: replacing a connection past its lifetime", self.name)
             else:
                 self._stats.connections_lost += 1
@@ -629,7 +625,6 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
     def _discard_lent(self, raw: PGConnection) -> None:
         """Drop a lent connection found unfit: close it in the background, free its slot."""
         self._engine._forget(raw)
-        self._forget_info(raw)
         self._close_in_background(raw)
         self._after_slot_freed()
         self._ensure_min()

@@ -81,15 +81,6 @@ async def test_configure_and_reset_hooks(dsn: str) -> None:
         assert await pool.fetchval("SHOW work_mem") != "7MB"
 
 
-async def test_failing_configure_is_never_lent() -> None:
-    def configure(raw: Any) -> None:
-        raise RuntimeError("cannot set up")
-
-    pool = AsyncConnectionPool(1, 1, "host=127.0.0.1 port=1", configure=configure, timeout=0.5)
-    with pytest.raises(PoolTimeout):
-        await pool.open()
-
-
 async def test_failing_configure_on_a_real_server(dsn: str) -> None:
     def configure(raw: Any) -> None:
         raise RuntimeError("cannot set up")
