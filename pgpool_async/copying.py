@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import inspect
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -58,8 +58,9 @@ from .errors import PoolError
 
 if TYPE_CHECKING:
     from .connection import AsyncConnection
+    from .pool import AsyncConnectionPool
 
-__all__ = ["DEFAULT_SIZE", "copy_expert", "copy_from", "copy_to"]
+__all__ = ["DEFAULT_SIZE", "copy_expert", "copy_from", "copy_out_stream", "copy_to"]
 
 DEFAULT_SIZE = 8192
 """Bytes (or characters) per read for COPY FROM, and per chunk written to an async file."""
@@ -131,6 +132,66 @@ async def copy_to(
     adapter = _adapter(file, size, need_read=False, need_write=True)
     cols = None if columns is None else list(columns)
     return await _run(conn, adapter, lambda cur: cur.copy_to(adapter, table, sep, null, cols))
+
+
+def copy_out_stream(
+    pool: AsyncConnectionPool,
+    sql: str | Composable,
+    size: int = DEFAULT_SIZE,
+    timeout: float | None = None,
+) -> AsyncIterator[bytes]:
+    """``COPY ... TO STDOUT`` as an async iterator of byte chunks (about ``size`` bytes each),
+    e.g. the body of a FastAPI/Starlette ``StreamingResponse``::
+
+        return StreamingResponse(copy_out_stream(pool, "COPY items TO STDOUT (FORMAT csv)"))
+
+    The COPY runs on a connection of its own, borrowed from ``pool`` (waiting up
+    to ``timeout``, default the pool's) when iteration starts, by a task of the
+    pool: the stream outlives the endpoint that returned it. Chunks are handed
+    over one at a time, so memory stays bounded however slow the reader is.
+
+    Closing the iterator early (``aclose()``, ``break``, a cancelled reader, an
+    HTTP client that disconnects) aborts the COPY at its next chunk; the
+    connection is cleaned (the rest of the COPY is dropped, the transaction
+    rolled back) and goes back to the pool. An error (bad SQL, ``PoolTimeout``,
+    the pool closing: ``PoolClosed``) is raised by the iterator; in an HTTP
+    response already started, that ends the body abruptly, never cleanly.
+
+    :raises ValueError: ``size`` is not a positive int (at once).
+    :raises PoolError: a psycopg2 wait callback is set (at once; nothing was sent).
+    """
+    _adapter(io.BytesIO(), size, need_read=False, need_write=True)  # checks size; no I/O
+    _check_no_wait_callback()
+    return _copy_out_chunks(pool, sql, size, timeout)
+
+
+async def _copy_out_chunks(
+    pool: AsyncConnectionPool, sql: str | Composable, size: int, timeout: float | None
+) -> AsyncIterator[bytes]:
+    send, receive = anyio.create_memory_object_stream[bytes](1)
+    failure: list[BaseException] = []
+
+    async def produce() -> None:
+        # A task of the pool's group: it must never raise (that would stop the
+        # group), except the cancellation of a closing pool.
+        with send:  # closing it ends the reader's iteration
+            try:
+                async with pool.connection(timeout=timeout) as conn:
+                    await copy_expert(conn, sql, send, size)
+            except anyio.BrokenResourceError:
+                pass  # the reader went away: the COPY was aborted, the connection rolled back
+            except anyio.get_cancelled_exc_class():
+                failure.append(PoolError("the COPY stream was stopped: its pool is closing"))
+                raise
+            except Exception as exc:
+                failure.append(exc)
+
+    pool._tasks.spawn(produce)
+    with receive:  # closed however the reader leaves (aclose, cancellation, garbage collection)
+        async for chunk in receive:
+            yield chunk
+    if failure:
+        raise failure[0]
 
 
 # -- on the event loop ------------------------------------------------------------

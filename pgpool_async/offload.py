@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
-import sniffio
 
 __all__ = ["Offloader"]
 
@@ -178,8 +178,10 @@ class Offloader:
     def _asyncio_workers(self) -> _Workers | None:
         if not self._backend_known:
             self._backend_known = True
-            if sniffio.current_async_library() == "asyncio":
-                self._workers = _Workers(asyncio.get_running_loop(), self._tokens, self._name)
+            # anyio's token is the running asyncio loop itself on asyncio (no sniffio needed).
+            loop = anyio.lowlevel.current_token().native_token
+            if isinstance(loop, asyncio.AbstractEventLoop):
+                self._workers = _Workers(loop, self._tokens, self._name)
         return self._workers
 
     async def run(
