@@ -39,6 +39,7 @@ under a limit of their own.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
@@ -53,6 +54,8 @@ from psycopg2.extensions import connection as PGConnection
 from .connection import AsyncConnection
 from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .pool import AsyncConnectionPool
+
+_log = logging.getLogger("pgpool_async")
 
 __all__ = [
     "AppPool",
@@ -279,11 +282,20 @@ def SyncConnection(  # CapWords, like Connection
 # -- errors and health -----------------------------------------------------------------------
 
 
-def install_error_handlers(app: FastAPI, retry_after: float = 1.0) -> None:
-    """Answer :class:`~pgpool_async.PoolTimeout`, :class:`~pgpool_async.TooManyRequests`
-    and :class:`~pgpool_async.PoolClosed` with ``503 Service Unavailable`` and a
-    ``Retry-After`` header (``retry_after`` seconds, rounded up), body
-    ``{"detail": <the error's message>}`` (the pool's messages never contain a password).
+def install_error_handlers(app: FastAPI, retry_after: float = 1.0, *, database_errors: bool = True) -> None:
+    """Answer the pool's and the database's errors with a status code, in one call.
+
+    - :class:`~pgpool_async.PoolTimeout`, :class:`~pgpool_async.TooManyRequests`,
+      :class:`~pgpool_async.PoolClosed`: ``503`` with ``Retry-After`` (``retry_after``
+      seconds, rounded up), body ``{"detail": <the message>}`` (the pool's
+      messages never contain a password).
+    - with ``database_errors`` (default), psycopg2 errors that no endpoint
+      handled, a failed COMMIT included: ``503`` with ``Retry-After`` for those
+      worth retrying (serialization failure, deadlock, lost connection,
+      ``OperationalError``), else ``500``; body ``{"detail": "database error",
+      "sqlstate": ...}`` (no SQL, no data), the error logged (logger
+      ``pgpool_async``). Without this handler FastAPI answers 500 too, but
+      uvicorn then closes the client's keep-alive connection.
 
     :raises ValueError: ``retry_after`` is negative.
     """
@@ -294,8 +306,26 @@ def install_error_handlers(app: FastAPI, retry_after: float = 1.0) -> None:
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": seconds})
 
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        sqlstate = getattr(exc, "pgcode", None)
+        retry = isinstance(exc, psycopg2.OperationalError) or sqlstate in _RETRYABLE
+        _log.error(
+            "%s %s: database error (SQLSTATE %s)", request.method, request.url.path, sqlstate, exc_info=exc
+        )
+        body = {"detail": "database error", "sqlstate": sqlstate}
+        if retry:
+            return JSONResponse(body, status_code=503, headers={"Retry-After": seconds})
+        return JSONResponse(body, status_code=500)
+
     for error in (PoolTimeout, TooManyRequests, PoolClosed):
         app.add_exception_handler(error, unavailable)
+    if database_errors:
+        # PoolError subclasses psycopg2.Error: the more specific handlers above win.
+        app.add_exception_handler(psycopg2.Error, database_error)
+
+
+# serialization_failure, deadlock_detected, and the connection_exception class
+_RETRYABLE = frozenset({"40001", "40P01", "08000", "08003", "08006", "08001", "08004"})
 
 
 def health_router(source: PoolSource, path: str = "/health", probe: float | None = 1.0) -> APIRouter:
