@@ -272,7 +272,8 @@ def SyncConnection(  # CapWords, like Connection
     Sync endpoints hold their connection while they block, so at most ``limit``
     of them (default: half of ``maxconn``, rounded up) hold one at once; the
     others wait on the event loop, not in a thread. The rest of the pool stays
-    for the async endpoints. Using the connection after the endpoint returned,
+    for the async endpoints. The limit belongs to this ``SyncConnection(...)``: make one
+    and use it on every sync endpoint. Using the connection after the endpoint returned,
     or from another thread at the same time, is undefined: don't.
     """
     dep = sync_connection_dependency(source, limit, timeout)
