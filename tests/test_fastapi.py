@@ -13,6 +13,7 @@ import anyio.to_thread
 import psycopg2.errors
 import pytest
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
 from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolClosed
@@ -327,3 +328,41 @@ async def test_copy_out_stream_closed_early_leaves_the_connection_clean(dsn: str
             )
             == 0
         )
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("bank_tables")
+async def test_the_glue_never_blocks_the_loop(dsn: str) -> None:
+    """The app served in the test's own event loop (asyncio and trio), with blockbuster
+    and the libpq wait guard on: dependencies, commits, sync endpoints, health."""
+    import httpx
+
+    app, db = make_bank(dsn)
+    async with db.lifespan(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.post("/tx/a")).status_code == 200
+            assert (await client.post("/auto/b")).status_code == 200
+            assert (await client.post("/sync/c")).status_code == 200
+            assert (await client.post("/deferred/9")).status_code == 500
+            assert (await client.get("/health")).json()["status"] == "ok"
+    assert names(dsn) == ["a", "b", "c"]
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("bank_tables", "no_wait_callback")
+async def test_copy_stream_as_a_streaming_response(dsn: str) -> None:
+    import httpx
+
+    app, db = make_bank(dsn)
+
+    @app.get("/export")
+    async def export() -> StreamingResponse:
+        return StreamingResponse(copy_out_stream(db.pool, "COPY api_items TO STDOUT"))
+
+    async with db.lifespan(app):
+        await db.pool.execute("INSERT INTO api_items SELECT 'n' || g FROM generate_series(1, 5000) g")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            lines = (await client.get("/export")).text.splitlines()
+    assert sorted(lines) == sorted(f"n{i}" for i in range(1, 5001))
