@@ -27,6 +27,7 @@ the rounds. wrk (Debian package ``wrk``) is the load generator: 1 thread, 64 con
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -55,9 +56,9 @@ POOL = 10
 def build_app(stack: str, dsn: str) -> Any:
     """The FastAPI app of one stack; its lifespan opens and closes the pool."""
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
-    class Transfer(BaseModel):
+    @dataclasses.dataclass
+    class Transfer:
         src: int
         dst: int
         amount: int
@@ -161,8 +162,8 @@ def build_app(stack: str, dsn: str) -> Any:
             return {"ok": True}
 
     elif stack == "psycopg2-threadpool":
+        from fastapi.concurrency import run_in_threadpool
         from psycopg2.pool import ThreadedConnectionPool
-        from starlette.concurrency import run_in_threadpool
 
         holder2: dict[str, Any] = {}
         # psycopg2's pool raises at once when all are lent: wait for a slot instead.

@@ -8,6 +8,7 @@ then e.g. ``curl -X POST localhost:8000/transfers -H 'content-type: application/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,6 @@ import psycopg2.errors
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
 
 from pgpool_async.copying import copy_out_stream
 from pgpool_async.fastapi import AppPool, Connection, SyncConnection, health_router, install_error_handlers
@@ -50,13 +50,15 @@ ReadConn = Connection(db, autocommit=True)  # no transaction: one thread hop per
 LegacyConn = SyncConnection(db)  # a raw psycopg2 connection for sync endpoints
 
 
-class Transfer(BaseModel):
+@dataclasses.dataclass
+class Transfer:
     src: int
     dst: int
     amount: int
 
 
-class Note(BaseModel):
+@dataclasses.dataclass
+class Note:
     account: int
     note: str
 
@@ -92,7 +94,7 @@ async def transfer(t: Transfer, conn: Conn) -> dict[str, Any]:
         raise HTTPException(409, "insufficient funds") from None  # rolled back
     if moved != 2:
         raise HTTPException(404, "no such account")  # rolled back too
-    return {"ok": True, **t.model_dump()}
+    return {"ok": True, **dataclasses.asdict(t)}
 
 
 @app.post("/audit")
