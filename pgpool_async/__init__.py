@@ -20,6 +20,7 @@ from .errors import (
     PoolTimeout,
     TooManyRequests,
 )
+from .notifications import Notifies
 from .pool import AsyncConnectionPool
 from .sync import SimpleConnectionPool, ThreadedConnectionPool
 
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncConnection",
     "AsyncConnectionPool",
     "AsyncCursor",
+    "Notifies",
     "ConnectionReleased",
     "PoolClosed",
     "PoolConfigError",
@@ -38,4 +40,4 @@ __all__ = [
     "Transaction",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
