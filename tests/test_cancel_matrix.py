@@ -587,7 +587,7 @@ KNOWN: dict[tuple[str, str, str], str] = {
 }
 # A case known to fail waits this long for the pool to settle, not 10 s: when the
 # rebuild fixes it, it settles in milliseconds and the strict xfail reports XPASS.
-_KNOWN_TIMEOUT = 1.0
+_KNOWN_TIMEOUT = 0.5
 
 
 async def run_case(
@@ -607,7 +607,7 @@ async def run_case(
             gate.close()
             if ctx.pool is not None and not ctx.pool.closed:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await ctx.pool.close(timeout=1)
+                    await ctx.pool.close(timeout=0.1)
 
 
 def _known(request: pytest.FixtureRequest, point: str, way: str, backend: str) -> float:
