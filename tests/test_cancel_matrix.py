@@ -587,7 +587,7 @@ KNOWN: dict[tuple[str, str, str], str] = {
 }
 # A case known to fail waits this long for the pool to settle, not 10 s: when the
 # rebuild fixes it, it settles in milliseconds and the strict xfail reports XPASS.
-_KNOWN_TIMEOUT = 0.5
+_KNOWN_TIMEOUT = 0.3
 
 
 async def run_case(
@@ -762,7 +762,7 @@ async def _storm(dsn: str, app_name: str, native: bool, timeout: float, cap: flo
     finally:
         if not pool.closed:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await pool.close(timeout=1)
+                await pool.close(timeout=0.1)
 
 
 async def test_random_storm(anyio_backend: str, dsn: str, app_name: str) -> None:
