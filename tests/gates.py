@@ -207,7 +207,9 @@ async def _backends(dsn: str, app_name: str) -> list[tuple[str, str]]:
     return await anyio.to_thread.run_sync(backends, dsn, app_name)
 
 
-async def wait_backends(dsn: str, app_name: str, count: Callable[[], int] | int, timeout: float = 10.0) -> list[str]:
+async def wait_backends(
+    dsn: str, app_name: str, count: Callable[[], int] | int, timeout: float = 10.0
+) -> list[str]:
     """Poll until the server has ``count`` backends for ``app_name`` (a closed
     connection's backend leaves pg_stat_activity a moment later); their states."""
     want = count if callable(count) else (lambda: count)

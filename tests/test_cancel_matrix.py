@@ -34,12 +34,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolClosed, PoolTimeout
+from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolTimeout
 
-from .conftest import server_query
-from .gates import Gate, assert_pool_sound, in_use, poll
+from .gates import Gate, assert_pool_sound, poll
 
 pytestmark = pytest.mark.anyio
 
@@ -632,9 +632,7 @@ async def test_anyio_ways(
 @pytest.mark.parametrize(
     "way",
     [
-        pytest.param(w, marks=pytest.mark.skipif(not PY311, reason="Python 3.11+"))
-        if w in NEEDS_311
-        else w
+        pytest.param(w, marks=pytest.mark.skipif(not PY311, reason="Python 3.11+")) if w in NEEDS_311 else w
         for w in ASYNCIO_WAYS
     ],
 )
@@ -675,7 +673,7 @@ async def _storm_op(pool: AsyncConnectionPool, rng: random.Random) -> None:
             if rng.random() < 0.2:
                 raise BodyError
             if rng.random() < 0.3:
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
     elif kind < 0.85:
         conn = await pool.getconn(timeout=timeout)
         try:
@@ -731,7 +729,9 @@ async def _storm_upkeep(pool: AsyncConnectionPool, rng: random.Random, running: 
         await anyio.sleep(rng.uniform(0.01, 0.05))
 
 
-async def _storm(dsn: str, app_name: str, native: bool, timeout: float, cap: float = _STORM_CAP_SECONDS) -> None:
+async def _storm(
+    dsn: str, app_name: str, native: bool, timeout: float, cap: float = _STORM_CAP_SECONDS
+) -> None:
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     counts: dict[str, int] = dict.fromkeys(

@@ -16,6 +16,7 @@ import weakref
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psycopg2.extensions
 import pytest
 
@@ -52,8 +53,12 @@ def pool_kwargs(app_name: str, **options: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 1: task.cancel() during putconn's rollback loses the slot")
-async def test_defect1_task_cancel_during_putconn_keeps_the_slot(anyio_backend: str, dsn: str, app_name: str) -> None:
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 1: task.cancel() during putconn's rollback loses the slot"
+)
+async def test_defect1_task_cancel_during_putconn_keeps_the_slot(
+    anyio_backend: str, dsn: str, app_name: str
+) -> None:
     """The issue's own reproduction: putconn() cancelled by ``task.cancel()``
     while it rolls back. The return must still complete (by the pool)."""
     pool = AsyncConnectionPool(1, 1, dsn, **pool_kwargs(app_name))
@@ -87,7 +92,9 @@ def _rollback_escapes_once() -> tuple[type[psycopg2.extensions.connection], list
     return EscapingRollback, armed
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot")
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot"
+)
 async def test_defect1_rollback_raising_baseexception_keeps_the_slot(
     anyio_backend: str, dsn: str, app_name: str
 ) -> None:
@@ -135,7 +142,9 @@ async def test_defect2_close_timed_out_by_wait_for_is_never_half_done(
 # -- 3. a failing check storms the server ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 3: a failing check reconnects back to back, no backoff")
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 3: a failing check reconnects back to back, no backoff"
+)
 async def test_defect3_failing_check_backs_off(anyio_backend: str, dsn: str, app_name: str) -> None:
     """``check`` always fails, ``check_idle=0``, one request waits 0.5 s: the pool
     replaces the connection with backoff (psycopg_pool: about 5 attempts in a
@@ -183,8 +192,12 @@ async def test_defect4_failing_reset_is_logged(
     assert warned, [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 4: reset runs inside a transaction, so DISCARD ALL fails")
-async def test_defect4_discard_all_reset_works_without_autocommit(anyio_backend: str, dsn: str, app_name: str) -> None:
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 4: reset runs inside a transaction, so DISCARD ALL fails"
+)
+async def test_defect4_discard_all_reset_works_without_autocommit(
+    anyio_backend: str, dsn: str, app_name: str
+) -> None:
     """The obvious hook, in a non-autocommit pool: the connection is reset and kept."""
 
     def reset(raw: Any) -> None:
@@ -203,7 +216,9 @@ async def test_defect4_discard_all_reset_works_without_autocommit(anyio_backend:
 # -- 5. an async reconnect_failed is never awaited --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 5: an async reconnect_failed is called but never awaited")
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 5: an async reconnect_failed is called but never awaited"
+)
 # Today's failure also drops the coroutine unawaited; the event below is what is tested.
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn: str, app_name: str) -> None:
@@ -212,7 +227,7 @@ async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn
     seen: list[AsyncConnectionPool] = []
 
     async def failed(pool: AsyncConnectionPool) -> None:
-        await anyio.sleep(0)  # a real coroutine: it must be awaited to get here
+        await anyio.lowlevel.checkpoint()  # a real coroutine: it must be awaited to get here
         seen.append(pool)
         called.set()
 
@@ -259,7 +274,9 @@ async def test_defect6_unclosed_pool_warns_and_stops(anyio_backend: str, dsn: st
 # -- 7. one failing background task stops them all -----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 7: a failing background task stops all of them, silently")
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 7: a failing background task stops all of them, silently"
+)
 async def test_defect7_background_failure_is_logged_and_the_rest_keep_running(
     anyio_backend: str, dsn: str, app_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -347,7 +364,9 @@ async def _close_under_the_body(dsn: str, app_name: str) -> tuple[BaseException 
 
 
 @pytest.mark.xfail(strict=True, reason="issue 7 defect 9: the block exits normally and its INSERT is lost")
-async def test_defect9_close_never_loses_a_transaction_silently(anyio_backend: str, dsn: str, app_name: str) -> None:
+async def test_defect9_close_never_loses_a_transaction_silently(
+    anyio_backend: str, dsn: str, app_name: str
+) -> None:
     """Either the block raises, or its row is committed; never a clean exit and no row."""
     raised, rows = await _close_under_the_body(dsn, app_name)
     assert raised is not None or rows == 1, "the block ended normally and its INSERT was lost"

@@ -20,6 +20,7 @@ import weakref
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import psycopg2
 import psycopg2.extensions
@@ -374,9 +375,7 @@ async def test_stats_measures(make: Any) -> None:
         async with anyio.create_task_group() as group:
             for _ in range(3):
                 group.start_soon(holder)
-            await poll(
-                lambda: pool.get_stats()["requests_waiting"] == 0 and in_use(pool) == 3, 10, "3 lent"
-            )
+            await poll(lambda: pool.get_stats()["requests_waiting"] == 0 and in_use(pool) == 3, 10, "3 lent")
             stats = pool.get_stats()
             assert (stats["pool_available"], stats["requests_waiting"]) == (0, 0)
             for _ in range(4):
@@ -525,7 +524,9 @@ def _rollback_raising_once(exc: BaseException) -> tuple[type[psycopg2.extensions
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot")
+@pytest.mark.xfail(
+    strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot"
+)
 async def test_cancel_on_rollback(make: Any) -> None:
     """Ports common::test_cancel_on_rollback: the rollback on return raises
     CancelledError; the pool still serves afterwards."""
@@ -861,11 +862,15 @@ async def test_reconnect_failure(make: Any, dsn: str, is_async: bool) -> None:
         called.set()
 
     async def afailed(pool: AsyncConnectionPool) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         failed(pool)
 
     with FaultProxy(params["host"], int(params["port"])) as proxy:
-        options = {"name": "this-one", "reconnect_timeout": 0.2, "reconnect_failed": afailed if is_async else failed}
+        options = {
+            "name": "this-one",
+            "reconnect_timeout": 0.2,
+            "reconnect_failed": afailed if is_async else failed,
+        }
         async with make(1, 1, proxy.dsn(dsn), **options) as pool:
             proxy.refuse()
             await pool.drain()
