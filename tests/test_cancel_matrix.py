@@ -559,32 +559,11 @@ ASYNCIO_WAYS = {
 TRIO_WAYS = {"trio-scope": trio_scope, "trio-nursery": trio_nursery}
 NEEDS_311 = {"asyncio-timeout", "asyncio-taskgroup"}
 
-# (point, way, backend) -> why it fails on today's code (a strict xfail).
-_DEFECT_1 = (
-    "issue 7 defect 1: a native asyncio cancellation (task.cancel, wait_for, asyncio.timeout, "
-    "TaskGroup) lands in the return's shielded rollback/reset/close and the slot is lost for good"
-)
-_DEFECT_2_WAIT = (
-    "issue 7 defect 2: close() cancelled natively while waiting for a lent connection half-closes "
-    "the pool (closed, yet the connection that comes back stays open on the server)"
-)
-_DEFECT_2_CLOSING = (
-    "issue 7 defect 2: close()/closeall() cancelled natively while closing connections never "
-    "stops the pool's threads"
-)
-KNOWN: dict[tuple[str, str, str], str] = {
-    **{
-        (point, way, "asyncio"): _DEFECT_1
-        for point in ("exit-rollback", "exit-reset", "putconn-rollback", "putconn-reset", "putconn-close")
-        for way in ASYNCIO_WAYS
-    },
-    **{("close-waiting", way, "asyncio"): _DEFECT_2_WAIT for way in ASYNCIO_WAYS},
-    **{
-        (point, way, "asyncio"): _DEFECT_2_CLOSING
-        for point in ("close-closing", "closeall-closing")
-        for way in ASYNCIO_WAYS
-    },
-}
+# (point, way, backend) -> why it fails on today's code (a strict xfail). Every
+# case failed on the core issue 7 was filed against (defects 1 and 2: the native
+# asyncio ways at exit-rollback, exit-reset, putconn-*, close-waiting, close-closing,
+# closeall-closing); all pass since the rebuild (87ae8dd).
+KNOWN: dict[tuple[str, str, str], str] = {}
 # A case known to fail waits this long for the pool to settle, not 10 s: when the
 # rebuild fixes it, it settles in milliseconds and the strict xfail reports XPASS.
 _KNOWN_TIMEOUT = 0.3
@@ -771,8 +750,6 @@ async def test_random_storm(anyio_backend: str, dsn: str, app_name: str) -> None
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(strict=True, reason=_DEFECT_1)
 async def test_random_storm_native_asyncio(anyio_backend: str, dsn: str, app_name: str) -> None:
     """The storm with asyncio's own cancellation too: task.cancel, wait_for, asyncio.timeout."""
-    # Known to fail today: no waiting for counts its lost slots cannot reach.
-    await _storm(dsn, app_name, native=True, timeout=_KNOWN_TIMEOUT, cap=_STORM_SECONDS)
+    await _storm(dsn, app_name, native=True, timeout=10)

