@@ -174,3 +174,16 @@ def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
             if name in bb.functions:
                 bb.functions[name].deactivate()
         yield
+
+
+# -- async backends ------------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Tests marked ``anyio`` run on asyncio and on trio (a module may narrow it).
+
+    The guards above apply to them too: the libpq wait guard on both backends,
+    blockbuster (which only knows asyncio) on asyncio.
+    """
+    return str(request.param)
