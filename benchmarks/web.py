@@ -369,7 +369,7 @@ def run_scenario(scenario: str, url: str, duration: float) -> dict[str, float]:
 
 
 def setup(dsn: str) -> None:
-    from pgpool_async.throwaway import run_sql
+    from pgpool_async.testing.throwaway import run_sql
 
     run_sql(
         dsn,

@@ -17,7 +17,7 @@ import anyio
 from psycopg2.pool import ThreadedConnectionPool
 
 from pgpool_async import AsyncConnectionPool
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 SETUP = (
     "DROP TABLE IF EXISTS large_table; CREATE TABLE large_table (worker_id int);"

@@ -13,7 +13,7 @@ import os
 import anyio
 
 from pgpool_async import AsyncConnectionPool
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 JOBS = 20
 

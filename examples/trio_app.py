@@ -12,7 +12,7 @@ import random
 import trio
 
 from pgpool_async import AsyncConnectionPool
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 
 async def main(dsn: str) -> None:

@@ -183,18 +183,19 @@ def connection_dependency(
         pool = _current(source)
         async with pool.connection(timeout=timeout) as conn:
             if autocommit and not pool.autocommit:
-                # psycopg2 sends nothing here (we are outside a transaction):
-                # no I/O on the loop. Restored below, before the connection goes back.
-                conn.raw.autocommit = True
+                loan = conn.loan
+                # psycopg2 sends nothing here (we are outside a transaction): no I/O
+                # on the loop, no thread hop. Restored below, before the connection goes back.
+                loan.raw.autocommit = True
                 try:
                     yield conn
                 finally:
-                    await conn._idle()
+                    await loan.turn.wait_idle()  # a call cancelled mid-way may still run
                     if not conn.released and not conn.closed:
                         try:
-                            conn.raw.autocommit = False
-                        except psycopg2.Error:  # inside a transaction: the pool rolls back, then resets
-                            conn._session_changed = True
+                            loan.raw.autocommit = False
+                        except psycopg2.Error:  # in a transaction: the pool rolls back, then resets
+                            loan.session_changed = True
             else:
                 yield conn
 

@@ -282,11 +282,6 @@ def test_sync_endpoints_get_a_raw_connection_under_their_own_limit(dsn: str) -> 
 # -- COPY as an async iterator ---------------------------------------------------------------
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.mark.anyio
 @pytest.mark.usefixtures("no_wait_callback")
 async def test_copy_out_stream_yields_every_row_in_chunks(dsn: str) -> None:

@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 
 from pgpool_async.errors import PoolTimeout, is_permanent_connect_error
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 
 def connect_error(dsn: str) -> psycopg2.Error:
