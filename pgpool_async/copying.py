@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import inspect
 import io
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import anyio
 import anyio.from_thread
@@ -57,8 +58,19 @@ from psycopg2.sql import Composable
 from ._loan import Loan
 from .errors import PoolError
 
-if TYPE_CHECKING:
-    from .pool import AsyncConnectionPool
+
+class _PoolTasks(Protocol):
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None: ...
+
+
+class _Pool(Protocol):
+    """What :func:`copy_out_stream` needs of an AsyncConnectionPool (no import: no cycle)."""
+
+    @property
+    def _tasks(self) -> _PoolTasks: ...
+
+    def connection(self, timeout: float | None = None) -> AbstractAsyncContextManager[Any]: ...
+
 
 __all__ = ["DEFAULT_SIZE", "copy_expert", "copy_from", "copy_out_stream", "copy_to"]
 
@@ -133,7 +145,7 @@ async def copy_to(
 
 
 def copy_out_stream(
-    pool: AsyncConnectionPool,
+    pool: _Pool,
     sql: str | Composable,
     size: int = DEFAULT_SIZE,
     timeout: float | None = None,
@@ -164,7 +176,7 @@ def copy_out_stream(
 
 
 async def _copy_out_chunks(
-    pool: AsyncConnectionPool, sql: str | Composable, size: int, timeout: float | None
+    pool: _Pool, sql: str | Composable, size: int, timeout: float | None
 ) -> AsyncIterator[bytes]:
     send, receive = anyio.create_memory_object_stream[bytes](1)
     failure: list[BaseException] = []
