@@ -112,7 +112,9 @@ class _ConnectionContext:
                     )
                 await loan.turn.wait_idle()  # a call another task started on it ends first
                 raw = loan.raw
-                if raw.get_transaction_status() != _STATUS_IDLE:
+                # A connection its user closed has nothing to commit (psycopg2 and
+                # psycopg_pool skip it too); the return replaces it.
+                if not raw.closed and raw.get_transaction_status() != _STATUS_IDLE:
                     await loan.call(blocking.commit_if_open)
         finally:
             # On error, cancellation or a failed commit, the return rolls back.
@@ -411,18 +413,20 @@ class AsyncConnectionPool:
     def __del__(self) -> None:
         if not getattr(self, "_opened", False) or self._closed_done is not None:
             return
-        warnings.warn(
-            f"pool {self.name!r} was opened and never closed: use 'async with pool:' or "
-            "'await pool.close()'; its connections and threads are closed now",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
-        ledger = self._ledger
+        name, ledger = self.name, self._ledger
         slots = [*ledger.start_closing(), *ledger.close_lent()]
         self._close_off_loop([s.raw for s in slots])
         self._tasks.stop_from_any_thread()
         self._offload.shutdown()
+        # Warn last, holding no reference to the pool: where warnings are errors,
+        # the exception's traceback must not bring the pool back to life.
+        del self, ledger, slots
+        warnings.warn(
+            f"pool {name!r} was opened and never closed: use 'async with pool:' or "
+            "'await pool.close()'; its connections and threads are closed now",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
     @staticmethod
     def _close_off_loop(conns: list[PGConnection]) -> None:
@@ -660,14 +664,28 @@ class AsyncConnectionPool:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))
                 return
-            # An orphan's loan is gone: undo whatever it may have changed.
-            outcome = await self._offload.run_return(
-                self._health.reset_in_thread,
-                raw,
-                self.autocommit,
-                loan.session_changed if loan is not None else True,
-                loan.listened if loan is not None else True,
-            )
+            try:
+                # An orphan's loan is gone: undo whatever it may have changed.
+                outcome = await self._offload.run_return(
+                    self._health.reset_in_thread,
+                    raw,
+                    self.autocommit,
+                    loan.session_changed if loan is not None else True,
+                    loan.listened if loan is not None else True,
+                )
+            except BaseException as exc:
+                # Whatever the reset raised in its thread (even a BaseException such
+                # as a CancelledError raised by user code), the slot comes back; the
+                # pool's own task is never cancelled by it.
+                self._stats.returns_bad += 1
+                logger.warning(
+                    "pool %r: resetting a returned connection raised %s; it was discarded",
+                    self.name,
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+                await self._apply_now(self._ledger.discard(slot, self._usable))
+                return
             if outcome is True:
                 self._apply(self._ledger.check_in(slot, self._usable))
                 return
