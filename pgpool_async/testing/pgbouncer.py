@@ -239,7 +239,8 @@ class ThrowawayPgBouncer:
             conn.close()
 
     def __repr__(self) -> str:
-        return f"<ThrowawayPgBouncer {self.pool_mode} port={self._port} -> {self.server_host}:{self.server_port}>"
+        target = f"{self.server_host}:{self.server_port}"
+        return f"<ThrowawayPgBouncer {self.pool_mode} port={self._port} -> {target}>"
 
     # -- internals -----------------------------------------------------------------
 
@@ -307,7 +308,7 @@ class ThrowawayPgBouncer:
     def _log_tail(self) -> str:
         parts = []
         for name in ("stdout.log", "pgbouncer.log"):
-            with contextlib.suppress(OSError, throwaway.ThrowawayError):
-                with open(os.path.join(self._dir or "", name), encoding="utf-8", errors="replace") as f:
-                    parts.append("\n".join(f.read().splitlines()[-20:]))
+            path = os.path.join(self._dir or "", name)
+            with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+                parts.append("\n".join(f.read().splitlines()[-20:]))
         return "\n".join(parts)
