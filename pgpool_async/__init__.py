@@ -14,17 +14,20 @@ from .connection import AsyncConnection
 from .cursor import AsyncCursor, Transaction
 from .engine import SimpleConnectionPool, ThreadedConnectionPool
 from .errors import (
+    CommitOutcomeUnknown,
     ConnectionReleased,
     PoolClosed,
     PoolConfigError,
     PoolError,
     PoolTimeout,
     TooManyRequests,
+    TransactionPoolingError,
 )
 from .pool import AsyncConnectionPool
 
 __all__ = [
     "AsyncConnection",
+    "CommitOutcomeUnknown",
     "AsyncConnectionPool",
     "AsyncCursor",
     "ConnectionReleased",
@@ -36,6 +39,7 @@ __all__ = [
     "ThreadedConnectionPool",
     "TooManyRequests",
     "Transaction",
+    "TransactionPoolingError",
 ]
 
 __version__ = "0.1.0"

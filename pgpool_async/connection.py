@@ -22,6 +22,7 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from . import copying, notifications
+from ._loop import failover, txpooling
 from .cursor import AsyncCursor, Transaction
 from .errors import ConnectionReleased
 
@@ -71,7 +72,7 @@ def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
     """``func(raw, *args)``, then commit if it left a transaction open: one thread hop."""
     result = func(raw, *args)
     if raw.get_transaction_status() != _STATUS_IDLE:
-        raw.commit()
+        failover.commit(raw)  # CommitOutcomeUnknown if the connection is lost meanwhile
     return result
 
 
@@ -194,7 +195,11 @@ class AsyncConnection:
         """
         raw = self.raw
         async with self._lock:
-            return await self._pool._offload.run_anyio(func, raw, *args)
+            try:
+                return await self._pool._offload.run_anyio(func, raw, *args)
+            except psycopg2.Error as exc:
+                self._pool._fit.saw_error(raw, exc)
+                raise
 
     async def _run_sync_cancellable(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object]
@@ -203,14 +208,23 @@ class AsyncConnection:
         caller is cancelled (the thread is still waited for)."""
         raw = self.raw
         async with self._lock:
-            return await self._pool._offload.run_anyio(func, raw, *args, on_cancel=on_cancel)
+            try:
+                return await self._pool._offload.run_anyio(func, raw, *args, on_cancel=on_cancel)
+            except psycopg2.Error as exc:
+                self._pool._fit.saw_error(raw, exc)
+                raise
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
         """:meth:`run_sync` for the pool's own calls, which never call back into
         the loop: the fast path (see :mod:`pgpool_async.offload`)."""
         raw = self.raw
         async with self._lock:
-            return await self._pool._offload.run(func, raw, *args, on_cancel=self._cancel_query)
+            try:
+                return await self._pool._offload.run(func, raw, *args, on_cancel=self._cancel_query)
+            except psycopg2.Error as exc:
+                # A server that stopped accepting writes is retired when this comes back.
+                self._pool._fit.saw_error(raw, exc)
+                raise
 
     def _cancel_query(self) -> None:
         """The caller was cancelled mid-call: ask the server to cancel the
@@ -242,8 +256,14 @@ class AsyncConnection:
         ``name`` makes a server-side cursor that streams large results
         (``itersize`` rows per fetch); ``cursor_factory``, ``scrollable`` and
         ``withhold`` are psycopg2's. Creating a cursor does no I/O.
+
+        :raises TransactionPoolingError: with ``transaction_pooling``, a WITH HOLD
+            cursor, or a named cursor outside a transaction.
         """
-        return AsyncCursor(self, self.raw.cursor(name, **kwargs))
+        raw = self.raw
+        if self._pool.transaction_pooling:
+            txpooling.check_cursor(raw, name, self._tx_depth > 0, kwargs)
+        return AsyncCursor(self, raw.cursor(name, **kwargs))
 
     def transaction(self) -> Transaction:
         """``async with conn.transaction()``: commit on success, roll back on
@@ -253,7 +273,14 @@ class AsyncConnection:
     async def set_session(self, **settings: Any) -> None:
         """psycopg2's ``set_session`` (``isolation_level``, ``readonly``,
         ``deferrable``, ``autocommit``), off the loop. Reset when the connection
-        goes back to the pool."""
+        goes back to the pool.
+
+        :raises TransactionPoolingError: with ``transaction_pooling``, ``readonly``,
+            ``isolation_level`` or ``deferrable`` in autocommit mode (psycopg2 would
+            send them as ``SET``); with autocommit off they apply per transaction.
+        """
+        if self._pool.transaction_pooling:
+            txpooling.check_set_session(self.raw, settings)
         self._session_changed = True
         await self._call(lambda raw: raw.set_session(**settings))
 
@@ -263,8 +290,12 @@ class AsyncConnection:
         return bool(self.raw.autocommit)
 
     async def commit(self) -> None:
-        """Commit the current transaction."""
-        await self._call(PGConnection.commit)
+        """Commit the current transaction.
+
+        :raises CommitOutcomeUnknown: the connection was lost during COMMIT (an
+            ``OperationalError``): the transaction may or may not have committed.
+        """
+        await self._call(failover.commit)
 
     async def rollback(self) -> None:
         """Roll back the current transaction."""
@@ -319,12 +350,21 @@ class AsyncConnection:
         event loop, no thread; ``timeout``: stop after that many seconds without one;
         ``stop_after``: stop after that many. Use autocommit or commit first; waiting
         inside a transaction raises PoolError (see :mod:`pgpool_async.notifications`).
+
+        :raises TransactionPoolingError: the pool has ``transaction_pooling``.
         """
+        if self._pool.transaction_pooling:
+            txpooling.check_listen()
         return notifications.Notifies(self, timeout, stop_after)
 
     async def listen(self, channel: str) -> None:
         """``LISTEN channel`` (quoted, case-sensitive); commits unless autocommit or in
-        ``transaction()``. It outlives the loan: :meth:`unlisten` before returning."""
+        ``transaction()``. It outlives the loan: :meth:`unlisten` before returning.
+
+        :raises TransactionPoolingError: the pool has ``transaction_pooling``.
+        """
+        if self._pool.transaction_pooling:
+            txpooling.check_listen()
         await notifications.listen(self, channel)
 
     async def unlisten(self, channel: str | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg2.extensions import cursor as PGCursor
 
+from ._loop import failover
 from .errors import PoolError
 
 if TYPE_CHECKING:
@@ -178,8 +179,10 @@ class Transaction:
             else:
                 await conn.execute(f"ROLLBACK TO SAVEPOINT {self._savepoint}")
                 await conn.execute(f"RELEASE SAVEPOINT {self._savepoint}")
+        elif self._explicit and exc_type is None:
+            await conn._call(failover.commit_sql, "COMMIT")  # CommitOutcomeUnknown if lost
         elif self._explicit:
-            await conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            await conn.execute("ROLLBACK")
         elif exc_type is None:
             await conn.commit()
         else:

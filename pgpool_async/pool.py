@@ -32,6 +32,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from ._loop import failover, txpooling
 from .background import BackgroundTasks
 from .connection import (
     AsyncConnection,
@@ -172,6 +173,16 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
       ``minconn``, call ``reconnect_failed(pool)`` and keep trying later.
     - ``leak_threshold``: seconds after which a connection not returned is
       reported (logger ``pgpool_async``) with where it was taken.
+    - ``transaction_pooling``: the DSN points at a transaction pooler (PgBouncer
+      in transaction mode, PgCat, Odyssey, RDS Proxy, Supavisor): nothing
+      session-level is ever left on a server connection; what would be is refused
+      with :class:`TransactionPoolingError` (see ``docs/scaling.md``).
+      Incompatible with ``reset``.
+    - ``check="read-write"`` / ``check="standby"``: built-in checks that the
+      server still accepts writes / is still a standby. Whatever ``check``, with
+      ``target_session_attrs`` in the DSN, a connection whose server changed role
+      (a ``ReadOnlySqlTransaction``, or the role PostgreSQL 14+ reports) is
+      discarded on return with every idle one to the same host.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
     opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
@@ -186,7 +197,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         max_waiting: int = 0,
         name: str | None = None,
         autocommit: bool = False,
-        check: bool | Callable[[PGConnection], Any] | None = None,
+        check: bool | str | Callable[[PGConnection], Any] | None = None,
         check_idle: float = 1.0,
         configure: Callable[[PGConnection], Any] | None = None,
         reset: Callable[[PGConnection], Any] | None = None,
@@ -195,17 +206,21 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         reconnect_timeout: float = 300.0,
         reconnect_failed: Callable[[AsyncConnectionPool], Any] | None = None,
         leak_threshold: float | None = None,
+        transaction_pooling: bool = False,
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
         params = check_connect_args(args, kwargs)
+        self.transaction_pooling = txpooling.check_options(transaction_pooling, reset)
+        self._fit = failover.ServerFit(params)
+        hook = failover.named_check(check)
         self.timeout = _check_timeout("timeout", timeout)
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
-        self._health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
+        self._health = Health.build(hook, check_idle, configure, reset, max_lifetime, max_idle)
         self.reconnect_timeout = _check_timeout("reconnect_timeout", reconnect_timeout)
         if reconnect_failed is not None and not callable(reconnect_failed):
             raise PoolConfigError(
@@ -460,6 +475,8 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         if not ok:
             self._stats.connections_lost += 1
             logger.info("pool %r: a connection failed its check and was discarded", self.name)
+            if self._health.check in (failover.read_write_check, failover.standby_check):
+                await self._retire_server(raw)  # its idle siblings fail it too
             self._discard_lent(raw)
         return ok
 
@@ -560,6 +577,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         conn._release()
         self._lent.pop(id(raw), None)
         self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
+        if self._fit.unfit(raw):
+            close = True
+            await self._retire_server(raw)
         if conn._session_changed and not raw.closed:
             # No I/O outside a transaction; inside one, reset_for_reuse rolls back first.
             await self._offload.run_return(self._restore_session, raw)
@@ -594,7 +614,11 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             self._check_in(raw)
 
     def _restore_session(self, raw: PGConnection) -> None:
-        if reset_for_reuse(raw):
+        if not reset_for_reuse(raw):
+            return
+        if self.transaction_pooling:
+            txpooling.restore_session(raw, self.autocommit)  # no statement sent
+        else:
             raw.set_session(
                 isolation_level="default",
                 readonly="default",
@@ -618,6 +642,25 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             self._all_returned.set()
         if len(self._waiting):
             self._grow()
+
+    async def _retire_server(self, raw: PGConnection) -> None:
+        """``raw``'s server can no longer serve this pool (see :mod:`._loop.failover`):
+        close every idle connection to it now, discard lent ones when they come back,
+        and refill (libpq picks the right host)."""
+        server = failover.server_of(raw)
+        if server is None:
+            return
+        logger.warning(
+            "pool %r: server %s:%s no longer fits target_session_attrs: reconnecting", self.name, *server
+        )
+        for ref in self._lent.values():
+            lent = ref()
+            if lent is not None and not lent.released and failover.server_of(lent.raw) == server:
+                self._fit.doom(lent.raw)
+        old = self._engine._evict_idle(lambda idle: failover.server_of(idle) == server, keep=0)
+        self._stats.connections_lost += len(old)
+        await self._close_evicted(old)
+        self._ensure_min()
 
     def _forget_info(self, raw: PGConnection) -> None:
         self._info.pop(id(raw), None)
