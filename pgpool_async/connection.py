@@ -258,11 +258,11 @@ class AsyncConnection:
         ``withhold`` are psycopg2's. Creating a cursor does no I/O.
 
         :raises TransactionPoolingError: with ``transaction_pooling``, a WITH HOLD
-            cursor, or a named cursor outside a transaction.
+            cursor, or a named cursor in autocommit mode.
         """
         raw = self.raw
         if self._pool.transaction_pooling:
-            txpooling.check_cursor(raw, name, self._tx_depth > 0, kwargs)
+            txpooling.check_cursor(raw, name, kwargs)
         return AsyncCursor(self, raw.cursor(name, **kwargs))
 
     def transaction(self) -> Transaction:

@@ -14,9 +14,9 @@ the pool keeps every promise inside a transaction, and refuses, with a
   so it is refused there.
 - ``listen()`` and ``notifies()``: ``LISTEN`` registers on one server session;
   notifications never reach the client.
-- ``WITH HOLD`` cursors, and named cursors outside a transaction (psycopg2
-  declares them ``WITH HOLD`` in autocommit): the cursor stays on a server
-  connection the next fetch may not get.
+- ``WITH HOLD`` cursors, and named cursors in autocommit (psycopg2 allows only
+  ``WITH HOLD`` ones there): the cursor stays on a server connection the next
+  fetch may not get.
 - On return the pool sends no standalone statement: the session characteristics
   are reset on the client only, and ``reset=`` (which would run on some other
   client's server connection) is refused when the pool is created.
@@ -88,13 +88,11 @@ def check_listen() -> None:
     )
 
 
-def check_cursor(
-    raw: PGConnection, name: str | None, in_transaction_block: bool, kwargs: dict[str, Any]
-) -> None:
+def check_cursor(raw: PGConnection, name: str | None, kwargs: dict[str, Any]) -> None:
     """Refuse server-side cursors that would outlive their transaction.
 
     :raises TransactionPoolingError: ``withhold=True``, or a named cursor on an
-        autocommit connection outside ``conn.transaction()``.
+        autocommit connection (psycopg2 allows only WITH HOLD ones there).
     """
     if name is None:
         return
@@ -102,14 +100,14 @@ def check_cursor(
         raise TransactionPoolingError(
             f"WITH HOLD cursors do not work {_WHY}: the cursor stays on a server connection "
             'your next fetch may not get ("cursor does not exist", and later DuplicateCursor '
-            "for another client); fetch inside one transaction without withhold, or "
-            f"{_DIRECT}"
+            f"for another client); fetch inside one transaction without withhold, or {_DIRECT}"
         )
-    if raw.autocommit and not in_transaction_block:
+    if raw.autocommit:
         raise TransactionPoolingError(
-            f"a named cursor outside a transaction does not work {_WHY}: each fetch could go "
-            "to another server connection; open it inside 'async with conn.transaction()' "
-            "or on a connection with autocommit=False"
+            f"a named cursor outside a transaction does not work {_WHY}: in autocommit it "
+            "would have to be WITH HOLD, and each fetch could go to another server "
+            "connection; use it with autocommit=False (conn.set_session(autocommit=False)), "
+            "where it lives in the loan's transaction"
         )
 
 
