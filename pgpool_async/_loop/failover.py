@@ -27,6 +27,7 @@ worker threads.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -65,45 +66,49 @@ class ServerFit:
     """Whether a connection's server still fits what the pool asked libpq for.
 
     Built from the pool's libpq parameters; ``wants`` is ``"read-write"``,
-    ``"standby"`` or None (then nothing is ever judged unfit).
+    ``"standby"`` or None (then nothing is ever judged unfit). With
+    ``prefer-standby`` a connection to a primary is fine when libpq fell back to
+    it (no standby then); only one that was made to a standby which was then
+    promoted must go.
     """
 
-    __slots__ = ("_doomed", "wants")
+    __slots__ = ("_doomed", "_fallback_ok", "_first_seen", "wants")
 
     def __init__(self, params: dict[str, str]) -> None:
         attrs = params.get("target_session_attrs", "any")
         self.wants = "read-write" if attrs in _READ_WRITE else "standby" if attrs in _STANDBY else None
-        # id() of lent connections to a server found unfit, judged when they come back.
-        self._doomed: set[int] = set()
+        self._fallback_ok = attrs == "prefer-standby"
+        # Lent connections to a server found unfit, judged when they come back.
+        self._doomed: weakref.WeakSet[PGConnection] = weakref.WeakSet()
+        # in_hot_standby as first seen on each connection (prefer-standby only).
+        self._first_seen: weakref.WeakKeyDictionary[PGConnection, str | None] = weakref.WeakKeyDictionary()
 
     def saw_error(self, raw: PGConnection, exc: BaseException) -> None:
         """A statement on ``raw`` raised ``exc``: remember if it says the server
         no longer accepts writes."""
         if self.wants == "read-write" and isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
-            self._doomed.add(id(raw))
+            self._doomed.add(raw)
 
     def unfit(self, raw: PGConnection) -> bool:
-        """On return (no I/O): True when ``raw`` must go because its server changed role.
-        Forgets ``raw`` either way."""
-        doomed = id(raw) in self._doomed
-        self._doomed.discard(id(raw))
-        if self.wants is None or raw.closed:
-            return doomed
-        if doomed:
+        """On return (no I/O): True when ``raw`` must go because its server changed role."""
+        if raw in self._doomed:
+            self._doomed.discard(raw)
             return True
+        if self.wants is None or raw.closed:
+            return False
         status = raw.get_parameter_status
+        # Reported by PostgreSQL 14+ when they change (None from older servers).
+        hot_standby = status("in_hot_standby")
         if self.wants == "read-write":
-            # Reported by PostgreSQL 14+ when they change (None on older servers).
-            return status("in_hot_standby") == "on" or status("default_transaction_read_only") == "on"
-        return status("in_hot_standby") == "off"
+            return hot_standby == "on" or status("default_transaction_read_only") == "on"
+        if not self._fallback_ok:
+            return hot_standby == "off"
+        first = self._first_seen.setdefault(raw, hot_standby)
+        return first == "on" and hot_standby == "off"
 
     def doom(self, raw: PGConnection) -> None:
         """``raw`` is lent and its server was found unfit: discard it when it comes back."""
-        self._doomed.add(id(raw))
-
-    def forget(self, raw: PGConnection) -> None:
-        """``raw`` left the pool some other way."""
-        self._doomed.discard(id(raw))
+        self._doomed.add(raw)
 
 
 # -- checks before lending (worker threads) ------------------------------------------

@@ -172,8 +172,8 @@ class PrimaryStandby:
 
     def promote(self, timeout: float = 30.0) -> float:
         """Promote the standby (``pg_ctl promote -w``); the monotonic time it
-        finished. With ``synchronous``, the new primary has no standby: its commits
-        are asynchronous (``synchronous_standby_names`` is cleared on it)."""
+        finished. The new primary has no standby; ``synchronous_standby_names`` was
+        set on the old primary after the base backup, so its commits do not wait."""
         standby = self.standby
         assert standby is not None, "start() first"
         code, output = standby._run(
@@ -183,11 +183,6 @@ class PrimaryStandby:
         if code != 0:
             raise ThrowawayError(f"pg_ctl promote failed (exit {code}): {output[-2000:]}")
         done = time.monotonic()
-        if self.synchronous:
-            # Copied from the primary by the base backup? No: ALTER SYSTEM ran after it.
-            # Cleared anyway, so a standby made from a synchronous primary never hangs.
-            run_sql(standby.dsn, "ALTER SYSTEM RESET synchronous_standby_names")
-            run_sql(standby.dsn, "SELECT pg_reload_conf()")
         return done
 
     # -- lifecycle --------------------------------------------------------------------
