@@ -16,7 +16,7 @@ figures printed here are the ones the tests check.
    waiters get :class:`~pgpool_async.PoolTimeout` on schedule, with the last
    connection error as ``__cause__``; the pool refills ``minconn`` by itself.
 4. :func:`blackhole`: the pool talks to the server through a
-   :class:`~pgpool_async.faultproxy.FaultProxy` that starts swallowing every byte.
+   :class:`~pgpool_async.testing.faultproxy.FaultProxy` that starts swallowing every byte.
    The proxy runs in user space, so the kernel keeps ACKing for it: TCP keepalives
    and ``tcp_user_timeout`` (both set) cannot detect this kind of outage, and a
    running query blocks its worker thread until the connection is cut. The
@@ -60,8 +60,8 @@ import psycopg2.extensions
 
 import pgpool_async
 from pgpool_async import AsyncConnectionPool, PoolTimeout
-from pgpool_async.faultproxy import FaultProxy
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.faultproxy import FaultProxy
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 __all__ = [
     "KEEPALIVE_OPTIONS",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from .connection import AsyncConnection
 from .cursor import AsyncCursor, Transaction
-from .engine import SimpleConnectionPool, ThreadedConnectionPool
 from .errors import (
     CommitOutcomeUnknown,
     ConnectionReleased,
@@ -24,6 +23,7 @@ from .errors import (
     TransactionPoolingError,
 )
 from .pool import AsyncConnectionPool
+from .sync import SimpleConnectionPool, ThreadedConnectionPool
 
 __all__ = [
     "AsyncConnection",

@@ -35,8 +35,8 @@ from psycopg2 import sql
 from psycopg2.extensions import Notify
 from psycopg2.extensions import connection as PGConnection
 
-from .engine import CLOSED_MESSAGE, reset_for_reuse
 from .errors import PoolClosed, PoolError
+from .sync import CLOSED_MESSAGE, reset_for_reuse
 
 if TYPE_CHECKING:
     from .connection import AsyncConnection

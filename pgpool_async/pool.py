@@ -33,7 +33,14 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from ._loop import failover, txpooling
-from .background import BackgroundTasks
+from ._loop.health import ConnInfo, Health
+from ._loop.leaks import call_site, logger
+from ._loop.opener import OPEN, PoolGrowth
+from ._loop.stats import PoolStats
+from ._loop.upkeep import PoolUpkeep
+from ._loop.waiting import WaitQueue
+from ._thread.background import BackgroundTasks
+from ._thread.offload import Offloader
 from .connection import (
     AsyncConnection,
     Params,
@@ -43,7 +50,15 @@ from .connection import (
     fetchval_sync,
     run_and_commit,
 )
-from .engine import (
+from .errors import (
+    PoolClosed,
+    PoolConfigError,
+    PoolError,
+    PoolTimeout,
+    TooManyRequests,
+)
+from .notifications import forget_listens
+from .sync import (
     CLOSED_MESSAGE,
     ThreadedConnectionPool,
     check_connect_args,
@@ -52,21 +67,6 @@ from .engine import (
     is_usable,
     reset_for_reuse,
 )
-from .errors import (
-    PoolClosed,
-    PoolConfigError,
-    PoolError,
-    PoolTimeout,
-    TooManyRequests,
-)
-from .growth import OPEN, PoolGrowth
-from .health import ConnInfo, Health
-from .leaks import call_site, logger
-from .notifications import forget_listens
-from .offload import Offloader
-from .stats import PoolStats
-from .upkeep import PoolUpkeep
-from .waiting import WaitQueue
 
 __all__ = ["AsyncConnectionPool"]
 

@@ -24,7 +24,7 @@ import psycopg2.extensions
 import psycopg2.extras
 import pytest
 
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 # -- the server --------------------------------------------------------------
 
@@ -158,7 +158,7 @@ def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
     # The fault proxy and the throwaway server are test tools that block on purpose.
     with blockbuster_ctx(
         scanned_modules=["pgpool_async"],
-        excluded_modules=["pgpool_async.faultproxy", "pgpool_async.throwaway"],
+        excluded_modules=["pgpool_async.testing.faultproxy", "pgpool_async.testing.throwaway"],
     ) as bb:
         # Reading modules or test files at import time is not what we test.
         for name in ("io.TextIOWrapper.read", "io.BufferedReader.read", "os.stat"):

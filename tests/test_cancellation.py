@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from pgpool_async import AsyncConnectionPool, PoolTimeout
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
 
@@ -99,6 +99,7 @@ async def test_thousands_of_random_cancellations(dsn: str, app_name: str) -> Non
 
 async def test_asyncio_task_cancel_and_wait_for(dsn: str, app_name: str) -> None:
     async with AsyncConnectionPool(1, 3, dsn, application_name=app_name) as pool:
+
         async def hold() -> None:
             async with pool.connection() as conn:
                 await conn.execute("SELECT 1")

@@ -18,7 +18,7 @@ import pytest
 from pgpool_async import AsyncConnectionPool, CommitOutcomeUnknown, PoolTimeout
 from pgpool_async.testing import ComponentMissing, skip_or_fail
 from pgpool_async.testing.standby import PrimaryStandby
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 from .conftest import server_query
 

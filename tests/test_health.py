@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 
 from pgpool_async import AsyncConnectionPool, PoolConfigError, PoolTimeout
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
 

@@ -27,7 +27,7 @@ from pgpool_async import (
 from pgpool_async.testing import ComponentMissing, skip_or_fail
 from pgpool_async.testing.load import prepare
 from pgpool_async.testing.pgbouncer import ThrowawayPgBouncer, find_pgbouncer
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import _loop_guard_off
 
@@ -285,8 +285,8 @@ async def test_pgbouncer_killed_and_restarted_under_load(own_tx_bouncer: Throwaw
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_pgbouncer_pause_resume_under_load(own_tx_bouncer: ThrowawayPgBouncer) -> None:
-    """PAUSE for 0.5 s under 8 tasks: requests wait inside PgBouncer (no error),
-    and all complete after RESUME."""
+    """PAUSE for 0.5 s under 8 tasks: requests wait inside PgBouncer (the pool's
+    timeout is longer), none fails, and they complete after RESUME."""
     marks: dict[str, float] = {}
     async with AsyncConnectionPool(2, 4, own_tx_bouncer.dsn, timeout=5, transaction_pooling=True) as pool:
         load = _Load(pool, 8)
@@ -302,9 +302,10 @@ async def test_pgbouncer_pause_resume_under_load(own_tx_bouncer: ThrowawayPgBoun
 
         await load.run(scenario)
     assert load.errors() == []
-    waited = [e for e in load.events if marks["paused"] < e[0] < marks["resume"] - 0.1]
-    assert waited, "no request started during the pause"
-    # Every request started while paused finished only after RESUME: PgBouncer held it.
-    assert all(e[1] >= marks["resume"] for e in waited), waited[:3]
+    # Requests made while paused were held inside PgBouncer: none completed during
+    # the pause, and some that were waiting then completed after RESUME.
+    assert [e for e in load.events if marks["paused"] < e[1] < marks["resume"]] == []
+    held = [e for e in load.events if e[0] < marks["resume"] and e[1] >= marks["resume"]]
+    assert held, "no request was held by the pause"
     after = [e for e in load.events if e[0] > marks["resume"]]
     assert len(after) > 50

@@ -211,9 +211,7 @@ async def test_keys_and_close_flag(dsn: str) -> None:
 
 
 async def test_connection_factories(dsn: str) -> None:
-    async with AsyncConnectionPool(
-        0, 2, dsn, connection_factory=psycopg2.extras.RealDictConnection
-    ) as pool:
+    async with AsyncConnectionPool(0, 2, dsn, connection_factory=psycopg2.extras.RealDictConnection) as pool:
         assert await pool.fetchone("SELECT 1 AS one") == {"one": 1}
         assert await pool.fetchval("SELECT 5 AS five") == 5
     async with AsyncConnectionPool(0, 2, dsn, connection_factory=psycopg2.extras.DictConnection) as pool:
@@ -231,8 +229,16 @@ async def test_rollback_on_return_and_stats(dsn: str, app_name: str) -> None:
         await pool.putconn(conn)
         assert backends(dsn, app_name)[0][0] == "idle"
         stats = pool.pop_stats()
-        for key in ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting",
-                    "requests_num", "usage_ms", "connections_num"):
+        for key in (
+            "pool_min",
+            "pool_max",
+            "pool_size",
+            "pool_available",
+            "requests_waiting",
+            "requests_num",
+            "usage_ms",
+            "connections_num",
+        ):
             assert key in stats, key
         assert stats["requests_num"] == 1 and stats["connections_num"] == 1
         assert "requests_num" not in pool.get_stats()  # popped

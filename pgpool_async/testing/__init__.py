@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import NoReturn
 
-from ..throwaway import ThrowawayError
+from .throwaway import ThrowawayError
 
 __all__ = ["ComponentMissing", "skip_or_fail"]
 

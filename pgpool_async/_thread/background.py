@@ -20,7 +20,7 @@ import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
 
-from .errors import PoolClosed
+from ..errors import PoolClosed
 
 __all__ = ["BackgroundTasks"]
 
