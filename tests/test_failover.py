@@ -222,6 +222,20 @@ async def test_check_read_write_refuses_a_fenced_server() -> None:
         await _in_thread(server.destroy)
 
 
+@pytest.mark.slow
+async def test_check_standby_refuses_a_promoted_standby(async_pair: PrimaryStandby) -> None:
+    """``check="standby"`` (every loan with ``check_idle=0``) lends connections to
+    the standby until it is promoted, then none."""
+    assert async_pair.standby is not None
+    async with AsyncConnectionPool(
+        1, 2, async_pair.standby.dsn, timeout=1, check="standby", check_idle=0, autocommit=True
+    ) as pool:
+        assert await pool.fetchval("SELECT pg_is_in_recovery()") is True
+        await _in_thread(async_pair.promote)
+        with pytest.raises(PoolTimeout):
+            await pool.fetchval("SELECT pg_is_in_recovery()")
+
+
 # -- COMMIT lost with the connection -------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ from pgpool_async.testing.load import prepare
 from pgpool_async.testing.pgbouncer import ThrowawayPgBouncer, find_pgbouncer
 from pgpool_async.testing.throwaway import ThrowawayPostgres
 
-from .conftest import _loop_guard_off
+from .conftest import _loop_guard_off, server_query
 
 # Errors a request in flight may see when PgBouncer dies under it.
 _LOST = {"OperationalError", "InterfaceError", "CommitOutcomeUnknown", "AdminShutdown"}
@@ -51,12 +51,17 @@ def backend_server(pg_server: ThrowawayPostgres | None) -> Iterator[ThrowawayPos
         yield own
 
 
-def _bouncer(server: ThrowawayPostgres, mode: str, pool_size: int) -> ThrowawayPgBouncer:
+def _bouncer(server: ThrowawayPostgres, mode: str, pool_size: int, **settings: str) -> ThrowawayPgBouncer:
     try:
         find_pgbouncer()
     except ComponentMissing as exc:
         skip_or_fail(str(exc))
-    return ThrowawayPgBouncer(server.port, pool_mode=mode, pool_size=pool_size).start()
+    return ThrowawayPgBouncer(server.port, pool_mode=mode, pool_size=pool_size, settings=settings).start()
+
+
+def _bouncer_waiting(server: ThrowawayPostgres, seconds: str) -> ThrowawayPgBouncer:
+    """Session mode, one server connection, ``query_wait_timeout=seconds``."""
+    return _bouncer(server, "session", 1, query_wait_timeout=seconds)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +98,8 @@ def session_bouncer(backend_server: ThrowawayPostgres) -> Iterator[ThrowawayPgBo
 # -- transaction pooling: nothing session-level leaks ------------------------------------------
 
 
-def _run_processes(dsn: str, n: int, *flags: str) -> list[dict[str, Any]]:
-    argv = [sys.executable, "-m", "pgpool_async.testing.load", "--dsn", dsn, "--seconds", "1.5"]
+def _run_processes(dsn: str, n: int, seconds: float, *flags: str) -> list[dict[str, Any]]:
+    argv = [sys.executable, "-m", "pgpool_async.testing.load", "--dsn", dsn, "--seconds", str(seconds)]
     procs = [subprocess.Popen([*argv, *flags], stdout=subprocess.PIPE) for _ in range(n)]
     results = []
     for proc in procs:
@@ -119,17 +124,17 @@ def test_set_session_does_not_leak_between_processes(tx_bouncer: ThrowawayPgBoun
     SERIALIZABLE (zero foreign failures) and every read-only loan ran read-only; in
     autocommit the read-only loans are refused. The control run (no option,
     autocommit) shows the same harness catches the leak."""
-    with_option = _total(_run_processes(tx_bouncer.dsn, 4, "--transaction-pooling"))
+    with_option = _total(_run_processes(tx_bouncer.dsn, 4, 1.0, "--transaction-pooling"))
     assert with_option["writes"] > 200 and with_option["ro"] > 20, with_option
     assert with_option["foreign"] == 0, with_option
     assert with_option["ro_not_applied"] == 0, with_option
     assert not [k for k in with_option if k.startswith("error:")], with_option
 
-    refused = _total(_run_processes(tx_bouncer.dsn, 4, "--transaction-pooling", "--autocommit"))
+    refused = _total(_run_processes(tx_bouncer.dsn, 2, 0.5, "--transaction-pooling", "--autocommit"))
     assert refused["ro_refused"] > 20 and refused["ro"] == 0, refused
-    assert refused["foreign"] == 0 and refused["writes"] > 200, refused
+    assert refused["foreign"] == 0 and refused["writes"] > 100, refused
 
-    control = _total(_run_processes(tx_bouncer.dsn, 2, "--autocommit"))
+    control = _total(_run_processes(tx_bouncer.dsn, 2, 0.5, "--autocommit"))
     assert control["foreign"] > 0, f"the harness did not see the known leak: {control}"
 
 
@@ -176,6 +181,30 @@ async def test_read_only_applies_to_the_transaction_only(tx_bouncer: ThrowawayPg
             assert await pool.fetchval("INSERT INTO scale_load (v) VALUES (2) RETURNING v") == 2
 
 
+@pytest.mark.anyio
+async def test_nothing_sent_on_return(dsn: str, app_name: str) -> None:
+    """With ``transaction_pooling`` the return of a loan that changed its session
+    characteristics sends no statement: the backend's last statement stays the
+    loan's COMMIT (without the option it is ``SET default_transaction_... TO DEFAULT``,
+    which behind a transaction pooler runs on someone else's server connection)."""
+    async with AsyncConnectionPool(
+        1, 1, dsn, timeout=5, autocommit=True, transaction_pooling=True, application_name=app_name
+    ) as pool:
+        async with pool.connection() as conn:
+            await conn.set_session(autocommit=False, readonly=True)
+            assert await conn.fetchval("SELECT current_setting('transaction_read_only')") == "on"
+        rows = await _in_thread(
+            server_query,
+            dsn,
+            "SELECT query FROM pg_stat_activity WHERE application_name = %s AND state = 'idle'",
+            (app_name,),
+        )
+        assert rows == [("COMMIT",)]
+        async with pool.connection() as conn:  # back in the pool's mode, nothing left
+            assert conn.autocommit
+            assert await conn.fetchval("SELECT current_setting('transaction_read_only')") == "off"
+
+
 # -- session mode: reset with DISCARD ALL --------------------------------------------------------
 
 
@@ -204,6 +233,29 @@ async def test_session_mode_reset_discard_all(session_bouncer: ThrowawayPgBounce
     async with AsyncConnectionPool(1, 1, session_bouncer.dsn, timeout=5, reset=discard_all) as pool:
         await pool.execute(leave)
         assert await pool.fetchone(see) == ('"$user", public', 0)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_query_wait_timeout_bounds_the_wait_inside_pgbouncer(backend_server: ThrowawayPostgres) -> None:
+    """Session mode, one server connection, two client pools: the second pool gets
+    its own connection at once (the pool's timeout is not involved), then waits
+    inside PgBouncer until ``query_wait_timeout`` (1 s here) ends it."""
+    bouncer = await _in_thread(_bouncer_waiting, backend_server, "1")
+    try:
+        async with (
+            AsyncConnectionPool(1, 1, bouncer.dsn, timeout=30) as first,
+            AsyncConnectionPool(0, 1, bouncer.dsn, timeout=30) as second,
+        ):
+            assert await first.fetchval("SELECT 1") == 1  # holds the only server session
+            started = time.monotonic()
+            with pytest.raises(psycopg2.OperationalError, match="query_wait_timeout"):
+                await second.fetchval("SELECT 1")
+            waited = time.monotonic() - started
+            assert 0.9 < waited < 10, waited
+    finally:
+        await _in_thread(bouncer.destroy)
 
 
 # -- PgBouncer killed and restarted, paused and resumed, under load ---------------------------
