@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import psycopg2
+import psycopg2.errors
 import pytest
 
 from pgpool_async import AsyncConnectionPool, CommitOutcomeUnknown, PoolTimeout
@@ -234,6 +235,23 @@ async def test_check_standby_refuses_a_promoted_standby(async_pair: PrimaryStand
         await _in_thread(async_pair.promote)
         with pytest.raises(PoolTimeout):
             await pool.fetchval("SELECT pg_is_in_recovery()")
+
+
+@pytest.mark.anyio
+async def test_a_read_only_transaction_of_the_caller_retires_nothing(dsn: str, app_name: str) -> None:
+    """``ReadOnlySqlTransaction`` from a transaction the caller made read-only says
+    nothing about the server: with ``target_session_attrs=read-write`` the pool keeps
+    the connection (the same backend serves the next loan)."""
+    rw_dsn = f"{dsn} target_session_attrs=read-write application_name={app_name}"
+    async with AsyncConnectionPool(1, 1, rw_dsn, timeout=5) as pool:
+        async with pool.connection() as conn:
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            async with pool.connection() as conn:
+                await conn.set_session(readonly=True)
+                await conn.execute("CREATE TEMP TABLE never (x int)")
+        assert await pool.fetchval("SELECT pg_backend_pid()") == pid
+        assert pool.get_stats().get("connections_lost", 0) == 0
 
 
 # -- COMMIT lost with the connection -------------------------------------------------------

@@ -85,8 +85,21 @@ class ServerFit:
 
     def saw_error(self, raw: PGConnection, exc: BaseException) -> None:
         """A statement on ``raw`` raised ``exc``: remember if it says the server
-        no longer accepts writes."""
-        if self.wants == "read-write" and isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
+        no longer accepts writes (not just this transaction, which the caller may
+        have made read-only)."""
+        if self.wants != "read-write" or not isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
+            return
+        if raw.closed:
+            return
+        status = raw.get_parameter_status
+        hot_standby, read_only = status("in_hot_standby"), status("default_transaction_read_only")
+        if hot_standby is None and read_only is None:
+            # A server older than 14 reports neither: the error must be the server's
+            # unless this session asked for read-only itself.
+            server_wide = not raw.readonly
+        else:
+            server_wide = hot_standby == "on" or read_only == "on"
+        if server_wide:
             self._doomed.add(raw)
 
     def unfit(self, raw: PGConnection) -> bool:
