@@ -125,14 +125,15 @@ def test_set_session_does_not_leak_between_processes(tx_bouncer: ThrowawayPgBoun
     autocommit the read-only loans are refused. The control run (no option,
     autocommit) shows the same harness catches the leak."""
     with_option = _total(_run_processes(tx_bouncer.dsn, 4, 1.0, "--transaction-pooling"))
-    assert with_option["writes"] > 200 and with_option["ro"] > 20, with_option
+    # Generous floors: the machine may be busy; the point is that there was load.
+    assert with_option["writes"] > 100 and with_option["ro"] > 10, with_option
     assert with_option["foreign"] == 0, with_option
     assert with_option["ro_not_applied"] == 0, with_option
     assert not [k for k in with_option if k.startswith("error:")], with_option
 
-    refused = _total(_run_processes(tx_bouncer.dsn, 2, 0.5, "--transaction-pooling", "--autocommit"))
-    assert refused["ro_refused"] > 20 and refused["ro"] == 0, refused
-    assert refused["foreign"] == 0 and refused["writes"] > 100, refused
+    refused = _total(_run_processes(tx_bouncer.dsn, 2, 1.0, "--transaction-pooling", "--autocommit"))
+    assert refused["ro_refused"] >= 5 and refused["ro"] == 0, refused
+    assert refused["foreign"] == 0 and refused["writes"] > 50, refused
 
     control = _total(_run_processes(tx_bouncer.dsn, 2, 0.5, "--autocommit"))
     assert control["foreign"] > 0, f"the harness did not see the known leak: {control}"
