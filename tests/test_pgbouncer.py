@@ -331,7 +331,7 @@ async def test_pgbouncer_killed_and_restarted_under_load(own_tx_bouncer: Throwaw
     assert [e for e in errors if e[0] >= marks["restart"] + 0.5] == []
     after = [e for e in load.events if e[0] >= marks["restart"] and e[2] is None]
     before = [e for e in load.events if e[1] < marks["kill"] and e[2] is None]
-    assert len(before) > 50 and len(after) > 50, (len(before), len(after))
+    assert len(before) > 20 and len(after) > 20, (len(before), len(after))
 
 
 @pytest.mark.slow
@@ -361,4 +361,4 @@ async def test_pgbouncer_pause_resume_under_load(own_tx_bouncer: ThrowawayPgBoun
     held = [e for e in load.events if e[0] < marks["resume"] and e[1] >= marks["resume"]]
     assert held, "no request was held by the pause"
     after = [e for e in load.events if e[0] > marks["resume"]]
-    assert len(after) > 50
+    assert len(after) > 10
