@@ -3,10 +3,11 @@
 With a multi-host DSN, libpq picks a server that fits ``target_session_attrs`` at
 *connect* time only. Afterwards the server can change under an open connection:
 
-- a pool that wants a read-write server (``target_session_attrs=read-write`` or
-  ``primary``) keeps its connections to an old primary that was *fenced* (kept
-  up, turned read-only) while a standby was promoted: every write then fails
-  with ``ReadOnlySqlTransaction``;
+- a pool that wants a read-write server (``target_session_attrs=read-write``)
+  keeps its connections to an old primary that was *fenced* (kept up, turned
+  read-only) while a standby was promoted: every write then fails with
+  ``ReadOnlySqlTransaction``. (With ``primary`` libpq itself accepts a fenced
+  primary, so only a server that went back into recovery is left.)
 - a pool that wants a standby (``standby``, ``prefer-standby``) keeps its
   connections to a standby that was promoted, and reads from the new primary.
 
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 _READ_WRITE = frozenset({"read-write", "primary"})
-_STANDBY = frozenset({"standby", "prefer-standby"})
+_JUDGED = frozenset({"read-write", "primary", "standby", "prefer-standby", "read-only"})
 
 Server = tuple[str, str]
 
@@ -65,19 +66,24 @@ def server_of(raw: PGConnection) -> Server | None:
 class ServerFit:
     """Whether a connection's server still fits what the pool asked libpq for.
 
-    Built from the pool's libpq parameters; ``wants`` is ``"read-write"``,
-    ``"standby"`` or None (then nothing is ever judged unfit). With
-    ``prefer-standby`` a connection to a primary is fine when libpq fell back to
-    it (no standby then); only one that was made to a standby which was then
-    promoted must go.
+    Built from the pool's libpq parameters (``target_session_attrs``):
+
+    - ``read-write``: the server must accept writes: not in recovery, and not
+      ``default_transaction_read_only`` (a fenced primary fails this);
+    - ``primary``: the server must not be in recovery (a fenced primary still is
+      one: libpq would reconnect to it, so only a demoted server is left);
+    - ``standby``: the server must be in recovery;
+    - ``prefer-standby``: a connection made to a standby must leave it once it is
+      promoted; one libpq made to a primary as a fallback may stay;
+    - ``read-only``: the server must not accept writes;
+    - anything else (``any``): nothing is ever judged unfit.
     """
 
-    __slots__ = ("_doomed", "_fallback_ok", "_first_seen", "wants")
+    __slots__ = ("_doomed", "_first_seen", "wants")
 
     def __init__(self, params: dict[str, str]) -> None:
         attrs = params.get("target_session_attrs", "any")
-        self.wants = "read-write" if attrs in _READ_WRITE else "standby" if attrs in _STANDBY else None
-        self._fallback_ok = attrs == "prefer-standby"
+        self.wants = attrs if attrs in _JUDGED else None
         # Lent connections to a server found unfit, judged when they come back.
         self._doomed: weakref.WeakSet[PGConnection] = weakref.WeakSet()
         # in_hot_standby as first seen on each connection (prefer-standby only).
@@ -87,7 +93,7 @@ class ServerFit:
         """A statement on ``raw`` raised ``exc``: remember if it says the server
         no longer accepts writes (not just this transaction, which the caller may
         have made read-only)."""
-        if self.wants != "read-write" or not isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
+        if self.wants not in _READ_WRITE or not isinstance(exc, psycopg2.errors.ReadOnlySqlTransaction):
             return
         if raw.closed:
             return
@@ -97,6 +103,8 @@ class ServerFit:
             # A server older than 14 reports neither: the error must be the server's
             # unless this session asked for read-only itself.
             server_wide = not raw.readonly
+        elif self.wants == "primary":
+            server_wide = hot_standby == "on"
         else:
             server_wide = hot_standby == "on" or read_only == "on"
         if server_wide:
@@ -107,17 +115,23 @@ class ServerFit:
         if raw in self._doomed:
             self._doomed.discard(raw)
             return True
-        if self.wants is None or raw.closed:
+        wants = self.wants
+        if wants is None or raw.closed:
             return False
         status = raw.get_parameter_status
-        # Reported by PostgreSQL 14+ when they change (None from older servers).
+        # Reported by PostgreSQL 14+ whenever they change (None from older servers).
         hot_standby = status("in_hot_standby")
-        if self.wants == "read-write":
-            return hot_standby == "on" or status("default_transaction_read_only") == "on"
-        if not self._fallback_ok:
+        if wants == "primary":
+            return hot_standby == "on"
+        if wants == "standby":
             return hot_standby == "off"
-        first = self._first_seen.setdefault(raw, hot_standby)
-        return first == "on" and hot_standby == "off"
+        if wants == "prefer-standby":
+            first = self._first_seen.setdefault(raw, hot_standby)
+            return first == "on" and hot_standby == "off"
+        read_only = status("default_transaction_read_only")
+        if wants == "read-write":
+            return hot_standby == "on" or read_only == "on"
+        return hot_standby == "off" and read_only == "off"  # read-only
 
     def doom(self, raw: PGConnection) -> None:
         """``raw`` is lent and its server was found unfit: discard it when it comes back."""
