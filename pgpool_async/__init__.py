@@ -22,6 +22,7 @@ from .errors import (
     TooManyRequests,
     TransactionPoolingError,
 )
+from .notifications import Notifies
 from .pool import AsyncConnectionPool
 from .sync import SimpleConnectionPool, ThreadedConnectionPool
 
@@ -30,6 +31,7 @@ __all__ = [
     "CommitOutcomeUnknown",
     "AsyncConnectionPool",
     "AsyncCursor",
+    "Notifies",
     "ConnectionReleased",
     "PoolClosed",
     "PoolConfigError",
@@ -42,4 +44,4 @@ __all__ = [
     "TransactionPoolingError",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -26,7 +26,7 @@ from pgpool_async import (
 
 from .conftest import backends, server_query, wait_backends_gone
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
 async def ensure_waiting(pool: AsyncConnectionPool, n: int) -> None:
@@ -325,11 +325,11 @@ async def test_autocommit_option(dsn: str, app_name: str) -> None:
 
 async def test_connect_timeout_default_and_override(dsn: str) -> None:
     pool = AsyncConnectionPool(1, 1, dsn, timeout=7.5)
-    assert pool._engine._kwargs["connect_timeout"] == 8
+    assert pool._connect_kwargs["connect_timeout"] == 8
     pool = AsyncConnectionPool(1, 1, dsn + " connect_timeout=3")
-    assert "connect_timeout" not in pool._engine._kwargs
+    assert "connect_timeout" not in pool._connect_kwargs
     pool = AsyncConnectionPool(1, 1, dsn, timeout=math.inf)
-    assert pool._engine._kwargs["connect_timeout"] == 2
+    assert pool._connect_kwargs["connect_timeout"] == 2
 
 
 async def test_grows_on_demand_and_keeps_idle(dsn: str) -> None:
@@ -357,7 +357,7 @@ async def test_one_operation_at_a_time_in_call_order(dsn: str) -> None:
             with anyio.move_on_after(0.005):
                 await conn.fetchval("SELECT 1")
         assert order == [0, 1, 2, 3, 4]
-        assert not conn._lock.locked()
+        assert not conn.loan.turn.locked()
         assert await conn.fetchval("SELECT 7") == 7
 
 

@@ -133,10 +133,6 @@ class ServerFit:
             return hot_standby == "on" or read_only == "on"
         return hot_standby == "off" and read_only == "off"  # read-only
 
-    def doom(self, raw: PGConnection) -> None:
-        """``raw`` is lent and its server was found unfit: discard it when it comes back."""
-        self._doomed.add(raw)
-
 
 # -- checks before lending (worker threads) ------------------------------------------
 

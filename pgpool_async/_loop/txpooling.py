@@ -21,7 +21,8 @@ the pool keeps every promise inside a transaction, and refuses, with a
   are reset on the client only, and ``reset=`` (which would run on some other
   client's server connection) is refused when the pool is created.
 
-Everything here is bookkeeping on the event loop: no I/O.
+The checks are bookkeeping on the event loop (no I/O); :func:`reset_in_thread` and
+:func:`restore_session` run in a worker thread on the return path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from psycopg2.extensions import connection as PGConnection
 
+from .._thread.blocking import reset_for_reuse
 from ..errors import PoolConfigError, TransactionPoolingError
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "check_listen",
     "check_options",
     "check_set_session",
+    "reset_in_thread",
     "restore_session",
 ]
 
@@ -122,3 +125,16 @@ def restore_session(raw: PGConnection, autocommit: bool) -> None:
     raw.autocommit = False
     raw.set_session(isolation_level="default", readonly="default", deferrable="default")
     raw.autocommit = autocommit
+
+
+def reset_in_thread(raw: PGConnection, autocommit: bool, session_changed: bool, listened: bool) -> bool:
+    """The return path of a ``transaction_pooling`` pool, in a worker thread: roll
+    back an open transaction (inside it, so on the same server connection), reset
+    the session characteristics on the client only, and nothing else (no LISTEN
+    can have happened, no ``reset`` hook is allowed). True if reusable.
+    """
+    if not reset_for_reuse(raw):
+        return False
+    if session_changed:
+        restore_session(raw, autocommit)
+    return not raw.closed
