@@ -210,14 +210,10 @@ async def test_nothing_sent_on_return(dsn: str, app_name: str) -> None:
 
 
 def discard_all(raw: Any) -> None:
-    """The documented ``reset`` for session mode (see docs/scaling.md)."""
-    autocommit = raw.autocommit
-    raw.autocommit = True  # DISCARD ALL refuses to run inside a transaction block
-    try:
-        with raw.cursor() as cur:
-            cur.execute("DISCARD ALL")
-    finally:
-        raw.autocommit = autocommit
+    """The documented ``reset`` for session mode (see docs/scaling.md); the pool
+    runs it outside any transaction, as DISCARD ALL requires."""
+    with raw.cursor() as cur:
+        cur.execute("DISCARD ALL")
 
 
 @pytest.mark.anyio
