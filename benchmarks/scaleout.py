@@ -266,7 +266,12 @@ def _main() -> None:
         for contender in ("pgpool", "psycopg_pool"):
             result = asyncio.run(_failover(contender, scenario))
             resumed = result["resumed_after_promotion"]
-            when = f"{resumed:.2f} s" if resumed is not None else f"not within {_WINDOW_AFTER:.0f} s"
+            if resumed is None:
+                when = f"not within {_WINDOW_AFTER:.0f} s"
+            elif resumed <= 0:  # promotion is done a little before `pg_ctl promote -w` returns
+                when = f"{resumed:.2f} s (before pg_ctl promote returned)"
+            else:
+                when = f"{resumed:.2f} s"
             lines.append(
                 f"| {label} | {contender} | {result['errors']:,} | "
                 f"{result['errors_1s_after_promotion']:,} | {when} |"
