@@ -557,10 +557,7 @@ class AsyncConnectionPool:
         logger.warning(
             "pool %r: server %s:%s no longer fits target_session_attrs: reconnecting", self.name, *server
         )
-        for slot in self._ledger.lent():
-            if failover.server_of(slot.raw) == server:
-                slot.expires_at = 0.0  # retired: closed when it comes back
-        idle = self._ledger.evict_idle(lambda slot: failover.server_of(slot.raw) == server, keep=0)
+        idle = self._ledger.retire(lambda slot: failover.server_of(slot.raw) == server)
         self._stats.connections_lost += len(idle)
         plan = Plan(close=idle)
         plan += self._ledger.assign(self._usable)
