@@ -86,7 +86,9 @@ def _rollback_escapes_once() -> tuple[type[psycopg2.extensions.connection], list
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot"
+    strict=True,
+    reason="issue 7 defect 1, still in 87ae8dd: a BaseException from the return's rollback "
+    "(run by a pool task) loses the slot",
 )
 async def test_defect1_rollback_raising_baseexception_keeps_the_slot(
     anyio_backend: str, dsn: str, app_name: str
