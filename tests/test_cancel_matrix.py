@@ -18,8 +18,9 @@ cancel scope and a failing nursery sibling. Where the cancellation arrives after
 the op already finished (a hop the pool now runs in the background), the case
 still checks the pool.
 
-Cases that fail on today's code carry a strict xfail naming the issue 7 defect
-(``KNOWN``); the rebuild removes them.
+A case that fails on the current code gets a strict xfail naming the defect
+through ``KNOWN``. On the core issue 7 was filed against (5c08ef2) 32 cases and the
+native-asyncio storm failed (defects 1 and 2); on the rebuilt core (87ae8dd) none.
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ async def asyncio_timeout(plan: Plan) -> str:
     scopes: list[Any] = []
 
     async def body() -> object:
-        async with asyncio.timeout(None) as scope:  # type: ignore[attr-defined]
+        async with asyncio.timeout(None) as scope:
             scopes.append(scope)
             return await plan.op()
 
@@ -482,7 +483,7 @@ async def asyncio_taskgroup(plan: Plan) -> str:
 
     releaser: asyncio.Future[None] | None = None
     try:
-        async with asyncio.TaskGroup() as group:  # type: ignore[attr-defined]
+        async with asyncio.TaskGroup() as group:
             tasks.append(group.create_task(run()))
             group.create_task(sibling())
             op_task = tasks[0]
@@ -682,7 +683,7 @@ async def _storm_worker(
                 await asyncio.wait_for(_storm_op(pool, rng), rng.choice([0.0005, 0.002, 0.01]))
                 counts["finished"] += 1
             elif native and how < 0.6 and PY311:
-                async with asyncio.timeout(rng.choice([0.0005, 0.002, 0.01])):  # type: ignore[attr-defined]
+                async with asyncio.timeout(rng.choice([0.0005, 0.002, 0.01])):
                     await _storm_op(pool, rng)
                 counts["finished"] += 1
             else:

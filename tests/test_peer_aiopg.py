@@ -99,7 +99,7 @@ async def test_bad_context_manager_usage(make: Any) -> None:
     """Ports test_bad_context_manager_usage: the pool is an async context manager only."""
     pool = make(1, 1)
     with pytest.raises((TypeError, AttributeError)):
-        with pool:  # type: ignore[attr-defined]
+        with pool:
             pass
 
 

@@ -352,7 +352,7 @@ async def test_putconn_no_pool(make: Any, dsn: str) -> None:
     try:
         async with make(1, 1) as pool:
             with pytest.raises(PoolError):
-                await pool.putconn(raw)  # type: ignore[arg-type]
+                await pool.putconn(raw)
     finally:
         raw.close()
 
