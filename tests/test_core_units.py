@@ -19,11 +19,6 @@ from pgpool_async._thread.offload import Offloader
 from pgpool_async.errors import PoolClosed, PoolTimeout
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 def always(_slot: Slot) -> bool:
     return True
 

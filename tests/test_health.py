@@ -14,7 +14,7 @@ from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
 async def until(predicate: Any, timeout: float = 10.0) -> None:

@@ -68,13 +68,6 @@ async def until_waiting(pool: AsyncConnectionPool, n: int) -> None:
     await poll(lambda: pool.get_stats()["requests_waiting"] >= n, 10, f"{n} requests waiting")
 
 
-_CLOSED_BY_USER = (
-    "regression in 87ae8dd: a block whose connection the user closed (raw.close()) ends in "
-    "psycopg2.InterfaceError 'connection already closed' from the COMMIT on the way out; the old "
-    "core and psycopg_pool skip the commit of a closed connection and replace it"
-)
-
-
 # -- common ------------------------------------------------------------------------------
 
 
@@ -323,7 +316,6 @@ async def test_queue_timeout_override(make: Any) -> None:
             await pool.putconn(held)
 
 
-@pytest.mark.xfail(strict=True, reason=_CLOSED_BY_USER)
 async def test_broken_reconnect(make: Any) -> None:
     """Ports common::test_broken_reconnect: a connection closed by its user is
     replaced."""
@@ -392,7 +384,6 @@ async def test_stats_measures(make: Any) -> None:
             release.set()
 
 
-@pytest.mark.xfail(strict=True, reason=_CLOSED_BY_USER)
 async def test_stats_usage(make: Any) -> None:
     """Ports common::test_stats_usage: the counters (no timing ranges)."""
     release = anyio.Event()
@@ -531,12 +522,6 @@ def _rollback_raising_once(exc: BaseException) -> tuple[type[psycopg2.extensions
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7 defects 1 and 7, still in 87ae8dd: a CancelledError raised by the return's "
-    "rollback (now run by a pool task) loses the slot and stops the deadline sweeper, so the next "
-    "request waits past its timeout",
-)
 async def test_cancel_on_rollback(make: Any) -> None:
     """Ports common::test_cancel_on_rollback: the rollback on return raises
     CancelledError; the pool still serves afterwards."""
@@ -637,7 +622,6 @@ async def test_connection_not_lost(make: Any) -> None:
             assert pid(conn) == first
 
 
-@pytest.mark.xfail(strict=True, reason=_CLOSED_BY_USER)
 async def test_configure(make: Any) -> None:
     """Ports async::test_configure: once per new connection, and it lasts."""
     inits = 0

@@ -26,7 +26,7 @@ from pgpool_async import (
 
 from .conftest import backends, server_query, wait_backends_gone
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
 async def ensure_waiting(pool: AsyncConnectionPool, n: int) -> None:
