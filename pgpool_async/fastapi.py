@@ -52,7 +52,7 @@ from fastapi.responses import JSONResponse
 from psycopg2.extensions import connection as PGConnection
 
 from .connection import AsyncConnection
-from .errors import PoolClosed, PoolError, PoolTimeout, TooManyRequests
+from .errors import CommitOutcomeUnknown, PoolClosed, PoolError, PoolTimeout, TooManyRequests
 from .pool import AsyncConnectionPool
 
 _log = logging.getLogger("pgpool_async")
@@ -294,7 +294,9 @@ def install_error_handlers(app: FastAPI, retry_after: float = 1.0, *, database_e
     - with ``database_errors`` (default), psycopg2 errors that no endpoint
       handled, a failed COMMIT included: ``503`` with ``Retry-After`` for those
       worth retrying (serialization failure, deadlock, lost connection,
-      ``OperationalError``), else ``500``; body ``{"detail": "database error",
+      ``OperationalError``), else ``500`` (:class:`~pgpool_async.CommitOutcomeUnknown`
+      too: the COMMIT may have happened, a blind retry could apply it twice); body
+      ``{"detail": "database error",
       "sqlstate": ...}`` (no SQL, no data), the error logged (logger
       ``pgpool_async``). Without this handler FastAPI answers 500 too, but
       uvicorn then closes the client's keep-alive connection.
@@ -310,11 +312,16 @@ def install_error_handlers(app: FastAPI, retry_after: float = 1.0, *, database_e
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
         sqlstate = getattr(exc, "pgcode", None)
-        retry = isinstance(exc, psycopg2.OperationalError) or sqlstate in _RETRYABLE
+        # The COMMIT may have happened: a retry could apply the request twice.
+        unknown = isinstance(exc, CommitOutcomeUnknown)
+        retry = not unknown and (isinstance(exc, psycopg2.OperationalError) or sqlstate in _RETRYABLE)
         _log.error(
             "%s %s: database error (SQLSTATE %s)", request.method, request.url.path, sqlstate, exc_info=exc
         )
-        body = {"detail": "database error", "sqlstate": sqlstate}
+        detail = (
+            "commit outcome unknown: the connection was lost during COMMIT" if unknown else "database error"
+        )
+        body = {"detail": detail, "sqlstate": sqlstate}
         if retry:
             return JSONResponse(body, status_code=503, headers={"Retry-After": seconds})
         return JSONResponse(body, status_code=500)
