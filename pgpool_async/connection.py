@@ -9,8 +9,6 @@ further use with :class:`~pgpool_async.errors.ConnectionReleased`.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 import traceback
 from collections import deque
@@ -21,7 +19,7 @@ import anyio
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
-from . import copying, notifications
+from . import _libpq, copying, notifications
 from .cursor import AsyncCursor, Transaction
 from .errors import ConnectionReleased
 
@@ -73,11 +71,6 @@ def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
     if raw.get_transaction_status() != _STATUS_IDLE:
         raw.commit()
     return result
-
-
-def _cancel_quietly(raw: PGConnection) -> None:
-    with contextlib.suppress(Exception):
-        raw.cancel()
 
 
 class _OneAtATime:
@@ -212,13 +205,14 @@ class AsyncConnection:
         async with self._lock:
             return await self._pool._offload.run(func, raw, *args, on_cancel=self._cancel_query)
 
-    def _cancel_query(self) -> None:
+    def _cancel_query(self) -> Callable[[], None] | None:
         """The caller was cancelled mid-call: ask the server to cancel the
         running statement, so the worker thread (and the caller) are free soon.
-        The request opens its own connection, so it runs in a thread of its own."""
+        The request opens its own connection, so it is sent from a thread of its
+        own, with a deadline. Returns what shuts the socket down if the worker
+        is still busy after a grace period (see :mod:`pgpool_async._libpq`)."""
         raw = self._raw
-        if raw is not None and not raw.closed:
-            threading.Thread(target=_cancel_quietly, args=(raw,), name="pgpool-cancel", daemon=True).start()
+        return None if raw is None else _libpq.cancel_in_background(raw)
 
     async def execute(self, sql: str, params: Params = None) -> int:
         """Execute a statement; returns the cursor's ``rowcount``."""

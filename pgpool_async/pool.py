@@ -32,6 +32,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
 from .background import BackgroundTasks
 from .connection import (
     AsyncConnection,
@@ -151,7 +152,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
 
     - ``timeout``: seconds a request waits for a connection, and ``open()`` for
       ``minconn`` connections, before :class:`PoolTimeout` (default 30). Unless
-      given, libpq's ``connect_timeout`` is set to it too (at least 2 s).
+      given, libpq's ``connect_timeout`` is set to it too (at least 2 s), and
+      TCP keepalives and ``tcp_user_timeout`` (half of it, 10..30 s) bound how
+      long a silent network holds a connection (see ``_libpq.with_network_defaults``).
     - ``max_waiting``: requests allowed to queue; one more gets
       :class:`TooManyRequests` at once (0: no limit).
     - ``name``: shown in ``repr``, log lines and thread names.
@@ -216,7 +219,12 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             None if leak_threshold is None else _check_timeout("leak_threshold", leak_threshold)
         )
         self._engine: ThreadedConnectionPool = ThreadedConnectionPool.unopened(
-            minconn, maxconn, *args, **_with_connect_timeout(kwargs, params, self.timeout)
+            minconn,
+            maxconn,
+            *args,
+            **with_network_defaults(
+                _with_connect_timeout(kwargs, params, self.timeout), params, self.timeout
+            ),
         )
         self._target = _describe_target(params)
         self._offload = Offloader(maxconn, self.name)
@@ -301,8 +309,10 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiting requests get :class:`PoolClosed`, lent
-        connections get up to ``timeout`` seconds to come back, then every
-        connection is closed. Safe to call twice.
+        connections get up to ``timeout`` seconds to come back, then the sockets
+        of those still out are shut down (their holders get an
+        ``OperationalError``) and every connection is closed: it returns soon
+        after ``timeout`` whatever the network does. Safe to call twice.
         """
         _check_timeout("close timeout", timeout)
         if self._engine.closed:
@@ -313,6 +323,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             self._all_returned = anyio.Event()
             with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
                 await self._all_returned.wait()
+            # Still lent at the deadline: a worker blocked on a silent network would
+            # hold psycopg2's close(); shutting the sockets down makes it fail now.
+            shutdown_sockets(self._engine._used.values())
         await self._close_everything()
 
     async def closeall(self) -> None:
@@ -451,7 +464,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         if not self._health.check_due(info.idle_since if info else None):
             return True
         try:
-            ok = await self._offload.run(self._health.run_check, raw)
+            ok = await self._offload.run(
+                self._health.run_check, raw, on_cancel=lambda: cancel_in_background(raw)
+            )
         except BaseException:
             # The check finished (threads are not interrupted): give the connection back.
             with anyio.CancelScope(shield=True):
@@ -572,7 +587,12 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         if self._engine._detach(raw, None) is None:  # pool closed meanwhile
             await self._offload.run_return(close_quietly, raw)
             return
-        if not close and not self._retired(raw) and self._engine.size <= self.maxconn:
+        if (
+            not close
+            and not self._retired(raw)
+            and not was_shut_down(raw)
+            and self._engine.size <= self.maxconn
+        ):
             if self._health.reset is None and not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
                 self._check_in(raw)  # the common case: no I/O, no thread
                 return
