@@ -33,6 +33,7 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
+from ._redact import redact_connect_args
 from .background import BackgroundTasks
 from .connection import (
     AsyncConnection,
@@ -226,7 +227,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
                 _with_connect_timeout(kwargs, params, self.timeout), params, self.timeout
             ),
         )
-        self._target = _describe_target(params)
+        self._target = redact_connect_args(_describe_target(params), args, kwargs)
         self._offload = Offloader(maxconn, self.name)
         self._tasks = BackgroundTasks(self.name)
         self._waiting = WaitQueue()
