@@ -1,0 +1,1 @@
+"""Test tools: throwaway servers, fault injection (user space and real network)."""
