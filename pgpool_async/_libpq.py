@@ -279,8 +279,12 @@ class PendingCancel:
         return self._settled.wait(timeout)
 
     def __call__(self) -> None:
-        """The worker is still busy after the grace period: shut its socket down."""
+        """The worker is still busy after the grace period: shut its socket down.
+
+        The connection is then never reused, so a cancel landing late can hurt
+        no other statement: nobody needs to wait for the request any more."""
         shutdown_socket(self._raw)
+        self._settled.set()
 
 
 class CancelGate:
