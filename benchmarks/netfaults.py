@@ -32,7 +32,15 @@ import anyio.to_thread
 from pgpool_async import AsyncConnectionPool
 from pgpool_async.testing.netns import NetLab, NetLabUnavailable
 
-from .faults import LoopTicker, Request, ScenarioResult, busy_threads, error_counts, timed
+from .faults import (
+    LoopTicker,
+    Request,
+    ScenarioResult,
+    busy_threads,
+    error_counts,
+    timed,
+    wait_no_busy_threads,
+)
 
 __all__ = [
     "KINDS",
@@ -119,8 +127,18 @@ async def open_pool(kind: str, dsn: str, minconn: int, maxconn: int, **options: 
     try:
         yield pool
     finally:
+        _last_stats[id(pool)] = pool.stats()
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await pool.close(2.0)
+
+
+_last_stats: dict[int, dict[str, int]] = {}
+
+
+def _opened(pool: Pool) -> int:
+    """Connections the pool opened (attempts minus failures), as it closed."""
+    stats = _last_stats.pop(id(pool), None) or pool.stats()
+    return stats.get("connections_num", 0) - stats.get("connections_errors", 0)
 
 
 @contextlib.asynccontextmanager
@@ -153,7 +171,13 @@ async def _until_ok(pool: Pool, limit: float, sql: str = "SELECT 1") -> tuple[fl
 
 
 def _result(
-    name: str, kind: str, records: list[Request], recovery: float | None, notes: str, **details: Any
+    pool: Pool,
+    name: str,
+    kind: str,
+    records: list[Request],
+    recovery: float | None,
+    notes: str,
+    **details: Any,
 ) -> ScenarioResult:
     errors = [r for r in records if not r.ok]
     return ScenarioResult(
@@ -162,7 +186,7 @@ def _result(
         errors=len(errors),
         errors_after_recovery=details.pop("errors_after_recovery", None),
         recovery_s=recovery,
-        connections_opened=details.pop("opened", 0),
+        connections_opened=_opened(pool),
         notes=notes,
         details={"records": records, "errors_by_type": error_counts(records), **details},
     )
@@ -200,6 +224,7 @@ async def blackhole_mid_query(lab: NetLab, kind: str = "pgpool_async", limit: fl
             recovery, tries = await _until_ok(pool, 30.0)  # measured from the healing
             tg.cancel_scope.cancel()
     return _result(
+        pool,
         "blackhole mid-query",
         kind,
         ended + tries,
@@ -235,6 +260,7 @@ async def blackhole_at_connect(lab: NetLab, kind: str = "pgpool_async") -> Scena
         recovery, tries = await _until_ok(pool, 30.0)
     waits = [r.elapsed for r in records]
     return _result(
+        pool,
         "blackhole at connect",
         kind,
         records + tries,
@@ -267,8 +293,11 @@ async def wait_for_in_blackhole(lab: NetLab, kind: str = "pgpool_async") -> Scen
         gap_during = ticker.max_gap
         await _lab(lab.heal)
         recovery, tries = await _until_ok(pool, 30.0)
-        threads = busy_threads([pool.name]) if kind == "pgpool_async" else []
+        name = pool.name
+    # Closed: none of the pool's threads may be left (2 s to wind down).
+    threads = (await wait_no_busy_threads([name], 2.0))[0] if kind == "pgpool_async" else []
     return _result(
+        pool,
         "wait_for(query, 3) in a blackhole",
         kind,
         tries,
@@ -314,6 +343,7 @@ async def close_in_blackhole(lab: NetLab, kind: str = "pgpool_async") -> Scenari
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await cm.__aexit__(None, None, None)
     return _result(
+        pool,
         "close(timeout=2) in a blackhole",
         kind,
         holder,
@@ -330,13 +360,18 @@ async def close_in_blackhole(lab: NetLab, kind: str = "pgpool_async") -> Scenari
 
 
 async def packet_loss(
-    lab: NetLab, kind: str = "pgpool_async", probability: float = 0.3, seconds: float = 25.0
+    lab: NetLab,
+    kind: str = "pgpool_async",
+    probability: float = 0.3,
+    seconds: float = 25.0,
+    both_ways: bool = False,
 ) -> ScenarioResult:
-    """4 tasks run ``SELECT 1`` in a loop for ``seconds`` while each packet is
-    dropped with ``probability``; pool (4, 4), default settings."""
+    """4 tasks run ``SELECT 1`` in a loop for ``seconds`` while each packet towards
+    the server (and back, with ``both_ways``) is dropped with ``probability``;
+    pool (4, 4), default settings."""
     async with _ticking() as ticker, open_pool(kind, lab.dsn, 4, 4) as pool:
         records: list[Request] = []
-        await _lab(lab.loss, probability, seconds + 30)
+        await _lab(lab.loss, probability, seconds + 30, both_ways)
         deadline = time.monotonic() + seconds
 
         async def loop() -> None:
@@ -349,7 +384,8 @@ async def packet_loss(
         await _lab(lab.heal)
         slowest = max((r.elapsed for r in records), default=0.0)
     return _result(
-        f"{probability:.0%} packet loss for {seconds:.0f} s",
+        pool,
+        f"{probability:.0%} packet loss {'both ways' if both_ways else 'to the server'} for {seconds:.0f} s",
         kind,
         records,
         None,
@@ -384,6 +420,7 @@ async def latency(lab: NetLab, kind: str = "pgpool_async", delay_ms: float = 50.
         await _lab(lab.heal)
     fastest = min((r.elapsed for r in records if r.ok), default=0.0)
     return _result(
+        pool,
         f"{delay_ms:.0f} ms latency each way",
         kind,
         records,
@@ -427,6 +464,7 @@ async def kill_postmaster(lab: NetLab, kind: str = "pgpool_async") -> ScenarioRe
         recovery = (min(ok_after) - accepting) if ok_after else None
         lost = [r for r in records if not r.ok]
     return _result(
+        pool,
         "kill -9 of the postmaster",
         kind,
         records,
@@ -446,6 +484,7 @@ SCENARIOS: list[Callable[[NetLab, str], Awaitable[ScenarioResult]]] = [
     close_in_blackhole,
     lambda lab, kind: packet_loss(lab, kind, 0.05, 10.0),
     lambda lab, kind: packet_loss(lab, kind, 0.3, 25.0),
+    lambda lab, kind: packet_loss(lab, kind, 0.3, 25.0, both_ways=True),
     latency,
     kill_postmaster,
 ]
@@ -462,7 +501,9 @@ async def run_network(kinds: tuple[str, ...] = KINDS) -> list[ScenarioResult]:
                 try:
                     results.append(await scenario(lab, kind))
                 except NetLabUnavailable as exc:
-                    results.append(ScenarioResult(f"(skipped) ({kind})", 0, 0, None, None, 0, str(exc)))
+                    results.append(
+                        ScenarioResult(f"{scenario.__name__} (skipped)", 0, 0, None, None, 0, str(exc))
+                    )
                     break
     finally:
         await _lab(lab.destroy)

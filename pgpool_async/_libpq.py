@@ -252,10 +252,14 @@ def cancel_in_background(raw: PGConnection, timeout: float = CANCEL_TIMEOUT) -> 
     """
     if raw.closed:
         return None
-    try:
-        request = _Request(raw)
-    except Exception:
-        return None
+    request: _Request | None = None
+    # The first cancel of the process finds the library (reads /proc/self/maps):
+    # that is file I/O, so it happens in the thread, with the request.
+    if libpq.cache_info().currsize:
+        try:
+            request = _Request(raw)
+        except Exception:
+            return None
     pending = PendingCancel(raw)
     threading.Thread(target=pending._send, args=(request, timeout), name="pgpool-cancel", daemon=True).start()
     return pending
@@ -268,9 +272,13 @@ class PendingCancel:
         self._raw = raw
         self._settled = threading.Event()
 
-    def _send(self, request: _Request, timeout: float) -> None:
+    def _send(self, request: _Request | None, timeout: float) -> None:
         try:
+            if request is None:
+                request = _Request(self._raw)
             request.send(timeout)
+        except Exception:
+            pass  # a cancel is best effort: the grace period and the shutdown still bound the wait
         finally:
             self._settled.set()
 

@@ -10,7 +10,8 @@ addresses in ``10.200.N.0/29`` (N picked free)::
     server namespace "pgpoolNs"    pgpNd 10.200.N.6/30   PostgreSQL (ThrowawayPostgres)
 
 Faults are iptables rules in the router's ``raw PREROUTING`` chain: packets are
-dropped on *ingress*, in both directions, so neither end's kernel sees a local
+dropped on *ingress* (both ways for a blackhole, towards the server by default
+for loss), so neither end's kernel sees a local
 error (a drop in OUTPUT would, and TCP would then retry fast and fake a
 recovery). Loss uses ``-m statistic``; latency uses ``tc netem`` when the kernel
 has it (:meth:`NetLab.latency` raises :class:`NetLabUnavailable` otherwise).
@@ -315,12 +316,19 @@ class NetLab:
         self._iptables("-A", "PREROUTING", "-p", "tcp", "-j", "DROP")
         self._arm_timer(lift_after)
 
-    def loss(self, probability: float, lift_after: float | None = None) -> None:
-        """Drop each TCP packet through the router with this probability (0..1)."""
+    def loss(self, probability: float, lift_after: float | None = None, both_ways: bool = False) -> None:
+        """Drop each TCP packet towards the server (also back, with ``both_ways``)
+        with this probability (0..1).
+
+        One way is a server namespace dropping on its own ingress: a segment or
+        its ACK is lost with ``probability``. Both ways, a round trip fails with
+        ``1 - (1 - p)**2`` (51% at 30%).
+        """
         if not 0 < probability < 1:
             raise ValueError(f"probability must be in (0, 1), got {probability!r}")
+        where = () if both_ways else ("-i", self._link("b"))
         self._iptables(
-            "-A", "PREROUTING", "-p", "tcp", "-m", "statistic", "--mode", "random",
+            "-A", "PREROUTING", *where, "-p", "tcp", "-m", "statistic", "--mode", "random",
             "--probability", f"{probability:.4f}", "-j", "DROP",
         )  # fmt: skip
         self._arm_timer(lift_after)
