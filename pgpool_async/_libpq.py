@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg2._psycopg
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
@@ -49,14 +50,24 @@ __all__ = [
     "with_network_defaults",
 ]
 
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_INTRANS = psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+
 # How long a cancel request may take (connect + send), and how long the caller
 # waits for its worker after asking before the socket is shut down.
 CANCEL_TIMEOUT = 2.0
 CANCEL_GRACE = 1.0
+# A cancel is sent this long after it is asked for: a statement that ends
+# meanwhile (most do) needs none, and its connection no clean-up.
+CANCEL_DELAY = 0.01
 
 # PostgresPollingStatusType and ConnStatusType (libpq-fe.h).
 _POLLING_FAILED, _POLLING_READING, _POLLING_WRITING, _POLLING_OK = 0, 1, 2, 3
 _CONNECTION_OK = 0
+# ExecStatusType, and PG_DIAG_SQLSTATE.
+_PGRES_TUPLES_OK, _PGRES_FATAL_ERROR = 2, 7
+_DIAG_SQLSTATE = ord("C")
+_QUERY_CANCELED = b"57014"
 
 
 def _loaded_libpq_path() -> str | None:
@@ -94,6 +105,10 @@ def libpq() -> ctypes.CDLL | None:
     _proto(lib, "PQgetCancel", vp, vp)
     _proto(lib, "PQcancel", i, vp, cp, i)
     _proto(lib, "PQfreeCancel", None, vp)
+    _proto(lib, "PQexec", vp, vp, cp)
+    _proto(lib, "PQresultStatus", i, vp)
+    _proto(lib, "PQresultErrorField", cp, vp, i)
+    _proto(lib, "PQclear", None, vp)
     # libpq >= 17: a cancel request that can be polled, hence bounded.
     if hasattr(lib, "PQcancelCreate"):
         _proto(lib, "PQcancelCreate", vp, vp)
@@ -126,11 +141,11 @@ class _Request:
     """
 
     def __init__(self, raw: PGConnection) -> None:
-        self._raw: PGConnection | None = None
+        self.raw: PGConnection | None = None
         self._lib = libpq()
         self._handle: int | None = None
         if self._lib is None:
-            self._raw = raw  # psycopg2's cancel, the fallback
+            self.raw = raw  # psycopg2's cancel, the fallback
             return
         ptr = raw.pgconn_ptr
         if ptr is None:
@@ -148,7 +163,7 @@ class _Request:
         lib, handle = self._lib, self._handle
         self._handle = None
         if lib is None:
-            return _psycopg2_cancel(self._raw, timeout) if self._raw is not None else False
+            return _psycopg2_cancel(self.raw, timeout) if self.raw is not None else False
         if not handle:
             return False
         if _has_poll_cancel(lib):
@@ -265,22 +280,69 @@ def cancel_in_background(raw: PGConnection, timeout: float = CANCEL_TIMEOUT) -> 
     return pending
 
 
+def _consume_interrupt(raw: PGConnection) -> bool:
+    """In the worker: run ``SELECT 1`` through libpq (no psycopg2 transaction
+    handling), after a cancel request was delivered. The backend handled the
+    cancel's signal before it could read this query: either the interrupt was
+    ignored (idle) and this succeeds, or it is pending and cancels this instead
+    of the next caller's statement. True if nothing can be pending any more.
+    Only for an idle connection or one in a good transaction."""
+    lib = libpq()
+    if lib is None or raw.closed:
+        return False
+    if raw.get_transaction_status() not in (_STATUS_IDLE, _STATUS_INTRANS):
+        return False
+    ptr = raw.pgconn_ptr
+    if ptr is None:
+        return False
+    result = lib.PQexec(ptr, b"SELECT 1")
+    if not result:
+        return False
+    try:
+        status = lib.PQresultStatus(result)
+        if status == _PGRES_TUPLES_OK:
+            return True
+        sqlstate: bytes | None = lib.PQresultErrorField(result, _DIAG_SQLSTATE)
+        return status == _PGRES_FATAL_ERROR and sqlstate == _QUERY_CANCELED
+    finally:
+        lib.PQclear(result)
+
+
 class PendingCancel:
-    """A cancel request being sent from its own thread."""
+    """A cancel request sent from its own thread, :data:`CANCEL_DELAY` seconds
+    after it was asked for unless withdrawn meanwhile (the statement ended)."""
 
     def __init__(self, raw: PGConnection) -> None:
-        self._raw = raw
+        self.raw = raw
         self._settled = threading.Event()
+        self._withdrawn = threading.Event()
+        self._lock = threading.Lock()
+        self._started = False
 
     def _send(self, request: _Request | None, timeout: float) -> None:
         try:
+            self._withdrawn.wait(CANCEL_DELAY)
+            with self._lock:
+                if self._withdrawn.is_set():
+                    if request is not None:
+                        request.discard()
+                    return
+                self._started = True
             if request is None:
-                request = _Request(self._raw)
+                request = _Request(self.raw)
             request.send(timeout)
         except Exception:
             pass  # a cancel is best effort: the grace period and the shutdown still bound the wait
         finally:
             self._settled.set()
+
+    def withdraw(self) -> bool:
+        """Stop the request if it is not being sent yet; True if it never will be."""
+        with self._lock:
+            if self._started:
+                return False
+            self._withdrawn.set()
+            return True
 
     def wait(self, timeout: float) -> bool:
         """Block until the request was delivered or given up; False at ``timeout``."""
@@ -291,7 +353,7 @@ class PendingCancel:
 
         The connection is then never reused, so a cancel landing late can hurt
         no other statement: nobody needs to wait for the request any more."""
-        shutdown_socket(self._raw)
+        shutdown_socket(self.raw)
         self._settled.set()
 
 
@@ -299,11 +361,14 @@ class CancelGate:
     """Pairs one worker call with the cancel its caller may ask for.
 
     A cancel that reaches the server after the statement ended would cancel the
-    connection's *next* statement (another caller's): so a call already over is
-    never cancelled, and a call that was asked to cancel does not hand its
-    connection back before the request is settled (delivered, or given up at
-    its deadline: then nothing can land any more). psycopg2's own cancel got
-    this by holding the GIL; this holds only a lock, for a few attribute reads.
+    connection's *next* statement (another caller's): the backend notes the
+    interrupt and, if the next query is already waiting on its socket, runs it
+    and cancels it. So a call already over is never cancelled; a call that was
+    asked to cancel keeps its connection until the request is settled (sent, or
+    given up at its deadline); and unless the statement did end cancelled (the
+    interrupt consumed), the connection's socket is shut down, so it is
+    discarded and never reused. psycopg2's own cancel narrowed that window by
+    holding the GIL; this holds only a lock, for a few attribute reads.
     """
 
     __slots__ = ("_done", "_lock", "_pending")
@@ -321,13 +386,33 @@ class CancelGate:
             self._pending = on_cancel()
             return self._pending
 
-    def finish(self) -> None:
-        """In the worker, once the call returned or raised: wait for a cancel in flight."""
+    def finish(self, error: BaseException | None) -> None:
+        """In the worker, once the call returned or raised ``error``: settle a cancel
+        in flight, and give the connection up unless the statement ended cancelled."""
         with self._lock:
             self._done = True
             pending = self._pending
-        if isinstance(pending, PendingCancel):
-            pending.wait(CANCEL_TIMEOUT)
+        # Unless the statement ended cancelled, the cancel may have reached the
+        # server after it ended: its interrupt may still be pending. Consume it, or give up.
+        if (
+            isinstance(pending, PendingCancel)
+            and not isinstance(error, psycopg2.errors.QueryCanceled)
+            and not pending.withdraw()
+            and not (pending.wait(CANCEL_TIMEOUT) and _consume_interrupt(pending.raw))
+        ):
+            pending()
+
+    def abandon(self) -> None:
+        """On the loop, once the call is known to be over or never to run (anyio
+        skips a thread call cancelled before it started): if a cancel was asked and
+        no statement consumed it, give the connection up. No-op after :meth:`finish`."""
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            pending = self._pending
+        if isinstance(pending, PendingCancel) and not pending.withdraw():
+            pending()  # its interrupt would land on the connection's next statement
 
 
 def shutdown_later(raw: PGConnection) -> Callable[[], None]:

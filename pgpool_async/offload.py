@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -116,11 +116,11 @@ class _Workers:
                 result = func(*args)
             except BaseException as exc:
                 if fut.gate is not None:
-                    fut.gate.finish()
+                    fut.gate.finish(exc)
                 self._post(fut, None, exc)
             else:
                 if fut.gate is not None:
-                    fut.gate.finish()
+                    fut.gate.finish(None)
                 self._post(fut, result, None)
             # An idle thread must not keep the last call's objects alive (a
             # connection wrapper dropped by its user must be collectable).
@@ -234,9 +234,12 @@ class Offloader:
 
         def gated() -> T:
             try:
-                return func(*args)
-            finally:
-                gate.finish()
+                result = func(*args)
+            except BaseException as exc:
+                gate.finish(exc)
+                raise
+            gate.finish(None)
+            return result
 
         async def in_thread() -> None:
             try:
@@ -246,6 +249,22 @@ class Offloader:
             finally:
                 finished.set()
 
+        try:
+            await self._run_gated(in_thread, finished, gate, on_cancel)
+        finally:
+            gate.abandon()  # the thread call never ran (cancelled before it started)
+        result = outcome[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    @staticmethod
+    async def _run_gated(
+        in_thread: Callable[[], Coroutine[Any, Any, None]],
+        finished: anyio.Event,
+        gate: CancelGate,
+        on_cancel: Callable[[], object],
+    ) -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(in_thread)
             try:
@@ -258,10 +277,6 @@ class Offloader:
                     if not finished.is_set():
                         overdue()
                 raise
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result  # type: ignore[no-any-return]
 
     async def run_anyio(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
