@@ -3,115 +3,42 @@
 An :class:`AsyncConnection` is lent by :class:`~pgpool_async.AsyncConnectionPool`.
 Each database call runs in one of the pool's worker threads, one at a time per
 connection (psycopg2 allows a connection, never a cursor, to move between
-threads). Once the connection is back in the pool the object refuses every
-further use with :class:`~pgpool_async.errors.ConnectionReleased`.
+threads). Once the connection is back in the pool the object is cut loose from
+it (asyncpg's detached proxy): every further use raises
+:class:`~pgpool_async.errors.ConnectionReleased`.
+
+Everything that runs a call on the connection goes through its :class:`Loan`:
+the small interface that :mod:`~pgpool_async.cursor`,
+:mod:`~pgpool_async.copying` and :mod:`~pgpool_async.notifications` use. A loan
+runs a statement by handing a function to the pool's worker threads; it is the
+one place where a second way to run a statement can plug in.
 """
 
 from __future__ import annotations
 
 import time
-import traceback
-from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
-import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
-from . import _libpq, copying, notifications
+from . import copying, notifications
+from ._loan import RELEASED, Loan
+from ._thread import blocking
+from ._thread.blocking import Params
+from ._thread.offload import Offloader
 from .cursor import AsyncCursor, Transaction
 from .errors import ConnectionReleased
 
 if TYPE_CHECKING:
     from psycopg2.sql import Composable
 
+    from ._loop.ledger import Slot
     from .notifications import Notifies
-    from .pool import AsyncConnectionPool
 
-__all__ = ["AsyncConnection", "Params", "run_and_commit"]
+__all__ = ["AsyncConnection", "Loan", "Params"]
 
 T = TypeVar("T")
-_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-Params = Sequence[Any] | dict[str, Any] | None
-
-
-def execute_sync(raw: PGConnection, sql: str, params: Params) -> int:
-    with raw.cursor() as cur:
-        cur.execute(sql, params)
-        rowcount: int = cur.rowcount
-        return rowcount
-
-
-def fetchone_sync(raw: PGConnection, sql: str, params: Params) -> Any:
-    with raw.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchone()
-
-
-def fetchall_sync(raw: PGConnection, sql: str, params: Params) -> list[Any]:
-    with raw.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall()
-
-
-def fetchval_sync(raw: PGConnection, sql: str, params: Params) -> Any:
-    with raw.cursor() as cur:
-        cur.execute(sql, params)
-        row = cur.fetchone()
-    if row is None:
-        return None
-    # RealDictCursor rows are dicts: take the first column either way.
-    return next(iter(row.values())) if isinstance(row, dict) else row[0]
-
-
-def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
-    """``func(raw, *args)``, then commit if it left a transaction open: one thread hop."""
-    result = func(raw, *args)
-    if raw.get_transaction_status() != _STATUS_IDLE:
-        raw.commit()
-    return result
-
-
-class _OneAtATime:
-    """Runs the calls on one connection one at a time, in call order.
-
-    Lives on the event loop thread only; free when uncontended (no event, no
-    checkpoint). A waiter cancelled after being handed the turn passes it on.
-    """
-
-    __slots__ = ("_busy", "_waiters")
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._waiters: deque[anyio.Event] = deque()
-
-    def locked(self) -> bool:
-        return self._busy
-
-    async def __aenter__(self) -> None:
-        if not self._busy:
-            self._busy = True
-            return
-        turn = anyio.Event()
-        self._waiters.append(turn)
-        try:
-            await turn.wait()
-        except BaseException:
-            if turn.is_set():
-                self._release()  # handed the turn while being cancelled
-            else:
-                self._waiters.remove(turn)
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # the turn passes on; still busy
-        else:
-            self._busy = False
 
 
 class AsyncConnection:
@@ -122,31 +49,25 @@ class AsyncConnection:
     pool.connection()``), any use raises :class:`ConnectionReleased`.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_listened",
-        "_lock",
-        "_pool",
-        "_raw",
-        "_session_changed",
-        "_tx_depth",
-        "key",
-        "leak_reported",
-        "lent_at",
-        "taken_at",
-    )
+    __slots__ = ("__weakref__", "_loan", "_pool", "_slot", "key", "lent_at")
 
-    def __init__(self, pool: AsyncConnectionPool, raw: PGConnection, key: Hashable) -> None:
-        self._raw: PGConnection | None = raw
+    def __init__(self, pool: Any, slot: Slot, offload: Offloader) -> None:
         self._pool = pool
-        self._lock = _OneAtATime()
-        self.key = key
+        self._slot: Slot | None = slot
+        self._loan: Loan | None = Loan(slot.raw, offload)
+        self.key: Hashable = slot.key
         self.lent_at = time.monotonic()
-        self._tx_depth = 0
-        self._session_changed = False
-        self._listened = False
-        self.taken_at: traceback.StackSummary | None = None  # with leak_threshold
-        self.leak_reported = False
+
+    @property
+    def loan(self) -> Loan:
+        """This loan's calls and state (see :class:`Loan`).
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        loan = self._loan
+        if loan is None:
+            raise ConnectionReleased(RELEASED)
+        return loan
 
     @property
     def raw(self) -> PGConnection:
@@ -154,28 +75,34 @@ class AsyncConnection:
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
-        raw = self._raw
-        if raw is None:
-            raise ConnectionReleased(
-                "this connection was returned to the pool and can't be used anymore: "
-                "take a new one with pool.connection() or pool.getconn()"
-            )
-        return raw
+        return self.loan.raw
 
     @property
-    def pool(self) -> AsyncConnectionPool:
+    def pool(self) -> Any:
         """The pool that lent this connection."""
         return self._pool
 
     @property
     def released(self) -> bool:
         """True once the connection is back in its pool."""
-        return self._raw is None
+        return self._loan is None
 
     @property
     def closed(self) -> bool:
         """True if released, or if the underlying connection is closed."""
-        return self._raw is None or bool(self._raw.closed)
+        return self._loan is None or bool(self._loan.raw.closed)
+
+    def _detach(self) -> tuple[Slot, Loan]:
+        """Cut this object loose from its connection (the pool's return path).
+
+        :raises ConnectionReleased: already returned.
+        """
+        slot, loan = self._slot, self._loan
+        if slot is None or loan is None:
+            raise ConnectionReleased(RELEASED)
+        self._slot = self._loan = None
+        loan.detached = True  # cursors and iterators still holding it refuse too
+        return slot, loan
 
     async def run_sync(self, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(raw_connection, *args)`` in a worker thread and return its result.
@@ -185,50 +112,23 @@ class AsyncConnection:
         ``anyio.from_thread.run``. Cancelling the caller waits for ``func`` to
         finish (a thread cannot be interrupted), then raises the cancellation.
         """
-        raw = self.raw
-        async with self._lock:
-            return await self._pool._offload.run_anyio(func, raw, *args)
+        return await self.loan.call_user(func, *args)
 
-    async def _run_sync_cancellable(
-        self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object]
-    ) -> T:
-        """:meth:`run_sync`, calling ``on_cancel()`` on the loop as soon as the
-        caller is cancelled (the thread is still waited for)."""
-        raw = self.raw
-        async with self._lock:
-            return await self._pool._offload.run_anyio(func, raw, *args, on_cancel=on_cancel)
-
-    async def _call(self, func: Callable[..., T], *args: Any) -> T:
-        """:meth:`run_sync` for the pool's own calls, which never call back into
-        the loop: the fast path (see :mod:`pgpool_async.offload`)."""
-        raw = self.raw
-        async with self._lock:
-            return await self._pool._offload.run(func, raw, *args, on_cancel=self._cancel_query)
-
-    def _cancel_query(self) -> Callable[[], None] | None:
-        """The caller was cancelled mid-call: ask the server to cancel the
-        running statement, so the worker thread (and the caller) are free soon.
-        The request opens its own connection, so it is sent from a thread of its
-        own, with a deadline. Returns what shuts the socket down if the worker
-        is still busy after a grace period (see :mod:`pgpool_async._libpq`)."""
-        raw = self._raw
-        return None if raw is None else _libpq.cancel_in_background(raw)
-
-    async def execute(self, sql: str, params: Params = None) -> int:
+    async def execute(self, sql: str | Composable, params: Params = None) -> int:
         """Execute a statement; returns the cursor's ``rowcount``."""
-        return await self._call(execute_sync, sql, params)
+        return await self.loan.call(blocking.execute, sql, params)
 
-    async def fetchone(self, sql: str, params: Params = None) -> Any:
+    async def fetchone(self, sql: str | Composable, params: Params = None) -> Any:
         """Execute a query and return its first row, or None."""
-        return await self._call(fetchone_sync, sql, params)
+        return await self.loan.call(blocking.fetchone, sql, params)
 
-    async def fetchall(self, sql: str, params: Params = None) -> list[Any]:
+    async def fetchall(self, sql: str | Composable, params: Params = None) -> list[Any]:
         """Execute a query and return all its rows."""
-        return await self._call(fetchall_sync, sql, params)
+        return await self.loan.call(blocking.fetchall, sql, params)
 
-    async def fetchval(self, sql: str, params: Params = None) -> Any:
+    async def fetchval(self, sql: str | Composable, params: Params = None) -> Any:
         """Execute a query and return the first column of its first row, or None."""
-        return await self._call(fetchval_sync, sql, params)
+        return await self.loan.call(blocking.fetchval, sql, params)
 
     def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
         """A cursor for ``async with conn.cursor() as cur``.
@@ -237,19 +137,21 @@ class AsyncConnection:
         (``itersize`` rows per fetch); ``cursor_factory``, ``scrollable`` and
         ``withhold`` are psycopg2's. Creating a cursor does no I/O.
         """
-        return AsyncCursor(self, self.raw.cursor(name, **kwargs))
+        loan = self.loan
+        return AsyncCursor(loan, loan.raw.cursor(name, **kwargs))
 
     def transaction(self) -> Transaction:
         """``async with conn.transaction()``: commit on success, roll back on
         error; nested blocks are savepoints."""
-        return Transaction(self)
+        return Transaction(self.loan)
 
     async def set_session(self, **settings: Any) -> None:
         """psycopg2's ``set_session`` (``isolation_level``, ``readonly``,
         ``deferrable``, ``autocommit``), off the loop. Reset when the connection
         goes back to the pool."""
-        self._session_changed = True
-        await self._call(lambda raw: raw.set_session(**settings))
+        loan = self.loan
+        loan.session_changed = True
+        await loan.call(lambda raw: raw.set_session(**settings))
 
     @property
     def autocommit(self) -> bool:
@@ -258,11 +160,11 @@ class AsyncConnection:
 
     async def commit(self) -> None:
         """Commit the current transaction."""
-        await self._call(PGConnection.commit)
+        await self.loan.call(PGConnection.commit)
 
     async def rollback(self) -> None:
         """Roll back the current transaction."""
-        await self._call(PGConnection.rollback)
+        await self.loan.call(PGConnection.rollback)
 
     # -- COPY and LISTEN/NOTIFY: the logic lives in copying.py and notifications.py
 
@@ -273,7 +175,7 @@ class AsyncConnection:
         :raises PoolError: a psycopg2 wait callback is set (COPY can't run; nothing sent).
         :raises TypeError: ``file`` can be neither read nor written.
         """
-        return await copying.copy_expert(self, sql, file, size)
+        return await copying.copy_expert(self.loan, sql, file, size)
 
     async def copy_from(
         self,
@@ -289,7 +191,7 @@ class AsyncConnection:
         :raises PoolError: a psycopg2 wait callback is set (nothing sent).
         :raises TypeError: ``file`` can't be read.
         """
-        return await copying.copy_from(self, file, table, sep, null, size, columns)
+        return await copying.copy_from(self.loan, file, table, sep, null, size, columns)
 
     async def copy_to(
         self,
@@ -306,7 +208,7 @@ class AsyncConnection:
         :raises PoolError: a psycopg2 wait callback is set (nothing sent).
         :raises TypeError: ``file`` can't be written.
         """
-        return await copying.copy_to(self, file, table, sep, null, columns, size)
+        return await copying.copy_to(self.loan, file, table, sep, null, columns, size)
 
     def notifies(self, *, timeout: float | None = None, stop_after: int | None = None) -> Notifies:
         """``async for n in conn.notifies()``: notifications (``Notify``) awaited on the
@@ -314,34 +216,22 @@ class AsyncConnection:
         ``stop_after``: stop after that many. Use autocommit or commit first; waiting
         inside a transaction raises PoolError (see :mod:`pgpool_async.notifications`).
         """
-        return notifications.Notifies(self, timeout, stop_after)
+        return notifications.Notifies(self.loan, timeout, stop_after)
 
     async def listen(self, channel: str) -> None:
         """``LISTEN channel`` (quoted, case-sensitive); commits unless autocommit or in
-        ``transaction()``. It outlives the loan: :meth:`unlisten` before returning."""
-        await notifications.listen(self, channel)
+        ``transaction()``. The pool sends ``UNLISTEN *`` when the connection comes back."""
+        await notifications.listen(self.loan, channel)
 
     async def unlisten(self, channel: str | None = None) -> None:
         """``UNLISTEN channel``, or ``UNLISTEN *``; commits like :meth:`listen`."""
-        await notifications.unlisten(self, channel)
+        await notifications.unlisten(self.loan, channel)
 
     async def notify(self, channel: str, payload: str = "") -> None:
         """``pg_notify(channel, payload)``; commits like :meth:`listen`, so it is sent now."""
-        await notifications.notify(self, channel, payload)
-
-    def _release(self) -> PGConnection:
-        """Detach from the psycopg2 connection (the pool calls this on return)."""
-        raw = self.raw
-        self._raw = None
-        return raw
-
-    async def _idle(self) -> None:
-        """Wait for a call still running on this connection to end."""
-        if self._lock.locked():
-            with anyio.CancelScope(shield=True):
-                async with self._lock:
-                    pass
+        await notifications.notify(self.loan, channel, payload)
 
     def __repr__(self) -> str:
-        state = "released" if self._raw is None else f"key={self.key!r}"
-        return f"<AsyncConnection {state} of {self._pool.name!r}>"
+        state = "released" if self._loan is None else f"key={self.key!r}"
+        name = getattr(self._pool, "name", "?")
+        return f"<AsyncConnection {state} of {name!r}>"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pgpool_async import AsyncConnectionPool, PoolConfigError
 from pgpool_async._redact import redact, secrets_in
-from pgpool_async.engine import ThreadedConnectionPool
+from pgpool_async.sync import ThreadedConnectionPool
 
 # The three malformed DSNs of issue 10: libpq's own message quotes the password in each.
 ISSUE_DSNS = [

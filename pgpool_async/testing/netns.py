@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ..throwaway import ThrowawayError, ThrowawayPostgres
+from .throwaway import ThrowawayError, ThrowawayPostgres
 
 __all__ = ["NetLab", "NetLabError", "NetLabUnavailable", "unavailable"]
 
