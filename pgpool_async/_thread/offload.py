@@ -230,7 +230,8 @@ class Offloader:
         is still waited for; then the cancellation is raised."""
         if on_cancel is None:
             return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
-        outcome: list[Any] = []
+        # (True, result) or (False, exception): a function may return an exception.
+        outcome: list[tuple[bool, Any]] = []
         finished = anyio.Event()
         gate = CancelGate()
 
@@ -245,9 +246,9 @@ class Offloader:
 
         async def in_thread() -> None:
             try:
-                outcome.append(await anyio.to_thread.run_sync(gated, limiter=self.work_limiter))
+                outcome.append((True, await anyio.to_thread.run_sync(gated, limiter=self.work_limiter)))
             except BaseException as exc:  # handed to the caller below, not to the group
-                outcome.append(exc)
+                outcome.append((False, exc))
             finally:
                 finished.set()
 
@@ -255,10 +256,10 @@ class Offloader:
             await self._run_gated(in_thread, finished, gate, on_cancel)
         finally:
             gate.abandon()  # the thread call never ran (cancelled before it started)
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result  # type: ignore[no-any-return]
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
 
     @staticmethod
     async def _run_gated(
