@@ -17,9 +17,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
+import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
 from . import _libpq
+from ._loop.failover import ServerFit
 from ._thread.offload import Offloader
 from .errors import ConnectionReleased
 
@@ -94,7 +96,7 @@ class Loan:
     which may call back into the loop), ``turn``, and the flags below.
     """
 
-    __slots__ = ("detached", "listened", "offload", "raw", "session_changed", "turn", "tx_depth")
+    __slots__ = ("detached", "fit", "listened", "offload", "raw", "session_changed", "turn", "tx_depth")
 
     def __init__(self, raw: PGConnection, offload: Offloader) -> None:
         self.detached = False  # the connection went back to the pool
@@ -104,6 +106,8 @@ class Loan:
         self.tx_depth = 0  # open transaction() blocks
         self.session_changed = False  # set_session() was called: reset on return
         self.listened = False  # LISTEN was sent: UNLISTEN * on return
+        # The pool's judge of "this server can no longer serve the pool" (failover.py).
+        self.fit: ServerFit | None = None
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         """``func(raw, *args)`` in a worker thread, in turn. For calls that never
@@ -115,7 +119,12 @@ class Loan:
         """
         self.check()
         async with self.turn:
-            return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            try:
+                return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            except psycopg2.Error as exc:
+                if self.fit is not None:
+                    self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
+                raise
 
     async def call_user(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
@@ -128,7 +137,12 @@ class Loan:
         """
         self.check()
         async with self.turn:
-            return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
+            try:
+                return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
+            except psycopg2.Error as exc:
+                if self.fit is not None:
+                    self.fit.saw_error(self.raw, exc)
+                raise
 
     def check(self) -> None:
         """:raises ConnectionReleased: the connection went back to the pool."""

@@ -13,20 +13,26 @@ The hierarchy::
           ├── PoolClosed           the pool is closed, or closing
           ├── TooManyRequests      the waiting queue is full (``max_waiting``)
           ├── PoolConfigError      bad arguments to a pool (also a ValueError)
-          └── ConnectionReleased   a connection used after it went back to the pool
+          ├── ConnectionReleased   a connection used after it went back to the pool
+          ├── TransactionPoolingError  a session feature asked of a transaction_pooling pool
+          └── CommitOutcomeUnknown the connection was lost during COMMIT (also an
+                                   OperationalError, what psycopg2 raised before)
 """
 
 from __future__ import annotations
 
+import psycopg2
 from psycopg2.pool import PoolError
 
 __all__ = [
+    "CommitOutcomeUnknown",
     "ConnectionReleased",
     "PoolClosed",
     "PoolConfigError",
     "PoolError",
     "PoolTimeout",
     "TooManyRequests",
+    "TransactionPoolingError",
 ]
 
 
@@ -58,3 +64,19 @@ class PoolConfigError(PoolError, ValueError):
 
 class ConnectionReleased(PoolError):
     """A connection was used, or returned, after it had gone back to its pool."""
+
+
+class CommitOutcomeUnknown(PoolError, psycopg2.OperationalError):
+    """The connection was lost while COMMIT was in flight: the transaction may or
+    may not have been committed.
+
+    It is also a ``psycopg2.OperationalError`` (what psycopg2 raises for a lost
+    connection), so existing handlers keep catching it; ``__cause__`` is
+    psycopg2's error. Check on the server, or retry only an idempotent transaction.
+    """
+
+
+class TransactionPoolingError(PoolError):
+    """A pool with ``transaction_pooling=True`` was asked for something that would
+    outlive the transaction on the server (LISTEN, a WITH HOLD cursor, a session
+    SET); the message says why and what to do instead."""

@@ -41,6 +41,7 @@ from psycopg2.extensions import connection as PGConnection
 from ._config import check_connect_args, check_sizes, check_timeout, describe_target, with_connect_timeout
 from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
 from ._loan import Loan
+from ._loop import failover, txpooling
 from ._loop.health import Health, HookFailed, HookLog, looks_alive
 from ._loop.leaks import call_site
 from ._loop.ledger import Ledger, Plan, Slot, SlotState
@@ -114,7 +115,9 @@ class _ConnectionContext:
                     )
                 await loan.turn.wait_idle()  # a call another task started on it ends first
                 raw = loan.raw
-                if raw.get_transaction_status() != _STATUS_IDLE:
+                # A connection its user closed has nothing to commit (psycopg2 and
+                # psycopg_pool skip it too); the return replaces it.
+                if not raw.closed and raw.get_transaction_status() != _STATUS_IDLE:
                     await loan.call(blocking.commit_if_open)
         finally:
             # On error, cancellation or a failed commit, the return rolls back.
@@ -157,6 +160,16 @@ class AsyncConnectionPool:
       trying later.
     - ``leak_threshold``: seconds after which a connection not returned is
       reported (logger ``pgpool_async``) with where it was taken.
+    - ``transaction_pooling``: the DSN points at a transaction pooler (PgBouncer
+      in transaction mode, PgCat, Odyssey, RDS Proxy, Supavisor): nothing
+      session-level is ever left on a server connection; what would be is refused
+      with :class:`TransactionPoolingError` (see ``docs/scaling.md``).
+      Incompatible with ``reset``.
+    - ``check="read-write"`` / ``check="standby"``: built-in checks that the
+      server still accepts writes / is still a standby. Whatever ``check``, with
+      ``target_session_attrs`` in the DSN, a connection whose server changed role
+      (a ``ReadOnlySqlTransaction``, or the role PostgreSQL 14+ reports) is
+      discarded on return with every idle one to the same host.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
     opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
@@ -173,7 +186,7 @@ class AsyncConnectionPool:
         max_waiting: int = 0,
         name: str | None = None,
         autocommit: bool = False,
-        check: bool | Callable[[PGConnection], Any] | None = None,
+        check: bool | str | Callable[[PGConnection], Any] | None = None,
         check_idle: float = 1.0,
         configure: Callable[[PGConnection], Any] | None = None,
         reset: Callable[[PGConnection], Any] | None = None,
@@ -182,17 +195,22 @@ class AsyncConnectionPool:
         reconnect_timeout: float = 300.0,
         reconnect_failed: Callable[[AsyncConnectionPool], Any] | None = None,
         leak_threshold: float | None = None,
+        transaction_pooling: bool = False,
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
         params = check_connect_args(args, kwargs)
+        self.transaction_pooling = txpooling.check_options(transaction_pooling, reset)
+        self._fit = failover.ServerFit(params)
         self.timeout = check_timeout("timeout", timeout)
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
-        health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
+        health = Health.build(
+            failover.named_check(check), check_idle, configure, reset, max_lifetime, max_idle
+        )
         reconnect_timeout = check_timeout("reconnect_timeout", reconnect_timeout)
         if reconnect_failed is not None and not callable(reconnect_failed):
             raise PoolConfigError(
@@ -421,18 +439,20 @@ class AsyncConnectionPool:
     def __del__(self) -> None:
         if not getattr(self, "_opened", False) or self._closed_done is not None:
             return
-        warnings.warn(
-            f"pool {self.name!r} was opened and never closed: use 'async with pool:' or "
-            "'await pool.close()'; its connections and threads are closed now",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
-        ledger = self._ledger
+        name, ledger = self.name, self._ledger
         slots = [*ledger.start_closing(), *ledger.close_lent()]
         self._close_off_loop([s.raw for s in slots])
         self._tasks.stop_from_any_thread()
         self._offload.shutdown()
+        # Warn last, holding no reference to the pool: where warnings are errors,
+        # the exception's traceback must not bring the pool back to life.
+        del self, ledger, slots
+        warnings.warn(
+            f"pool {name!r} was opened and never closed: use 'async with pool:' or "
+            "'await pool.close()'; its connections and threads are closed now",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
     @staticmethod
     def _close_off_loop(conns: list[PGConnection]) -> None:
@@ -534,8 +554,26 @@ class AsyncConnectionPool:
             logger.info("pool %r: a connection failed its check and was discarded: %s", self.name, error)
         else:
             self._hook_log.failed("check", error)
+        if self._health.check in (failover.read_write_check, failover.standby_check):
+            self._retire_server(slot.raw)  # its idle siblings would fail it too
         self._apply(self._ledger.discard(slot, self._usable))
         return False
+
+    def _retire_server(self, raw: PGConnection) -> None:
+        """``raw``'s server can no longer serve this pool (see :mod:`._loop.failover`):
+        close every idle connection to it now, lent ones when they come back, and
+        refill (libpq picks the right host). No I/O here."""
+        server = failover.server_of(raw)
+        if server is None:
+            return
+        logger.warning(
+            "pool %r: server %s:%s no longer fits target_session_attrs: reconnecting", self.name, *server
+        )
+        idle = self._ledger.retire(lambda slot: failover.server_of(slot.raw) == server)
+        self._stats.connections_lost += len(idle)
+        plan = Plan(close=idle)
+        plan += self._ledger.assign(self._usable)
+        self._apply(plan)
 
     async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> Slot:
         if self.max_waiting and len(self._waiting) >= self.max_waiting:
@@ -635,6 +673,9 @@ class AsyncConnectionPool:
             return None
         self._ledger.begin_return(slot)
         raw = slot.raw
+        if self._fit.unfit(raw):  # its server changed role (failover.py)
+            close = True
+            self._retire_server(raw)
         if (
             not close
             and loan is not None
@@ -679,14 +720,30 @@ class AsyncConnectionPool:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))
                 return
-            # An orphan's loan is gone: undo whatever it may have changed.
-            outcome = await self._offload.run_return(
-                self._health.reset_in_thread,
-                raw,
-                self.autocommit,
-                loan.session_changed if loan is not None else True,
-                loan.listened if loan is not None else True,
-            )
+            # Behind a transaction pooler, with no standalone statement (txpooling.py).
+            reset = txpooling.reset_in_thread if self.transaction_pooling else self._health.reset_in_thread
+            try:
+                # An orphan's loan is gone: undo whatever it may have changed.
+                outcome = await self._offload.run_return(
+                    reset,
+                    raw,
+                    self.autocommit,
+                    loan.session_changed if loan is not None else True,
+                    loan.listened if loan is not None else True,
+                )
+            except BaseException as exc:
+                # Whatever the reset raised in its thread (even a BaseException such
+                # as a CancelledError raised by user code), the slot comes back; the
+                # pool's own task is never cancelled by it.
+                self._stats.returns_bad += 1
+                logger.warning(
+                    "pool %r: resetting a returned connection raised %s; it was discarded",
+                    self.name,
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+                await self._apply_now(self._ledger.discard(slot, self._usable))
+                return
             if outcome is True:
                 self._apply(self._ledger.check_in(slot, self._usable))
                 return

@@ -105,7 +105,8 @@ async def test_restart_fast_under_load(running_pg: ThrowawayPostgres, app_name: 
         f"requests started >= {grace} s after the server accepted again failed: "
         f"{d['errors_after_recovery'][:5]}"
     )
-    assert set(d["errors"]) <= {"OperationalError", "PoolTimeout"}, d["errors"]
+    # CommitOutcomeUnknown: the server went away during the COMMIT of pool.fetchval.
+    assert set(d["errors"]) <= {"OperationalError", "CommitOutcomeUnknown", "PoolTimeout"}, d["errors"]
     assert d["ok_second_after"] > 0.5 * d["ok_second_before"], (
         f"throughput after/before: {d['buckets_after'][:10]} vs {d['buckets_before']}"
     )

@@ -322,7 +322,6 @@ async def test_queue_timeout_override(make: Any) -> None:
             await pool.putconn(held)
 
 
-@pytest.mark.xfail(strict=True, reason=_CLOSED_BY_USER)
 async def test_broken_reconnect(make: Any) -> None:
     """Ports common::test_broken_reconnect: a connection closed by its user is
     replaced."""
@@ -391,7 +390,6 @@ async def test_stats_measures(make: Any) -> None:
             release.set()
 
 
-@pytest.mark.xfail(strict=True, reason=_CLOSED_BY_USER)
 async def test_stats_usage(make: Any) -> None:
     """Ports common::test_stats_usage: the counters (no timing ranges)."""
     release = anyio.Event()
@@ -530,9 +528,6 @@ def _rollback_raising_once(exc: BaseException) -> tuple[type[psycopg2.extensions
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot"
-)
 async def test_cancel_on_rollback(make: Any) -> None:
     """Ports common::test_cancel_on_rollback: the rollback on return raises
     CancelledError; the pool still serves afterwards."""
@@ -632,7 +627,6 @@ async def test_connection_not_lost(make: Any) -> None:
             assert pid(conn) == first
 
 
-@pytest.mark.xfail(strict=True, reason=_CLOSED_BY_USER)
 async def test_configure(make: Any) -> None:
     """Ports async::test_configure: once per new connection, and it lasts."""
     inits = 0

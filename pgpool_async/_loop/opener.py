@@ -71,7 +71,9 @@ def is_permanent_connect_error(exc: BaseException) -> bool:
 
 
 class Backoff:
-    """Delays between attempts after failures: doubling, with jitter, capped."""
+    """Delays between attempts after failures: doubling, with jitter, never
+    above ``cap`` (so a server back after an outage or a promotion is found
+    within about ``cap`` seconds)."""
 
     def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first = first
@@ -89,7 +91,7 @@ class Backoff:
         if not self.failures:
             return 0.0
         delay: float = min(self.first * 2 ** (self.failures - 1), self.cap)
-        return delay * random.uniform(0.5, 1.5)
+        return delay * random.uniform(0.5, 1.0)
 
 
 class _Attempt:
@@ -181,7 +183,7 @@ class Opener:
             self._limiter = anyio.CapacityLimiter(_CONNECTS_AT_ONCE)
         opened = False
         first_failure: float | None = None
-        retry = Backoff()  # this task's own, for connect errors
+        retry = Backoff(cap=1.0)  # this task's own, for connect errors: probes at least once a second
         try:
             while self._wanted():
                 delay = max(self.backoff.delay(), retry.delay())
