@@ -253,7 +253,8 @@ class NetLab:
             _run("ip", "netns", "exec", ns, "ip", "link", "set", link, "up")
         _run("ip", "netns", "exec", r, "ip", "link", "set", "lo", "up")
         _run("ip", "netns", "exec", s, "ip", "link", "set", "lo", "up")
-        _run("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # /proc/sys/net is the namespace's own (no procps needed for sysctl).
+        _run("ip", "netns", "exec", r, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         _run("ip", "netns", "exec", s, "ip", "route", "add", "default", "via", f"{net}.5")
         _run("ip", "route", "add", f"{net}.4/30", "via", f"{net}.2", "dev", a)
 
