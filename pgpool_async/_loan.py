@@ -12,8 +12,6 @@ way to run a statement (on the event loop, through libpq) can plug in.
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +20,7 @@ import anyio
 import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
+from . import _libpq
 from ._loop.failover import ServerFit
 from ._thread.offload import Offloader
 from .errors import ConnectionReleased
@@ -34,11 +33,6 @@ RELEASED = (
     "this connection was returned to the pool and can't be used anymore: "
     "take a new one with pool.connection() or pool.getconn()"
 )
-
-
-def _cancel_quietly(raw: PGConnection) -> None:
-    with contextlib.suppress(Exception):
-        raw.cancel()
 
 
 class Turn:
@@ -155,9 +149,10 @@ class Loan:
         if self.detached:
             raise ConnectionReleased(RELEASED)
 
-    def cancel_statement(self) -> None:
+    def cancel_statement(self) -> Callable[[], None] | None:
         """Ask the server to cancel the statement running on this connection.
-        The request opens a connection of its own, so it runs in its own thread."""
-        raw = self.raw
-        if not raw.closed:
-            threading.Thread(target=_cancel_quietly, args=(raw,), name="pgpool-cancel", daemon=True).start()
+        The request opens a connection of its own, so it is sent from a thread of
+        its own, with a deadline, GIL released (never psycopg2's ``cancel()``).
+        Returns what shuts the socket down if the worker is still busy after a
+        grace period (see :mod:`pgpool_async._libpq`)."""
+        return _libpq.cancel_in_background(self.raw)

@@ -55,6 +55,7 @@ from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 from psycopg2.sql import Composable
 
+from . import _libpq
 from ._loan import Loan
 from .errors import PoolError
 
@@ -221,7 +222,14 @@ async def _run(conn: Loan, adapter: _CopyFile, call: Callable[[PGCursor], None])
     try:
         # A cancellation stops the COPY at its next chunk (anyio alone would not
         # reliably cancel the loop calls of a thread that is between chunks).
-        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=adapter.abort)
+        raw = conn.raw
+
+        def on_cancel() -> Callable[[], None]:
+            adapter.abort()
+            # A COPY blocked on a silent network never reaches its next chunk.
+            return _libpq.shutdown_later(raw)
+
+        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=on_cancel)
     except BaseException as exc:
         error = adapter.error
         if error is None:
@@ -258,7 +266,9 @@ def _leave_copy_out(raw: PGConnection) -> None:
     if raw.closed or raw.get_transaction_status() != _STATUS_ACTIVE:
         return
     try:
-        raw.cancel()
+        if not _libpq.cancel(raw):  # never psycopg2's cancel: it holds the GIL
+            _libpq.shutdown_socket(raw)  # no cancel got through: give the connection up
+            return
         with raw.cursor() as cur:
             cur.execute("SELECT 1")  # libpq drops the rest of the COPY data first
     except psycopg2.Error:

@@ -39,6 +39,7 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from ._config import check_connect_args, check_sizes, check_timeout, describe_target, with_connect_timeout
+from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
 from ._loan import Loan
 from ._loop import failover, txpooling
 from ._loop.health import Health, HookFailed, HookLog, looks_alive
@@ -48,6 +49,7 @@ from ._loop.opener import Opener
 from ._loop.stats import PoolStats
 from ._loop.upkeep import Upkeep
 from ._loop.waiting import Waiter, WaitQueue
+from ._redact import redact_connect_args
 from ._thread import blocking
 from ._thread.background import BackgroundTasks
 from ._thread.blocking import Params, close_all, run_and_commit
@@ -133,7 +135,9 @@ class AsyncConnectionPool:
 
     - ``timeout``: seconds a request waits for a connection, and ``open()`` for
       ``minconn`` connections, before :class:`PoolTimeout` (default 30). Unless
-      given, libpq's ``connect_timeout`` is set to it too (at least 2 s).
+      given, libpq's ``connect_timeout`` is set to it too (at least 2 s), and
+      TCP keepalives and ``tcp_user_timeout`` (half of it, 10..30 s) bound how
+      long a silent network holds a connection (see ``_libpq.with_network_defaults``).
     - ``max_waiting``: requests allowed to queue; one more gets
       :class:`TooManyRequests` at once (0: no limit).
     - ``name``: shown in ``repr``, log lines and thread names.
@@ -216,8 +220,10 @@ class AsyncConnectionPool:
         self.leak_threshold = (
             None if leak_threshold is None else check_timeout("leak_threshold", leak_threshold)
         )
-        self._connect_kwargs = with_connect_timeout(kwargs, params, self.timeout)
-        self._target = describe_target(params)
+        self._connect_kwargs = with_network_defaults(
+            with_connect_timeout(kwargs, params, self.timeout), params, self.timeout
+        )
+        self._target = redact_connect_args(describe_target(params), args, kwargs)
         self._health = health
         self._stats = PoolStats()
         self._hook_log = HookLog(logger, self.name)
@@ -335,9 +341,10 @@ class AsyncConnectionPool:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiting requests get :class:`PoolClosed`, lent
-        connections get up to ``timeout`` seconds to come back, then every
-        connection is closed (a ``connection()`` block still running then raises
-        :class:`PoolClosed` instead of committing). Safe to call twice, and
+        connections get up to ``timeout`` seconds to come back, then the sockets
+        of those still out are shut down (a worker blocked on a dead network
+        fails at once) and every connection is closed (a ``connection()`` block
+        still running then raises :class:`PoolClosed` instead of committing). Safe to call twice, and
         concurrently.
 
         Closing is the pool's own task: cancelling ``close()`` (or a timeout
@@ -394,6 +401,9 @@ class AsyncConnectionPool:
             for slot in lent:
                 if not slot.raw.closed:
                     anyio.notify_closing(slot.raw)  # wakes a notifies() waiting on its socket
+            # Still lent at the deadline: a worker blocked on a silent network would
+            # hold psycopg2's close(); shutting the sockets down makes it fail now.
+            shutdown_sockets(s.raw for s in lent)
             if lent:
                 await self._offload.run_return(close_all, [s.raw for s in lent])
         finally:
@@ -529,7 +539,9 @@ class AsyncConnectionPool:
         discards it (and backs off reopening). A caller cancelled meanwhile gets
         its cancellation once the check is done, the connection given back."""
         try:
-            error = await self._offload.run(self._health.check_in_thread, slot.raw)
+            error = await self._offload.run(
+                self._health.check_in_thread, slot.raw, on_cancel=lambda: cancel_in_background(slot.raw)
+            )
         except BaseException:
             self._start_return_slot(slot, None, close=False)
             raise
@@ -672,6 +684,7 @@ class AsyncConnectionPool:
             and not loan.listened
             and self._health.reset is None
             and not raw.closed
+            and not was_shut_down(raw)
             and raw.get_transaction_status() == _STATUS_IDLE
             and not self._ledger.closing
             and not self._ledger.retired(slot)
@@ -696,7 +709,13 @@ class AsyncConnectionPool:
             if slot.state is SlotState.CLOSED:
                 return
             raw = slot.raw
-            if close or raw.closed or self._ledger.closing or self._ledger.retired(slot):
+            if (
+                close
+                or raw.closed
+                or was_shut_down(raw)
+                or self._ledger.closing
+                or self._ledger.retired(slot)
+            ):
                 if raw.closed and not close:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))

@@ -218,8 +218,10 @@ async def test_blackholed_network(
     reason=(
         "BUG: with a psycopg2 wait callback installed (this suite's guard, psycogreen/gevent), "
         "psycopg2 connects with PQconnectStart/PQconnectPoll and libpq does not enforce "
-        "connect_timeout: a connect to an unresponsive server hangs its worker thread forever, "
-        "although the pool sets connect_timeout so that it cannot"
+        "connect_timeout: a connect to a server that accepted TCP and then stays silent (this "
+        "proxy) holds its worker thread forever, although the pool sets connect_timeout; "
+        "psycopg2 exposes no socket before the connect returns, so the pool cannot shut it "
+        "down. (On a dead network the pool's default tcp_user_timeout bounds the SYN retries.)"
     ),
 )
 async def test_connect_timeout_bounds_connects_with_a_wait_callback(

@@ -1,5 +1,7 @@
 """Real components for tests, demos and benchmarks: nothing here is mocked.
 
+- :mod:`~pgpool_async.testing.netns`: a throwaway server behind a router namespace that drops,
+  loses or delays packets (real network faults; root).
 - :mod:`~pgpool_async.testing.pgbouncer`: a throwaway PgBouncer in front of a server.
 - :mod:`~pgpool_async.testing.standby`: a throwaway primary with a streaming standby,
   and the faults that matter to a pool (crash, promote, fence).
