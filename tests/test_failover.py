@@ -214,8 +214,17 @@ async def test_check_read_write_refuses_a_fenced_server() -> None:
             assert await pool.fetchval("SELECT 1") == 1
             await _in_thread(run_sql, server.dsn, "ALTER SYSTEM SET default_transaction_read_only = on")
             await _in_thread(run_sql, server.dsn, "SELECT pg_reload_conf()")
+            # Each backend applies a reload asynchronously: once the pool's one has,
+            # every loan is refused (PoolTimeout); until then loans still succeed.
+            refused = False
+            with anyio.fail_after(10):
+                while not refused:
+                    try:
+                        await pool.fetchval("SELECT 1")
+                    except PoolTimeout:
+                        refused = True
             with pytest.raises(PoolTimeout):
-                await pool.fetchval("SELECT 1")
+                await pool.fetchval("SELECT 1")  # and it stays refused
             await _in_thread(run_sql, server.dsn, "ALTER SYSTEM RESET default_transaction_read_only")
             await _in_thread(run_sql, server.dsn, "SELECT pg_reload_conf()")
             assert await pool.fetchval("SELECT current_setting('transaction_read_only')") == "off"

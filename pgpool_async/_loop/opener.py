@@ -32,43 +32,17 @@ from psycopg2.extensions import connection as PGConnection
 
 from .._thread.blocking import close_quietly
 from .._thread.offload import Offloader
-from ..errors import PoolClosed
+from ..errors import PoolClosed, is_permanent_connect_error
 from .health import Health, HookFailed, HookLog
 from .ledger import Ledger, Plan, Slot
 from .stats import PoolStats
 
-__all__ = ["Backoff", "Opener", "is_permanent_connect_error"]
+__all__ = ["Backoff", "Opener"]
 
 logger = logging.getLogger("pgpool_async")
 
 # At most this many connects at once (each takes a worker thread), like psycopg_pool's workers.
 _CONNECTS_AT_ONCE = 4
-
-# libpq's words for connect errors that retrying cannot fix (psycopg2 gives no SQLSTATE there).
-_PERMANENT = (
-    "does not exist",  # database or role
-    "password authentication failed",
-    "no password supplied",
-    "authentication failed",
-    "no pg_hba.conf entry",
-    "invalid port number",
-    "invalid connection option",
-    "invalid sslmode value",
-    "invalid integer value",
-    "could not translate host name",
-)
-
-
-def is_permanent_connect_error(exc: BaseException) -> bool:
-    """Whether a connect error cannot heal by retrying (unknown database or role,
-    failed authentication, a malformed parameter, an unknown host)."""
-    if not isinstance(exc, psycopg2.Error) or isinstance(exc, psycopg2.pool.PoolError):
-        return False
-    if exc.pgcode and exc.pgcode[:2] in ("28", "3D"):
-        return True
-    text = str(exc)
-    return any(words in text for words in _PERMANENT)
-
 
 class Backoff:
     """Delays between attempts after failures: doubling, with jitter, never
@@ -252,6 +226,7 @@ class Opener:
         self.last_error = exc
         if is_permanent_connect_error(exc):
             self.permanent_error = exc
+            self._signal()  # open() fails at once on it
         message = str(exc).strip().replace("\n", " ")
         if self._outage_since is None:
             self._outage_since = time.monotonic()
