@@ -1,0 +1,1 @@
+"""Code that runs on the event loop thread only."""
