@@ -54,7 +54,9 @@ callers then use the thread path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -248,7 +250,7 @@ def _pgres_offset() -> int | None:
         return None
     probe = psycopg2.Error("probe")
     pgerror, pgcode = "probe-pgerror", "probe-pgcode"
-    probe.__setstate__({"pgerror": pgerror, "pgcode": pgcode})
+    probe.__setstate__({"pgerror": pgerror, "pgcode": pgcode})  # type: ignore[no-untyped-call]
     at = id(probe)
     if (
         ctypes.c_void_p.from_address(at + base).value != id(probe.pgerror)
@@ -294,14 +296,15 @@ class _StatementFuture(asyncio.Future[None]):
         return False
 
 
-def _send_cancel(lib: ctypes.CDLL, cancel: int) -> None:
+def _send_cancel(lib: ctypes.CDLL, cancel: int, done: Callable[[], object]) -> None:
     """In a thread of its own: PQcancel opens a connection and waits for it,
-    with the GIL released (ctypes.CDLL)."""
+    with the GIL released (ctypes.CDLL); ``done()`` tells the loop."""
     errbuf = ctypes.create_string_buffer(256)
     try:
         lib.PQcancel(cancel, errbuf, len(errbuf))
     finally:
         lib.PQfreeCancel(cancel)
+        done()
 
 
 class LoopStatementRunner:
@@ -354,8 +357,13 @@ class LoopStatementRunner:
         self._copy_out = False
         self._copy_seen = 0
         self._io_failed = False
+        self._io_message: bytes | None = None
         self._cancelling = False
         self._abort_handle: asyncio.TimerHandle | None = None
+        # A cancel request still on its way: the next statement waits for it,
+        # or the late request would cancel that statement instead.
+        self._cancel_sent: Any = None
+        self._reader_off = False
 
     # -- ownership -----------------------------------------------------------------------
 
@@ -370,13 +378,13 @@ class LoopStatementRunner:
         if reason is not None:
             return reason
         raw = self.raw
+        lib: Any = _libpq.libpq_gil()
         if raw.closed:
             return "the connection is closed"
         if raw.async_:
             return "an asynchronous psycopg2 connection"
         if raw.status != ext.STATUS_READY:
             return "psycopg2 has a transaction open on this connection (commit or roll it back first)"
-        lib = _libpq.libpq_gil()
         if lib.PQgssEncInUse(raw.pgconn_ptr):
             return "GSS encryption can hold data the socket does not show; use the thread path"
         if lib.PQisBusy(raw.pgconn_ptr):
@@ -396,7 +404,7 @@ class LoopStatementRunner:
             raise NativeUnavailable(f"statements on this connection run in threads: {reason}")
         library = sniffio.current_async_library()
         raw = self.raw
-        lib = _libpq.libpq_gil()
+        lib: Any = _libpq.libpq_gil()
         pg = raw.pgconn_ptr
         if library == "asyncio":
             self._asyncio = asyncio.get_running_loop()
@@ -438,6 +446,8 @@ class LoopStatementRunner:
             return
         if self._busy:
             raise PoolError("a statement is still running on this runner: wait for it before leave()")
+        if self._cancel_sent is not None:
+            await self._settle_cancel()
         status = self._lib.PQtransactionStatus(self._pg)
         adopt = not self.raw.autocommit and status == _PQTRANS_INTRANS
         if not self.raw.autocommit and status == _PQTRANS_INERROR:
@@ -509,6 +519,12 @@ class LoopStatementRunner:
         self._check()
         if self._busy:
             raise PoolError("another statement is running on this connection: await it first")
+        if self._cancel_sent is not None:
+            self._busy = True
+            try:
+                await self._settle_cancel()
+            finally:
+                self._busy = False
         cur = cursor if cursor is not None else self._cursor
         assert cur is not None
         query: bytes = cur.mogrify(sql, params)
@@ -561,6 +577,7 @@ class LoopStatementRunner:
             self._lib.PQclear(last)
         self._count = self._copy_seen = 0
         self._flushing = self._copy_out = self._io_failed = self._cancelling = False
+        self._io_message = None
         if self._abort_handle is not None:
             self._abort_handle.cancel()
             self._abort_handle = None
@@ -579,6 +596,9 @@ class LoopStatementRunner:
             return
         self._flushing = flushed == 1
         if self._asyncio is not None:
+            if self._reader_off:
+                self._reader_off = False
+                self._asyncio.add_reader(self._fd, self._on_readable)
             await self._wait_asyncio(self._asyncio)
         else:
             await self._wait_trio()
@@ -599,11 +619,14 @@ class LoopStatementRunner:
         """asyncio's reader: walk the protocol; wake the task only when done."""
         fut = self._fut
         if fut is None:
-            # Between statements: NOTIFY, parameter changes or a closing server.
-            # Read them into libpq's buffer (psycopg2 sees them at leave), else
-            # the loop would call us again and again.
-            if self._pg is not None and not self._lib.PQconsumeInput(self._pg):
-                self._close_raw()
+            # Between statements: a NOTIFY, a parameter change, or a closing
+            # server. Leave it in the socket, where psycopg2 would find it, and
+            # stop watching until the next statement (else the loop would call
+            # us again and again): the next statement reads it first, as
+            # psycopg2's would, and leave() hands NOTIFYs over.
+            self._reader_off = True
+            if self._asyncio is not None:
+                self._asyncio.remove_reader(self._fd)
             return
         if self._pump() and not fut.done():
             fut.set_result(None)
@@ -643,7 +666,7 @@ class LoopStatementRunner:
         if pg is None:
             return True
         if not lib.PQconsumeInput(pg):
-            self._io_failed = True
+            return self._read_failed()
         if self._flushing:
             flushed = lib.PQflush(pg)
             if flushed != 1:
@@ -656,8 +679,7 @@ class LoopStatementRunner:
             # OpenSSL may hold the rest of a record the socket no longer shows.
             while lib.PQisBusy(pg) and self._ssl_pending(self._ssl) > 0:
                 if not lib.PQconsumeInput(pg):
-                    self._io_failed = True
-                    break
+                    return self._read_failed()
         while True:
             if self._copy_out and not self._drain_copy_out():
                 return False
@@ -683,6 +705,13 @@ class LoopStatementRunner:
             elif status == _PGRES_COPY_BOTH or lib.PQstatus(pg) == _CONNECTION_BAD:
                 return True
 
+    def _read_failed(self) -> bool:
+        """The socket failed: the statement is over. psycopg2 raises
+        OperationalError with libpq's message at this point (``pq_get_result_async``)."""
+        self._io_failed = True
+        self._io_message = self._lib.PQerrorMessage(self._pg)
+        return True
+
     def _drain_copy_out(self) -> bool:
         """Discard COPY TO STDOUT data; True when the copy is over."""
         lib, pg = self._lib, self._pg
@@ -705,12 +734,60 @@ class LoopStatementRunner:
         self._cancelling = True
         nogil = _libpq.libpq()
         cancel = self._lib.PQgetCancel(self._pg)  # a copy of the keys: no I/O
-        if cancel and nogil is not None:
-            threading.Thread(
-                target=_send_cancel, args=(nogil, cancel), name="pgpool-native-cancel", daemon=True
-            ).start()
+        if not cancel or nogil is None:
+            return
+        done: Callable[[], object]
+        sent: Any
+        if self._asyncio is not None:
+            loop = self._asyncio
+            sent = loop.create_future()
+
+            def settle() -> None:
+                if not sent.done():
+                    sent.set_result(None)
+
+            def done() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(settle)
+
+        else:
+            import trio
+
+            sent = trio.Event()
+            token = trio.lowlevel.current_trio_token()
+
+            def done() -> None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(sent.set)
+
+        self._cancel_sent = sent
+        threading.Thread(
+            target=_send_cancel, args=(nogil, cancel, done), name="pgpool-native-cancel", daemon=True
+        ).start()
         if self._asyncio is not None:
             self._abort_handle = self._asyncio.call_later(self.cancel_grace, self._abort)
+
+    async def _settle_cancel(self) -> None:
+        """Wait (at most ``cancel_grace``) until the last cancel request has
+        reached the server; if it never does, close the connection: a request
+        landing later would cancel an innocent statement."""
+        sent, self._cancel_sent = self._cancel_sent, None
+        if self._asyncio is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(sent), self.cancel_grace)
+                return
+            except asyncio.TimeoutError:
+                pass
+        else:
+            import trio
+
+            with trio.move_on_after(self.cancel_grace):
+                await sent.wait()
+                return
+        self._close_raw()
+        raise psycopg2.OperationalError(
+            "a cancel request did not reach the server in time; the connection was closed"
+        )
 
     def _abort(self) -> None:
         """asyncio: the cancelled statement did not end in time: close the connection."""
@@ -730,6 +807,10 @@ class LoopStatementRunner:
             raise psycopg2.OperationalError(
                 "the statement did not end in time after a cancel; the connection was closed"
             )
+        if self._io_message is not None:
+            failure = psycopg2.OperationalError(_decode(self._io_message, self._codec))
+            self._close_raw()
+            raise failure
         bad = lib.PQstatus(self._pg) == _CONNECTION_BAD
         if res is None or bad:
             error = self._error(res, bad)
@@ -742,7 +823,9 @@ class LoopStatementRunner:
         if self._copy_seen:
             direction = "FROM" if self._copy_seen == _PGRES_COPY_IN else "TO"
             method = "copy_from" if self._copy_seen == _PGRES_COPY_IN else "copy_to"
-            raise psycopg2.ProgrammingError(f"can't execute COPY {direction}: use the {method}() method instead")
+            raise psycopg2.ProgrammingError(
+                f"can't execute COPY {direction}: use the {method}() method instead"
+            )
         if status == _PGRES_EMPTY_QUERY or self._count < expected:
             # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
             raise psycopg2.ProgrammingError("can't execute an empty query")
@@ -770,8 +853,8 @@ class LoopStatementRunner:
         return Result(rows, ntuples, statusmessage, 0, fields)
 
     async def _rows(self, res: int, cur: PGCursor, oids: list[int], ntuples: int) -> list[tuple[Any, ...]]:
-        lib = self._lib
-        getvalue, getisnull = lib.PQgetvalue, lib.PQgetisnull
+        getvalue, getisnull = _cell_functions()
+        res_ptr = ctypes.c_void_p(res)
         raw = self.raw
         cursor_types = cur.string_types
         conn_types = raw.string_types
@@ -800,7 +883,9 @@ class LoopStatementRunner:
                 append(
                     tuple(
                         [
-                            cast(value, cur) if (value := getvalue(res, r, c)) or not getisnull(res, r, c) else None
+                            cast(value, cur)
+                            if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
+                            else None
                             for c, cast in columns
                         ]
                     )
@@ -821,10 +906,9 @@ class LoopStatementRunner:
 
             await trio.lowlevel.checkpoint()
 
-    def _error(self, res: int | None, bad: bool) -> psycopg2.Error:
+    def _error(self, res: int | None, bad: bool, message: bytes | None = None) -> psycopg2.Error:
         """The exception psycopg2's ``pq_raise`` would build for this result."""
         lib, codec = self._lib, self._codec
-        message: bytes | None = None
         code: bytes | None = None
         if res is not None:
             message = lib.PQresultErrorMessage(res)
@@ -841,7 +925,7 @@ class LoopStatementRunner:
         else:
             cls = psycopg2.OperationalError if bad or self._io_failed else psycopg2.DatabaseError
         exc = cls(_strip_severity(text))
-        exc.__setstate__({"pgerror": text, "pgcode": sqlstate})
+        exc.__setstate__({"pgerror": text, "pgcode": sqlstate})  # type: ignore[no-untyped-call]
         if res is not None and _PGRES_OFFSET is not None and res == self._last:
             # The exception owns the PGresult from now on, as psycopg2's do: its
             # ``diag`` reads the fields, and it PQclears it when collected.
@@ -857,6 +941,18 @@ def _fallback(cur: PGCursor, oid: int) -> Callable[[bytes, PGCursor], Any]:
         return cast(oid, value)
 
     return by_cursor
+
+
+@functools.cache
+def _cell_functions() -> tuple[Any, Any]:
+    """PQgetvalue and PQgetisnull without ``argtypes``: the hot path of row
+    conversion, called once per cell. Without argtypes ctypes passes the ints
+    and the ``c_void_p`` result pointer as they are, about a third cheaper."""
+    lib = ctypes.PyDLL(_libpq.libpq_path())
+    getvalue, getisnull = lib["PQgetvalue"], lib["PQgetisnull"]
+    getvalue.restype = ctypes.c_char_p
+    getisnull.restype = ctypes.c_int
+    return getvalue, getisnull
 
 
 def _ssl_pending(lib: Any) -> Callable[[int], int]:
