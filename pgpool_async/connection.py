@@ -18,10 +18,12 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from . import copying, notifications
+from ._loop.native import LoopStatementRunner, Result
 from .cursor import AsyncCursor, Transaction
 from .errors import ConnectionReleased
 
@@ -65,6 +67,30 @@ def fetchval_sync(raw: PGConnection, sql: str, params: Params) -> Any:
         return None
     # RealDictCursor rows are dicts: take the first column either way.
     return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def _rowcount(result: Result) -> int:
+    return result.rowcount
+
+
+def _check_rows(result: Result) -> list[Any]:
+    if result.description is None:
+        raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
+    return result.rows
+
+
+def _first_row(result: Result) -> Any:
+    rows = _check_rows(result)
+    return rows[0] if rows else None
+
+
+def _all_rows(result: Result) -> list[Any]:
+    return _check_rows(result)
+
+
+def _first_value(result: Result) -> Any:
+    rows = _check_rows(result)
+    return rows[0][0] if rows else None
 
 
 def run_and_commit(raw: PGConnection, func: Callable[..., T], *args: Any) -> T:
@@ -135,6 +161,7 @@ class AsyncConnection:
         "_lock",
         "_pool",
         "_raw",
+        "_runner",
         "_session_changed",
         "_tx_depth",
         "key",
@@ -152,6 +179,7 @@ class AsyncConnection:
         self._tx_depth = 0
         self._session_changed = False
         self._listened = False
+        self._runner: LoopStatementRunner | None = None  # the loop-native path, when in use
         self.taken_at: traceback.StackSummary | None = None  # with leak_threshold
         self.leak_reported = False
 
@@ -194,6 +222,7 @@ class AsyncConnection:
         """
         raw = self.raw
         async with self._lock:
+            await self._leave_loop()
             return await self._pool._offload.run_anyio(func, raw, *args)
 
     async def _run_sync_cancellable(
@@ -203,6 +232,7 @@ class AsyncConnection:
         caller is cancelled (the thread is still waited for)."""
         raw = self.raw
         async with self._lock:
+            await self._leave_loop()
             return await self._pool._offload.run_anyio(func, raw, *args, on_cancel=on_cancel)
 
     async def _call(self, func: Callable[..., T], *args: Any) -> T:
@@ -210,7 +240,78 @@ class AsyncConnection:
         the loop: the fast path (see :mod:`pgpool_async.offload`)."""
         raw = self.raw
         async with self._lock:
+            await self._leave_loop()
             return await self._pool._offload.run(func, raw, *args, on_cancel=self._cancel_query)
+
+    # -- the loop-native path (pool option io="auto"/"loop"; see pgpool_async._loop.native)
+
+    def _loop_runner(self, raw: PGConnection) -> LoopStatementRunner | None:
+        """The runner to use for a statement now, entered; None: use a thread.
+        Call with the lock held."""
+        runner = self._runner
+        if runner is not None and runner.entered:
+            return runner
+        if self._pool.io == "thread" or raw.cursor_factory is not None:
+            return None  # rows of other cursor factories are built by psycopg2 only
+        if runner is None:
+            runner = self._runner = LoopStatementRunner(raw)
+        if runner.refusal() is not None:
+            return None  # e.g. psycopg2 holds a transaction: threads until it ends
+        runner.enter()
+        return runner
+
+    async def _leave_loop(self) -> None:
+        """Before psycopg2 code runs: hand the connection back to psycopg2 (a
+        transaction opened on the loop is handed over too). Lock held."""
+        runner = self._runner
+        if runner is not None and runner.entered:
+            await runner.leave(to_thread=self._pool._offload.run_anyio)
+
+    async def _statement(
+        self, sync: Callable[..., T], shape: Callable[[Result], T], sql: str, params: Params
+    ) -> T:
+        raw = self.raw
+        async with self._lock:
+            runner = self._loop_runner(raw)
+            if runner is None:
+                return await self._pool._offload.run(sync, raw, sql, params, on_cancel=self._cancel_query)
+            return shape(await runner.execute(sql, params))
+
+    async def _statement_and_commit(
+        self, sync: Callable[..., T], shape: Callable[[Result], T], sql: str, params: Params
+    ) -> T:
+        """The pool's one-hop helpers: the statement, then commit. On the loop
+        path ``BEGIN; statement`` go out together, and for ``execute`` the
+        ``COMMIT`` too (one round trip)."""
+        raw = self.raw
+        async with self._lock:
+            runner = self._loop_runner(raw)
+            if runner is None:
+                return await self._pool._offload.run(
+                    run_and_commit, raw, sync, sql, params, on_cancel=self._cancel_query
+                )
+            if shape is _rowcount:
+                # Nothing can fail after the statement: COMMIT goes in the same packet.
+                return shape(await runner.execute(sql, params, commit=True))
+            # fetch* raise on a statement without rows, and then must not commit.
+            value = shape(await runner.execute(sql, params))
+            await runner.commit()
+            return value
+
+    async def _loop_give_back(self) -> None:
+        """Before the pool takes the connection back: end a transaction left open
+        on the loop path (the pool would roll it back anyway), then leave."""
+        runner = self._runner
+        if runner is None or not runner.entered:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self._lock:
+                if runner.entered and runner.in_transaction:
+                    with anyio.move_on_after(runner.cancel_grace * 2):
+                        await runner.rollback()
+                if runner.entered and runner.in_transaction:
+                    runner.close()  # the rollback did not happen: never reuse it
+                await runner.leave()
 
     def _cancel_query(self) -> None:
         """The caller was cancelled mid-call: ask the server to cancel the
@@ -222,19 +323,19 @@ class AsyncConnection:
 
     async def execute(self, sql: str, params: Params = None) -> int:
         """Execute a statement; returns the cursor's ``rowcount``."""
-        return await self._call(execute_sync, sql, params)
+        return await self._statement(execute_sync, _rowcount, sql, params)
 
     async def fetchone(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return its first row, or None."""
-        return await self._call(fetchone_sync, sql, params)
+        return await self._statement(fetchone_sync, _first_row, sql, params)
 
     async def fetchall(self, sql: str, params: Params = None) -> list[Any]:
         """Execute a query and return all its rows."""
-        return await self._call(fetchall_sync, sql, params)
+        return await self._statement(fetchall_sync, _all_rows, sql, params)
 
     async def fetchval(self, sql: str, params: Params = None) -> Any:
         """Execute a query and return the first column of its first row, or None."""
-        return await self._call(fetchval_sync, sql, params)
+        return await self._statement(fetchval_sync, _first_value, sql, params)
 
     def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
         """A cursor for ``async with conn.cursor() as cur``.
@@ -264,11 +365,24 @@ class AsyncConnection:
 
     async def commit(self) -> None:
         """Commit the current transaction."""
-        await self._call(PGConnection.commit)
+        if not await self._on_loop("commit"):
+            await self._call(PGConnection.commit)
 
     async def rollback(self) -> None:
         """Roll back the current transaction."""
-        await self._call(PGConnection.rollback)
+        if not await self._on_loop("rollback"):
+            await self._call(PGConnection.rollback)
+
+    async def _on_loop(self, what: str) -> bool:
+        """commit/rollback on the loop path if it holds the connection; False: not."""
+        runner = self._runner
+        if runner is None or not runner.entered:
+            return False
+        async with self._lock:
+            if not runner.entered:
+                return False
+            await (runner.commit() if what == "commit" else runner.rollback())
+            return True
 
     # -- COPY and LISTEN/NOTIFY: the logic lives in copying.py and notifications.py
 
@@ -350,4 +464,5 @@ class AsyncConnection:
 
     def __repr__(self) -> str:
         state = "released" if self._raw is None else f"key={self.key!r}"
-        return f"<AsyncConnection {state} of {self._pool.name!r}>"
+        io = "loop" if self._runner is not None and self._runner.entered else "thread"
+        return f"<AsyncConnection {state} io={io} of {self._pool.name!r}>"

@@ -100,6 +100,7 @@ class Notifies:
         with anyio.CancelScope(deadline=deadline):
             await anyio.lowlevel.checkpoint()  # a flood of notifications still lets others run
             async with conn._lock:
+                await conn._leave_loop()  # psycopg2 reads the socket from here
                 notification = await _next_notification(conn.raw)
         # No checkpoint between taking the notification and returning it: a
         # timeout or a cancellation can't lose it.

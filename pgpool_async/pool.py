@@ -32,10 +32,15 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from ._loop.native import unavailable_reason as native_unavailable_reason
 from .background import BackgroundTasks
 from .connection import (
     AsyncConnection,
     Params,
+    _all_rows,
+    _first_row,
+    _first_value,
+    _rowcount,
     execute_sync,
     fetchall_sync,
     fetchone_sync,
@@ -81,6 +86,14 @@ def _check_timeout(name: str, value: float) -> float:
     if value <= 0:
         raise PoolConfigError(f"{name} must be > 0 seconds (use math.inf to wait forever), got {value}")
     return float(value)
+
+
+def _check_io(io: str) -> str:
+    if io not in ("auto", "loop", "thread"):
+        raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
+    if io == "loop" and (reason := native_unavailable_reason()) is not None:
+        raise PoolConfigError(f'io="loop" is not available here ({reason}): use io="auto" or "thread"')
+    return io
 
 
 def _with_connect_timeout(kwargs: dict[str, Any], params: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -156,6 +169,13 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
       :class:`TooManyRequests` at once (0: no limit).
     - ``name``: shown in ``repr``, log lines and thread names.
     - ``autocommit``: hand out connections in autocommit mode.
+    - ``io``: how statements run. ``"thread"`` (default for now): in the pool's
+      worker threads. ``"auto"``: ``execute``/``fetch*``/``commit``/``rollback``
+      and the one-hop helpers run on the event loop through libpq itself
+      (:mod:`pgpool_async._loop.native`) where possible, threads otherwise (other
+      platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
+      ``"loop"``: the same, but :class:`PoolConfigError` here if the loop path
+      is not available in this process.
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
@@ -186,6 +206,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         max_waiting: int = 0,
         name: str | None = None,
         autocommit: bool = False,
+        io: str = "thread",
         check: bool | Callable[[PGConnection], Any] | None = None,
         check_idle: float = 1.0,
         configure: Callable[[PGConnection], Any] | None = None,
@@ -205,6 +226,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
+        self.io = _check_io(io)
         self._health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
         self.reconnect_timeout = _check_timeout("reconnect_timeout", reconnect_timeout)
         if reconnect_failed is not None and not callable(reconnect_failed):
@@ -508,18 +530,50 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
 
     async def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> int:
         """Run one statement on a pooled connection and commit; returns ``rowcount``."""
+        if self.io != "thread":
+            return await self._borrow_and_run(
+                AsyncConnection._statement_and_commit,
+                execute_sync,
+                (_rowcount, sql, params),
+                timeout,
+                run=False,
+            )
         return await self._borrow_and_run(AsyncConnection._call, execute_sync, (sql, params), timeout)
 
     async def fetchone(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
         """Run a query on a pooled connection; its first row, or None."""
+        if self.io != "thread":
+            return await self._borrow_and_run(
+                AsyncConnection._statement_and_commit,
+                fetchone_sync,
+                (_first_row, sql, params),
+                timeout,
+                run=False,
+            )
         return await self._borrow_and_run(AsyncConnection._call, fetchone_sync, (sql, params), timeout)
 
     async def fetchall(self, sql: str, params: Params = None, *, timeout: float | None = None) -> list[Any]:
         """Run a query on a pooled connection; all its rows."""
+        if self.io != "thread":
+            return await self._borrow_and_run(
+                AsyncConnection._statement_and_commit,
+                fetchall_sync,
+                (_all_rows, sql, params),
+                timeout,
+                run=False,
+            )
         return await self._borrow_and_run(AsyncConnection._call, fetchall_sync, (sql, params), timeout)
 
     async def fetchval(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
         """Run a query on a pooled connection; the first column of its first row, or None."""
+        if self.io != "thread":
+            return await self._borrow_and_run(
+                AsyncConnection._statement_and_commit,
+                fetchval_sync,
+                (_first_value, sql, params),
+                timeout,
+                run=False,
+            )
         return await self._borrow_and_run(AsyncConnection._call, fetchval_sync, (sql, params), timeout)
 
     async def _borrow_and_run(
@@ -528,10 +582,14 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         func: Callable[..., Any],
         args: tuple[Any, ...],
         timeout: float | None,
+        run: bool = True,
     ) -> T:
-        """Borrow, run ``func`` then commit in one worker-thread call, return."""
+        """Borrow, run ``func`` then commit in one worker-thread call, return.
+        ``run=False``: ``runner`` commits itself (the loop-native helpers)."""
         conn = await self.getconn(timeout=timeout)
         try:
+            if not run:
+                return await runner(conn, func, *args)
             return await runner(conn, run_and_commit, func, *args)
         finally:
             await self.putconn(conn)
@@ -555,6 +613,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             )
         raw = conn.raw  # raises ConnectionReleased if already returned
         await conn._idle()
+        await conn._loop_give_back()
         if key is not None and key != conn.key:
             raise PoolError(f"connection was taken under the key {conn.key!r}, not {key!r}")
         conn._release()
@@ -667,7 +726,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         state = "closed" if self.closed else ("open" if self._opened else "not open")
         opening = engine.size - engine.idle_count - engine.used_count
         return (
-            f"<AsyncConnectionPool {self.name!r} {self._target} [{state}] | "
+            f"<AsyncConnectionPool {self.name!r} {self._target} [{state}, io={self.io}] | "
             f"Requests: {engine.used_count} active, {len(self._waiting)} queued | "
             f"Connections: {engine.idle_count} idle, {engine.used_count} in use, "
             f"{opening} opening or returning, max {engine.maxconn}>"

@@ -353,6 +353,9 @@ class LoopStatementRunner:
         self._fut: _StatementFuture | None = None
         self._last: int | None = None  # the last PGresult, kept (psycopg2 keeps the last)
         self._count = 0
+        # With commit=True the statement's result is the one before COMMIT's.
+        self._prev: int | None = None
+        self._keep_prev = False
         self._flushing = False
         self._copy_out = False
         self._copy_seen = 0
@@ -479,6 +482,11 @@ class LoopStatementRunner:
             self._lib.PQsetnonblocking(pg, 0)
         self._ssl = None
 
+    def close(self) -> None:
+        """Close the psycopg2 connection now (it can't be trusted any more);
+        safe twice, no waiting."""
+        self._close_raw()
+
     def _close_raw(self) -> None:
         """Close the psycopg2 connection (I/O failure, unanswered cancel)."""
         if self._pg is not None:
@@ -504,13 +512,20 @@ class LoopStatementRunner:
         self._check()
         return bool(self._lib.PQtransactionStatus(self._pg) != _PQTRANS_IDLE)
 
-    async def execute(self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None) -> Result:
+    async def execute(
+        self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
+    ) -> Result:
         """Run one statement (``sql`` with psycopg2 placeholders, or a ``psycopg2.sql``
         object) as psycopg2's ``cursor.execute`` would, and return its :class:`Result`.
 
         ``cursor``: a psycopg2 cursor of this connection whose typecasters (and
         ``tzinfo_factory``) convert the values; default a plain one. Nothing else
         of it is used or changed.
+
+        ``commit``: then commit, as ``execute`` followed by :meth:`commit` would,
+        but in the same round trip (``BEGIN; statement; COMMIT`` in one packet on
+        a connection without autocommit). If the statement fails the server skips
+        the COMMIT: the transaction is left failed, to be rolled back.
 
         :raises psycopg2.Error: what psycopg2 would raise (same class, ``pgcode``,
             ``pgerror``, ``diag``); after an I/O failure the connection is closed.
@@ -531,12 +546,19 @@ class LoopStatementRunner:
         if not query:
             raise psycopg2.ProgrammingError("can't execute an empty query")
         begin = not self.raw.autocommit and self._lib.PQtransactionStatus(self._pg) == _PQTRANS_IDLE
+        expected = 1
         if begin:
             query = self._begin_text() + b";" + query
+            expected += 1
+        commit = commit and not self.raw.autocommit
+        if commit:
+            query += b";COMMIT"
+            expected += 1
+            self._keep_prev = True
         self._busy = True
         try:
             await self._run(query)
-            return await self._result(cur, 2 if begin else 1)
+            return await self._result(cur, expected, commit)
         finally:
             self._busy = False
             self._clear()
@@ -572,9 +594,11 @@ class LoopStatementRunner:
             raise PoolError("this LoopStatementRunner is not entered: call enter() on the event loop first")
 
     def _clear(self) -> None:
-        last, self._last = self._last, None
-        if last is not None:
-            self._lib.PQclear(last)
+        for res in (self._last, self._prev):
+            if res is not None:
+                self._lib.PQclear(res)
+        self._last = self._prev = None
+        self._keep_prev = False
         self._count = self._copy_seen = 0
         self._flushing = self._copy_out = self._io_failed = self._cancelling = False
         self._io_message = None
@@ -689,7 +713,11 @@ class LoopStatementRunner:
             res = lib.PQgetResult(pg)
             if not res:
                 return True
-            if self._last is not None:
+            if self._keep_prev:
+                if self._prev is not None:
+                    lib.PQclear(self._prev)
+                self._prev = self._last
+            elif self._last is not None:
                 lib.PQclear(self._last)
             self._last = res
             self._count += 1
@@ -800,7 +828,7 @@ class LoopStatementRunner:
 
     # -- results ----------------------------------------------------------------------------------
 
-    async def _result(self, cur: PGCursor, expected: int) -> Result:
+    async def _result(self, cur: PGCursor, expected: int, committed: bool = False) -> Result:
         lib = self._lib
         res = self._last
         if self._pg is None or self.raw.closed:
@@ -829,6 +857,10 @@ class LoopStatementRunner:
         if status == _PGRES_EMPTY_QUERY or self._count < expected:
             # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
             raise psycopg2.ProgrammingError("can't execute an empty query")
+        if committed:
+            res = self._prev  # the COMMIT went through: report the statement
+            assert res is not None
+            status = lib.PQresultStatus(res)
         codec = self._codec
         statusmessage = _decode(lib.PQcmdStatus(res), codec)
         if status == _PGRES_COMMAND_OK:
