@@ -135,6 +135,7 @@ class AsyncContender(Contender):
 class _PgpoolBase(AsyncContender):
     library = "pgpool_async"
     autocommit: ClassVar[bool] = False
+    io: ClassVar[str] = "thread"
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -142,7 +143,9 @@ class _PgpoolBase(AsyncContender):
     async def open(self, spec: PoolSpec) -> None:
         from pgpool_async import AsyncConnectionPool
 
-        self.pool = AsyncConnectionPool(spec.minsize, spec.maxsize, spec.dsn, autocommit=self.autocommit)
+        self.pool = AsyncConnectionPool(
+            spec.minsize, spec.maxsize, spec.dsn, autocommit=self.autocommit, io=self.io
+        )
         await self.pool.open()
 
     async def close(self) -> None:
@@ -201,6 +204,42 @@ class PgpoolFetchvalAutocommit(PgpoolFetchval):
     name = "pgpool_async pool.fetchval autocommit"
     mode = AUTOCOMMIT
     autocommit = True
+
+
+class PgpoolConnectionLoop(PgpoolConnection):
+    """``connection()`` + ``fetchval`` with ``io="auto"``: statements on the event loop."""
+
+    key = "pgpool-loop"
+    name = 'pgpool_async connection() io="auto"'
+    io = "auto"
+    representative = False
+    overload = False
+    checkout_name = ""
+    checkout_sleep0 = False
+
+
+class PgpoolConnectionAutocommitLoop(PgpoolConnectionAutocommit):
+    """``connection()`` autocommit with ``io="auto"``."""
+
+    key = "pgpool-ac-loop"
+    name = 'pgpool_async connection() autocommit io="auto"'
+    io = "auto"
+
+
+class PgpoolFetchvalLoop(PgpoolFetchval):
+    """``pool.fetchval`` with ``io="auto"``."""
+
+    key = "pgpool-fetchval-loop"
+    name = 'pgpool_async pool.fetchval io="auto"'
+    io = "auto"
+
+
+class PgpoolFetchvalAutocommitLoop(PgpoolFetchvalAutocommit):
+    """``pool.fetchval`` autocommit with ``io="auto"``."""
+
+    key = "pgpool-fetchval-ac-loop"
+    name = 'pgpool_async pool.fetchval autocommit io="auto"'
+    io = "auto"
 
 
 # -- asyncpg ----------------------------------------------------------------------
@@ -593,6 +632,10 @@ CONTENDERS: tuple[ContenderClass, ...] = (
     PgpoolConnectionAutocommit,
     PgpoolFetchval,
     PgpoolFetchvalAutocommit,
+    PgpoolConnectionLoop,
+    PgpoolConnectionAutocommitLoop,
+    PgpoolFetchvalLoop,
+    PgpoolFetchvalAutocommitLoop,
     Asyncpg,
     PsycopgPool,
     PsycopgPoolAutocommit,

@@ -7,9 +7,11 @@ interleaved rounds (each round runs every contender once, the order rotated):
   psycopg2 connections in autocommit, behind a minimal FIFO pool;
 - ``native-runner-tx``: the same without autocommit (BEGIN sent with the
   statement, then COMMIT: two round trips);
-- ``pgpool-ac``: today's ``AsyncConnectionPool(autocommit=True)``,
-  ``connection()`` + ``fetchval`` (one thread hop per statement);
-- ``pgpool``: the same in its default (transaction) mode;
+- ``pgpool-ac-loop`` / ``pgpool-loop`` / ``pgpool-fetchval-loop``:
+  ``AsyncConnectionPool(io="auto")``, ``connection()`` + ``fetchval`` in
+  autocommit and in the default (transaction) mode, and ``pool.fetchval``;
+- ``pgpool-ac`` / ``pgpool`` / ``pgpool-fetchval``: the same with
+  ``io="thread"`` (one thread hop per statement), today's default;
 - ``aiopg``: aiopg's pool, the reference.
 
 Prints, per contender: median ops/s over the rounds, the ratio to aiopg's
@@ -33,7 +35,17 @@ from .contenders import AsyncContender, PoolSpec, by_key
 from .drivers import drive_async, percentile
 from .run import server
 
-KEYS = ("native-runner", "native-runner-tx", "pgpool-ac", "pgpool", "aiopg")
+KEYS = (
+    "native-runner",
+    "native-runner-tx",
+    "pgpool-ac-loop",
+    "pgpool-loop",
+    "pgpool-fetchval-loop",
+    "pgpool-ac",
+    "pgpool",
+    "pgpool-fetchval",
+    "aiopg",
+)
 SQL = "SELECT 1"
 
 

@@ -251,8 +251,10 @@ class AsyncConnection:
         runner = self._runner
         if runner is not None and runner.entered:
             return runner
-        if self._pool.io == "thread" or raw.cursor_factory is not None:
-            return None  # rows of other cursor factories are built by psycopg2 only
+        if self._pool.io == "thread" or raw.cursor_factory is not None or type(raw) is not PGConnection:
+            # Rows of other cursor factories are built by psycopg2 only, and a
+            # connection subclass (e.g. LoggingConnection) expects its own cursor() to run.
+            return None
         if runner is None:
             runner = self._runner = LoopStatementRunner(raw)
         if runner.refusal() is not None:

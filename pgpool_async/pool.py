@@ -32,7 +32,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
-from ._loop.native import unavailable_reason as native_unavailable_reason
+from ._loop.native import preload as native_preload
 from .background import BackgroundTasks
 from .connection import (
     AsyncConnection,
@@ -91,8 +91,6 @@ def _check_timeout(name: str, value: float) -> float:
 def _check_io(io: str) -> str:
     if io not in ("auto", "loop", "thread"):
         raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
-    if io == "loop" and (reason := native_unavailable_reason()) is not None:
-        raise PoolConfigError(f'io="loop" is not available here ({reason}): use io="auto" or "thread"')
     return io
 
 
@@ -174,8 +172,8 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
       and the one-hop helpers run on the event loop through libpq itself
       (:mod:`pgpool_async._loop.native`) where possible, threads otherwise (other
       platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
-      ``"loop"``: the same, but :class:`PoolConfigError` here if the loop path
-      is not available in this process.
+      ``"loop"``: the same, but ``open()`` raises :class:`PoolConfigError` if
+      the loop path is not available in this process.
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
@@ -291,6 +289,13 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             raise PoolClosed(f"{CLOSED_MESSAGE}: pools cannot be reopened, create a new one")
         if self._opened:
             return
+        if self.io != "thread":
+            # Finding psycopg2's libpq reads /proc/self/maps: in a thread, once.
+            reason = await anyio.to_thread.run_sync(native_preload)
+            if reason is not None and self.io == "loop":
+                raise PoolConfigError(
+                    f'io="loop" is not available here ({reason}): use io="auto" or "thread"'
+                )
         self._opened = True
         await self._tasks.start()
         self._sweep_wake = anyio.Event()

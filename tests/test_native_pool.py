@@ -46,6 +46,11 @@ def rows(dsn: str, table: str) -> list[int]:
     return [r[0] for r in server_query(dsn, f"SELECT x FROM {table} ORDER BY x")]
 
 
+async def test_io_loop_opens_where_available(dsn: str) -> None:
+    async with AsyncConnectionPool(1, 1, dsn, io="loop") as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+
+
 def test_io_option_is_checked() -> None:
     with pytest.raises(PoolConfigError, match='io must be "auto", "loop" or "thread"'):
         AsyncConnectionPool(1, 1, "dbname=x", io="fast")

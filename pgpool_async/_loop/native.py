@@ -60,7 +60,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg2
 import psycopg2.errors
@@ -79,6 +79,8 @@ __all__ = [
     "LoopStatementRunner",
     "NativeUnavailable",
     "Result",
+    "StatementRunner",
+    "preload",
     "unavailable_reason",
 ]
 
@@ -117,11 +119,25 @@ class HandOffRefused(PoolError):
     first; the runner stays entered."""
 
 
-def unavailable_reason() -> str | None:
-    """Why the loop-native path is unavailable in this process, or None if it is."""
-    if _libpq.libpq_gil() is None:
+def preload() -> str | None:
+    """Find and load psycopg2's libpq (reads ``/proc/self/maps``: call it in a
+    worker thread, or before the loop starts); returns :func:`unavailable_reason`."""
+    if _libpq.libpq_gil() is None or _libpq.libpq() is None:
         return _libpq.unavailable_reason() or "psycopg2's libpq was not found"
+    _cell_functions()
     return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the loop-native path is unavailable in this process, or None if it is.
+
+    The first call loads libpq (file I/O): see :func:`preload`.
+    """
+    return preload()
+
+
+def _loaded() -> bool:
+    return _libpq.libpq_path.cache_info().currsize > 0
 
 
 class Result:
@@ -282,6 +298,36 @@ def _decode(raw: bytes | None, codec: str) -> str | None:
 # -- the runner -----------------------------------------------------------------------------------
 
 
+class StatementRunner(Protocol):
+    """What AsyncConnection needs from a way to run statements off the thread
+    path (:class:`LoopStatementRunner` is the one implementation). The
+    connection holds one per loan, calls these with its own lock held, and
+    :meth:`leave` before any psycopg2 code runs (``run_sync``, cursors, COPY,
+    notifications, the pool's return)."""
+
+    @property
+    def entered(self) -> bool: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def refusal(self) -> str | None: ...
+
+    def enter(self) -> None: ...
+
+    async def leave(self, to_thread: Callable[..., Any] | None = None) -> None: ...
+
+    async def execute(
+        self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
+    ) -> Result: ...
+
+    async def commit(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class _StatementFuture(asyncio.Future[None]):
     """A statement's future on asyncio: ``cancel()`` is refused and starts the
     cancel procedure instead, so the task gets its cancellation only once the
@@ -377,6 +423,9 @@ class LoopStatementRunner:
 
     def refusal(self) -> str | None:
         """Why :meth:`enter` would refuse this connection now, or None."""
+        if not _loaded():
+            # Never load on the loop (file I/O): whoever set us up calls preload() first.
+            return "libpq is not loaded yet: call pgpool_async._loop.native.preload() in a thread first"
         reason = unavailable_reason()
         if reason is not None:
             return reason
