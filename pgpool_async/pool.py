@@ -291,7 +291,7 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             return
         if self.io != "thread":
             # Finding psycopg2's libpq reads /proc/self/maps: in a thread, once.
-            reason = await anyio.to_thread.run_sync(native_preload)
+            reason = await self._offload.run_anyio(native_preload)
             if reason is not None and self.io == "loop":
                 raise PoolConfigError(
                     f'io="loop" is not available here ({reason}): use io="auto" or "thread"'

@@ -19,6 +19,7 @@ import anyio
 from psycopg2.extensions import connection as PGConnection
 
 from ._internals import PoolInternals
+from ._loop import native
 from .errors import PoolTimeout
 from .leaks import describe, logger
 
@@ -99,6 +100,7 @@ class PoolUpkeep(PoolInternals):
                 self.name,
                 describe(site),
             )
+            native.release(raw)  # its loop-native runner, if any, went with it
             await self._return_raw(raw)
 
     def _report_leaks(self) -> None:

@@ -172,3 +172,23 @@ async def test_notifications_after_loop_statements(dsn: str) -> None:
             async for note in conn.notifies(timeout=5, stop_after=1):
                 assert note.payload == "hi"
             await conn.unlisten(channel)
+
+
+async def test_a_connection_dropped_unreturned_is_recovered(dsn: str) -> None:
+    import gc
+
+    async with AsyncConnectionPool(1, 1, dsn, io="auto", leak_threshold=30) as pool:
+        conn = await pool.getconn()
+        await conn.execute("SELECT 1")  # on the loop, and a transaction left open
+        assert "io=loop" in repr(conn)
+        del conn
+        gc.collect()
+        assert await pool.fetchval("SELECT 1", timeout=5) == 1
+        conn = await pool.getconn()
+        await conn.execute("SELECT 1")
+        await conn.commit()  # idle now: the connection itself is reused
+        raw = conn.raw
+        del conn
+        gc.collect()
+        assert await pool.fetchval("SELECT 2", timeout=5) == 2
+        assert not raw.closed

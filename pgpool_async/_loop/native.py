@@ -81,6 +81,7 @@ __all__ = [
     "Result",
     "StatementRunner",
     "preload",
+    "release",
     "unavailable_reason",
 ]
 
@@ -134,6 +135,25 @@ def unavailable_reason() -> str | None:
     The first call loads libpq (file I/O): see :func:`preload`.
     """
     return preload()
+
+
+# Runners entered now, by id of their psycopg2 connection: lets the pool take a
+# connection back whose AsyncConnection (and so its runner) was dropped unreturned.
+_entered: dict[int, LoopStatementRunner] = {}
+
+
+def release(raw: PGConnection) -> None:
+    """On the loop thread, for a connection whose owner is gone (garbage-collected
+    unreturned): give it back to psycopg2 without waiting. A transaction open
+    on the loop path can't be handed over without a round trip: the connection
+    is closed then (the pool discards it). No-op if no runner holds it."""
+    runner = _entered.get(id(raw))
+    if runner is None or runner.raw is not raw:
+        return
+    if runner._lib.PQtransactionStatus(runner._pg) != _PQTRANS_IDLE or runner._busy:
+        runner.close()
+    else:
+        runner._detach()
 
 
 def _loaded() -> bool:
@@ -475,6 +495,7 @@ class LoopStatementRunner:
             raise NativeUnavailable("libpq refused non-blocking mode on this connection")
         self._fd = lib.PQsocket(pg)
         self._pg = pg
+        _entered[id(raw)] = self
         if self._asyncio is not None:
             self._asyncio.add_reader(self._fd, self._on_readable)
 
@@ -521,6 +542,7 @@ class LoopStatementRunner:
             await to_thread(_psycopg2_joins_transaction, self.raw)
 
     def _detach(self) -> None:
+        _entered.pop(id(self.raw), None)
         pg, self._pg = self._pg, None
         if self._asyncio is not None:
             self._asyncio.remove_reader(self._fd)
@@ -538,6 +560,7 @@ class LoopStatementRunner:
 
     def _close_raw(self) -> None:
         """Close the psycopg2 connection (I/O failure, unanswered cancel)."""
+        _entered.pop(id(self.raw), None)
         if self._pg is not None:
             loop, fd = self._asyncio, self._fd
             if loop is not None:
@@ -848,10 +871,13 @@ class LoopStatementRunner:
         """Wait (at most ``cancel_grace``) until the last cancel request has
         reached the server; if it never does, close the connection: a request
         landing later would cancel an innocent statement."""
-        sent, self._cancel_sent = self._cancel_sent, None
+        # Cleared only once settled: a caller cancelled while waiting here leaves
+        # it for the next statement to wait for.
+        sent = self._cancel_sent
         if self._asyncio is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(sent), self.cancel_grace)
+                self._cancel_sent = None
                 return
             except asyncio.TimeoutError:
                 pass
@@ -860,7 +886,9 @@ class LoopStatementRunner:
 
             with trio.move_on_after(self.cancel_grace):
                 await sent.wait()
+                self._cancel_sent = None
                 return
+        self._cancel_sent = None
         self._close_raw()
         raise psycopg2.OperationalError(
             "a cancel request did not reach the server in time; the connection was closed"
