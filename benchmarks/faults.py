@@ -16,7 +16,7 @@ figures printed here are the ones the tests check.
    waiters get :class:`~pgpool_async.PoolTimeout` on schedule, with the last
    connection error as ``__cause__``; the pool refills ``minconn`` by itself.
 4. :func:`blackhole`: the pool talks to the server through a
-   :class:`~pgpool_async.faultproxy.FaultProxy` that starts swallowing every byte.
+   :class:`~pgpool_async.testing.faultproxy.FaultProxy` that starts swallowing every byte.
    The proxy runs in user space, so the kernel keeps ACKing for it: TCP keepalives
    and ``tcp_user_timeout`` (both set) cannot detect this kind of outage, and a
    running query blocks its worker thread until the connection is cut. The
@@ -60,8 +60,8 @@ import psycopg2.extensions
 
 import pgpool_async
 from pgpool_async import AsyncConnectionPool, PoolTimeout
-from pgpool_async.faultproxy import FaultProxy
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.faultproxy import FaultProxy
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 __all__ = [
     "KEEPALIVE_OPTIONS",
@@ -633,7 +633,7 @@ async def blackhole(
                     for _ in range(size):
                         tg.start_soon(hold)
                     with anyio.fail_after(5):
-                        while pool.get_stats()["pool_available"] or pool._engine.used_count < size:
+                        while pool.get_stats()["pool_available"] or pool._ledger.lent_count < size:
                             await anyio.sleep(0.005)
                     async with anyio.create_task_group() as waiting:
                         for _ in range(waiters):
@@ -723,9 +723,9 @@ async def check_whole(pool: AsyncConnectionPool, dsn: str, app_name: str) -> dic
     slots still pending, requests still waiting, server backends idle in a
     transaction, and how many distinct connections can be lent at once
     (``maxconn`` unless one leaked)."""
-    engine = pool._engine
-    with anyio.move_on_after(10):  # connects abandoned by cancelled waiters may still land
-        while engine._pending:
+    ledger = pool._ledger
+    with anyio.move_on_after(10):  # connects and returns cut short by cancellations may still land
+        while ledger.opening_count or ledger.returning_count:
             await anyio.sleep(0.01)
     states = await backend_states(dsn, app_name)
     lent = []
@@ -739,8 +739,8 @@ async def check_whole(pool: AsyncConnectionPool, dsn: str, app_name: str) -> dic
     for conn in lent:
         await pool.putconn(conn)
     return {
-        "pending": engine._pending,
-        "used": engine.used_count,
+        "pending": ledger.opening_count + ledger.returning_count,
+        "used": ledger.lent_count,
         "requests_waiting": pool.get_stats()["requests_waiting"],
         "idle_in_transaction": sum(state.startswith("idle in transaction") for state in states.values()),
         "server_states": dict(Counter(states.values())),

@@ -100,10 +100,10 @@ def _hop_name(func: Callable[..., Any], args: tuple[Any, ...]) -> str:
 @contextlib.contextmanager
 def counting_hops(loop: asyncio.AbstractEventLoop) -> Iterator[collections.Counter[str]]:
     """Count the pool's thread hops by function: every call through
-    ``pgpool_async.offload.Offloader``'s ``run*`` methods (whatever runs them
+    ``pgpool_async._thread.offload.Offloader``'s ``run*`` methods (whatever runs them
     underneath), and ``call_soon_threadsafe`` calls, the loop's wake-ups from
     other threads, as ``"<loop wake-ups>"``."""
-    from pgpool_async.offload import Offloader
+    from pgpool_async._thread.offload import Offloader
 
     counts: collections.Counter[str] = collections.Counter()
     originals = {
@@ -307,7 +307,7 @@ def _server(dsn: str | None) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    from pgpool_async.throwaway import ThrowawayPostgres
+    from pgpool_async.testing.throwaway import ThrowawayPostgres
 
     with ThrowawayPostgres() as pg:
         yield pg.dsn

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from . import memory as memory_mod
 from .contenders import ContenderClass, select
@@ -166,13 +166,13 @@ def server(dsn: str | None) -> Iterator[tuple[str, str]]:
     if dsn:
         yield dsn, "given DSN"
         return
-    from pgpool_async.throwaway import ThrowawayPostgres
+    from pgpool_async.testing.throwaway import ThrowawayPostgres
 
     progress("starting a throwaway PostgreSQL server")
     pg = ThrowawayPostgres(settings={"max_connections": "300"})
     try:
         pg.start()
-        yield pg.dsn, "throwaway server (pgpool_async.throwaway)"
+        yield pg.dsn, "throwaway server (pgpool_async.testing.throwaway)"
     finally:
         pg.destroy()
         progress("throwaway server destroyed")

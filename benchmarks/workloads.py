@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from .contenders import AsyncContender, PoolSpec, ThreadsContender
 from .drivers import (

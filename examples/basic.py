@@ -10,7 +10,7 @@ import os
 import anyio
 
 from pgpool_async import AsyncConnectionPool, PoolTimeout
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 
 async def main(dsn: str) -> None:

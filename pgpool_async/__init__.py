@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from .connection import AsyncConnection
 from .cursor import AsyncCursor, Transaction
-from .engine import SimpleConnectionPool, ThreadedConnectionPool
 from .errors import (
     ConnectionReleased,
     PoolClosed,
@@ -21,12 +20,15 @@ from .errors import (
     PoolTimeout,
     TooManyRequests,
 )
+from .notifications import Notifies
 from .pool import AsyncConnectionPool
+from .sync import SimpleConnectionPool, ThreadedConnectionPool
 
 __all__ = [
     "AsyncConnection",
     "AsyncConnectionPool",
     "AsyncCursor",
+    "Notifies",
     "ConnectionReleased",
     "PoolClosed",
     "PoolConfigError",
@@ -38,4 +40,4 @@ __all__ = [
     "Transaction",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

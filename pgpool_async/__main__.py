@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .demo import main
+from ._demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 psycopg2 runs a COPY as one blocking call that reads from, or writes to, a
 file-like object. Here that call runs in one of the pool's worker threads
-(through :meth:`AsyncConnection.run_sync`, so it is the connection's one
+(through :meth:`Loan.call_user <pgpool_async._loan.Loan.call_user>`, so it is the connection's one
 operation in progress), and psycopg2 is handed an adapter:
 
 - a **sync file** (``read``/``write`` return data: ``io.BytesIO``, an open
@@ -43,7 +43,7 @@ from __future__ import annotations
 import inspect
 import io
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -54,10 +54,8 @@ from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 from psycopg2.sql import Composable
 
+from ._loan import Loan
 from .errors import PoolError
-
-if TYPE_CHECKING:
-    from .connection import AsyncConnection
 
 __all__ = ["DEFAULT_SIZE", "copy_expert", "copy_from", "copy_to"]
 
@@ -67,9 +65,7 @@ DEFAULT_SIZE = 8192
 _STATUS_ACTIVE = psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
 
 
-async def copy_expert(
-    conn: AsyncConnection, sql: str | Composable, file: object, size: int = DEFAULT_SIZE
-) -> int:
+async def copy_expert(conn: Loan, sql: str | Composable, file: object, size: int = DEFAULT_SIZE) -> int:
     """Run ``COPY ... FROM STDIN`` or ``COPY ... TO STDOUT`` with ``file``; returns the row count.
 
     The direction comes from ``sql``: ``file`` needs ``read`` (or ``receive``)
@@ -85,7 +81,7 @@ async def copy_expert(
 
 
 async def copy_from(
-    conn: AsyncConnection,
+    conn: Loan,
     file: object,
     table: str,
     sep: str = "\t",
@@ -109,7 +105,7 @@ async def copy_from(
 
 
 async def copy_to(
-    conn: AsyncConnection,
+    conn: Loan,
     file: object,
     table: str,
     sep: str = "\t",
@@ -145,12 +141,12 @@ def _check_no_wait_callback() -> None:
         )
 
 
-async def _run(conn: AsyncConnection, adapter: _CopyFile, call: Callable[[PGCursor], None]) -> int:
+async def _run(conn: Loan, adapter: _CopyFile, call: Callable[[PGCursor], None]) -> int:
     _check_no_wait_callback()
     try:
         # A cancellation stops the COPY at its next chunk (anyio alone would not
         # reliably cancel the loop calls of a thread that is between chunks).
-        return await conn._run_sync_cancellable(_copy_in_thread, adapter, call, on_cancel=adapter.abort)
+        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=adapter.abort)
     except BaseException as exc:
         error = adapter.error
         if error is None:

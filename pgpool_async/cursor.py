@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 
+from ._loan import Loan
+from ._thread.blocking import Params, execute
 from .errors import PoolError
-
-if TYPE_CHECKING:
-    from .connection import AsyncConnection, Params
 
 __all__ = ["AsyncCursor", "Transaction"]
 
@@ -33,10 +33,10 @@ class AsyncCursor:
     pass through.
     """
 
-    __slots__ = ("_conn", "_cur")
+    __slots__ = ("_cur", "_loan")
 
-    def __init__(self, conn: AsyncConnection, cur: PGCursor) -> None:
-        self._conn = conn
+    def __init__(self, loan: Loan, cur: PGCursor) -> None:
+        self._loan = loan
         self._cur = cur
 
     @property
@@ -72,7 +72,7 @@ class AsyncCursor:
             object.__setattr__(self, name, value)
 
     async def _io(self, func: Callable[..., T], *args: Any) -> T:
-        return await self._conn._call(lambda _raw: func(*args))
+        return await self._loan.call(lambda _raw: func(*args))
 
     async def execute(self, sql: str, params: Params = None) -> None:
         """Execute a statement in a worker thread."""
@@ -122,7 +122,7 @@ class AsyncCursor:
         """Close the cursor (a server-side one tells the server)."""
         if self._cur.closed:
             return
-        if self.server_side and not self._conn.closed:
+        if self.server_side and not self._loan.detached and not self._loan.raw.closed:
             await self._io(self._cur.close)
         else:
             self._cur.close()
@@ -142,24 +142,25 @@ class Transaction:
     rolled back to on error. In autocommit mode the outermost block sends BEGIN.
     """
 
-    __slots__ = ("_conn", "_explicit", "_savepoint")
+    __slots__ = ("_explicit", "_loan", "_savepoint")
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, loan: Loan) -> None:
+        self._loan = loan
         self._savepoint: str | None = None
         self._explicit = False
 
     async def __aenter__(self) -> Transaction:
-        conn = self._conn
-        raw = conn.raw
-        depth = conn._tx_depth
+        loan = self._loan
+        loan.check()
+        raw = loan.raw
+        depth = loan.tx_depth
         if depth or raw.get_transaction_status() != 0:  # 0: TRANSACTION_STATUS_IDLE
             self._savepoint = f"pgpool_sp_{depth + 1}"
-            await conn.execute(f"SAVEPOINT {self._savepoint}")
+            await loan.call(execute, f"SAVEPOINT {self._savepoint}", None)
         elif raw.autocommit:
             self._explicit = True
-            await conn.execute("BEGIN")
-        conn._tx_depth = depth + 1
+            await loan.call(execute, "BEGIN", None)
+        loan.tx_depth = depth + 1
         return self
 
     async def __aexit__(
@@ -168,19 +169,19 @@ class Transaction:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        conn = self._conn
-        conn._tx_depth -= 1
-        if conn.released:
+        loan = self._loan
+        loan.tx_depth -= 1
+        if loan.detached:
             raise PoolError("the connection was returned to the pool inside a transaction block")
         if self._savepoint is not None:
             if exc_type is None:
-                await conn.execute(f"RELEASE SAVEPOINT {self._savepoint}")
+                await loan.call(execute, f"RELEASE SAVEPOINT {self._savepoint}", None)
             else:
-                await conn.execute(f"ROLLBACK TO SAVEPOINT {self._savepoint}")
-                await conn.execute(f"RELEASE SAVEPOINT {self._savepoint}")
+                await loan.call(execute, f"ROLLBACK TO SAVEPOINT {self._savepoint}", None)
+                await loan.call(execute, f"RELEASE SAVEPOINT {self._savepoint}", None)
         elif self._explicit:
-            await conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            await loan.call(execute, "COMMIT" if exc_type is None else "ROLLBACK", None)
         elif exc_type is None:
-            await conn.commit()
+            await loan.call(PGConnection.commit)
         else:
-            await conn.rollback()
+            await loan.call(PGConnection.rollback)

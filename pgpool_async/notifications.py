@@ -25,7 +25,6 @@ Rules that follow from PostgreSQL and from "one operation at a time":
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -35,11 +34,8 @@ from psycopg2 import sql
 from psycopg2.extensions import Notify
 from psycopg2.extensions import connection as PGConnection
 
-from .engine import CLOSED_MESSAGE, reset_for_reuse
+from ._loan import Loan
 from .errors import PoolClosed, PoolError
-
-if TYPE_CHECKING:
-    from .connection import AsyncConnection
 
 __all__ = ["Notifies", "listen", "notify", "unlisten"]
 
@@ -68,7 +64,7 @@ class Notifies:
 
     __slots__ = ("_conn", "_done", "_received", "_stop_after", "_timeout")
 
-    def __init__(self, conn: AsyncConnection, timeout: float | None = None, stop_after: int | None = None):
+    def __init__(self, conn: Loan, timeout: float | None = None, stop_after: int | None = None):
         if timeout is not None and (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
@@ -80,7 +76,7 @@ class Notifies:
             isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0
         ):
             raise ValueError(f"stop_after must be an int >= 0, or None, got {stop_after!r}")
-        conn.raw  # noqa: B018  (raises ConnectionReleased now rather than at the first wait)
+        conn.check()  # raises ConnectionReleased now rather than at the first wait
         self._conn = conn
         self._timeout = timeout
         self._stop_after = stop_after
@@ -99,8 +95,9 @@ class Notifies:
         notification: Notify | None = None
         with anyio.CancelScope(deadline=deadline):
             await anyio.lowlevel.checkpoint()  # a flood of notifications still lets others run
-            async with conn._lock:
-                await conn._leave_loop()  # psycopg2 reads the socket from here
+            conn.check()
+            async with conn.turn:
+                await conn.leave_loop()  # psycopg2 reads the socket from here
                 notification = await _next_notification(conn.raw)
         # No checkpoint between taking the notification and returning it: a
         # timeout or a cancellation can't lose it.
@@ -127,7 +124,7 @@ async def _next_notification(raw: PGConnection) -> Notify:
             await anyio.wait_readable(fd)
         except anyio.ClosedResourceError:
             # The pool closed the connection under us (close()/closeall()).
-            raise PoolClosed(CLOSED_MESSAGE) from None
+            raise PoolClosed("connection pool is closed: the pool closed this connection") from None
 
 
 def _check_channel(channel: object) -> str:
@@ -149,7 +146,7 @@ def _run_now(
         raw.commit()
 
 
-async def listen(conn: AsyncConnection, channel: str) -> None:
+async def listen(conn: Loan, channel: str) -> None:
     """``LISTEN channel``, in effect at once: commits unless the connection is in
     autocommit mode (the open transaction, if any, is committed with it) or
     inside ``conn.transaction()`` (then it takes effect when that block commits).
@@ -158,27 +155,11 @@ async def listen(conn: AsyncConnection, channel: str) -> None:
     :raises ValueError: ``channel`` is empty.
     """
     query = sql.SQL("LISTEN {}").format(sql.Identifier(_check_channel(channel)))
-    conn._listened = True  # the pool unlistens when the connection comes back
-    await conn.run_sync(_run_now, query, None, conn._tx_depth == 0)
+    conn.listened = True  # the pool unlistens when the connection comes back
+    await conn.call_user(_run_now, query, None, conn.tx_depth == 0)
 
 
-def forget_listens(raw: PGConnection) -> bool:
-    """In a worker thread, on return to the pool: ``UNLISTEN *`` and drop pending
-    notifications, so the next borrower starts clean. False if that failed."""
-    if not reset_for_reuse(raw):
-        return False
-    try:
-        with raw.cursor() as cur:
-            cur.execute("UNLISTEN *")
-        if not raw.autocommit:
-            raw.commit()
-    except psycopg2.Error:
-        return False
-    del raw.notifies[:]
-    return True
-
-
-async def unlisten(conn: AsyncConnection, channel: str | None = None) -> None:
+async def unlisten(conn: Loan, channel: str | None = None) -> None:
     """``UNLISTEN channel``, or ``UNLISTEN *`` with no channel; commits like :func:`listen`.
 
     :raises TypeError: ``channel`` is given but is not a str.
@@ -188,10 +169,10 @@ async def unlisten(conn: AsyncConnection, channel: str | None = None) -> None:
         query: sql.Composable = sql.SQL("UNLISTEN *")
     else:
         query = sql.SQL("UNLISTEN {}").format(sql.Identifier(_check_channel(channel)))
-    await conn.run_sync(_run_now, query, None, conn._tx_depth == 0)
+    await conn.call_user(_run_now, query, None, conn.tx_depth == 0)
 
 
-async def notify(conn: AsyncConnection, channel: str, payload: str = "") -> None:
+async def notify(conn: Loan, channel: str, payload: str = "") -> None:
     """``SELECT pg_notify(channel, payload)``; sent at once: commits like :func:`listen`
     (PostgreSQL sends notifications when the transaction commits).
 
@@ -201,6 +182,6 @@ async def notify(conn: AsyncConnection, channel: str, payload: str = "") -> None
     """
     if not isinstance(payload, str):
         raise TypeError(f"payload must be a str, got {type(payload).__name__}")
-    await conn.run_sync(
-        _run_now, "SELECT pg_notify(%s, %s)", (_check_channel(channel), payload), conn._tx_depth == 0
+    await conn.call_user(
+        _run_now, "SELECT pg_notify(%s, %s)", (_check_channel(channel), payload), conn.tx_depth == 0
     )

@@ -1,26 +1,33 @@
-"""The async pool: psycopg2's ThreadedConnectionPool behind an anyio facade.
+"""The async pool: psycopg2 connections behind an anyio facade.
 
-Who does what:
+Who does what (each piece of state has one owner):
 
-- the engine (:class:`~pgpool_async.engine.ThreadedConnectionPool`) keeps the
-  books; its state methods do no I/O and are only called on the event loop, so
-  its lock is never contended by a thread doing I/O;
-- :mod:`~pgpool_async.waiting` queues requests when no connection is idle;
-- :mod:`~pgpool_async.offload` runs every connect, query, rollback and close in
-  the pool's own worker threads;
-- :mod:`~pgpool_async.background` hosts the pool's tasks: those of
-  :mod:`~pgpool_async.growth` open connections for waiters and refill
-  ``minconn`` (a waiter is served by whichever comes first, a returned
-  connection or a new one), those of :mod:`~pgpool_async.upkeep` enforce
-  deadlines and lifetimes and report leaks.
+- :class:`~._loop.ledger.Ledger` owns every connection's state (one
+  :class:`~._loop.ledger.Slot` each) and decides every change, on the loop,
+  with no I/O; it returns a :class:`~._loop.ledger.Plan` of I/O to do, which
+  :meth:`AsyncConnectionPool._apply` carries out in the background;
+- :class:`~._loop.waiting.WaitQueue` queues requests (FIFO) and enforces their
+  deadlines;
+- :class:`~._loop.opener.Opener` opens connections, backing off after every
+  failure; :class:`~._loop.upkeep.Upkeep` retires and refills;
+- :class:`~._thread.offload.Offloader` runs every connect, query, rollback and
+  close in the pool's own threads; :class:`~._thread.background.BackgroundTasks`
+  hosts the pool's tasks.
+
+Hand-back cannot be interrupted: returning a connection is a state change on
+the loop (no await), and whatever I/O it needs (rollback, reset, close) runs in
+a task the pool owns. A caller may await it, for back-pressure; cancelling that
+await (anyio, ``task.cancel()``, ``wait_for``) leaves the return to finish. The
+same holds for :meth:`AsyncConnectionPool.close`.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
+import logging
+import threading
 import time
-import traceback
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
@@ -28,93 +35,46 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
-import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
-from ._loop.native import preload as native_preload
-from .background import BackgroundTasks
-from .connection import (
-    AsyncConnection,
-    Params,
-    _all_rows,
-    _first_row,
-    _first_value,
-    _rowcount,
-    execute_sync,
-    fetchall_sync,
-    fetchone_sync,
-    fetchval_sync,
-    run_and_commit,
-)
-from .engine import (
-    CLOSED_MESSAGE,
-    ThreadedConnectionPool,
-    check_connect_args,
-    check_sizes,
-    close_quietly,
-    is_usable,
-    reset_for_reuse,
-)
-from .errors import (
-    PoolClosed,
-    PoolConfigError,
-    PoolError,
-    PoolTimeout,
-    TooManyRequests,
-)
-from .growth import OPEN, PoolGrowth
-from .health import ConnInfo, Health
-from .leaks import call_site, logger
-from .notifications import forget_listens
-from .offload import Offloader
-from .stats import PoolStats
-from .upkeep import PoolUpkeep
-from .waiting import WaitQueue
+from ._config import check_connect_args, check_sizes, check_timeout, describe_target, with_connect_timeout
+from ._loan import Loan
+from ._loop import native
+from ._loop.health import Health, HookFailed, HookLog, looks_alive
+from ._loop.leaks import call_site
+from ._loop.ledger import Ledger, Plan, Slot, SlotState
+from ._loop.opener import Opener
+from ._loop.stats import PoolStats
+from ._loop.upkeep import Upkeep
+from ._loop.waiting import Waiter, WaitQueue
+from ._thread import blocking
+from ._thread.background import BackgroundTasks
+from ._thread.blocking import Params, close_all, run_and_commit
+from ._thread.offload import Offloader
+from .connection import AsyncConnection
+from .errors import PoolClosed, PoolConfigError, PoolError, PoolTimeout, TooManyRequests
 
 __all__ = ["AsyncConnectionPool"]
 
 T = TypeVar("T")
+logger = logging.getLogger("pgpool_async")
 _names = itertools.count(1)
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_OPENING_AT_ONCE = 4
+CLOSED_MESSAGE = "connection pool is closed"
 
 
-def _check_timeout(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise PoolConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if value <= 0:
-        raise PoolConfigError(f"{name} must be > 0 seconds (use math.inf to wait forever), got {value}")
-    return float(value)
+def _weak(method: Callable[..., Any], gone: Any = None) -> Callable[..., Any]:
+    """``method`` of an object held weakly: calls it while the object lives,
+    else returns ``gone``. Background tasks hold the pool this way, so a pool
+    dropped without ``close()`` can be collected."""
+    ref = weakref.WeakMethod(method)
 
+    def call(*args: Any) -> Any:
+        bound = ref()
+        return gone if bound is None else bound(*args)
 
-def _check_io(io: str) -> str:
-    if io not in ("auto", "loop", "thread"):
-        raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
-    return io
-
-
-def _with_connect_timeout(kwargs: dict[str, Any], params: dict[str, str], timeout: float) -> dict[str, Any]:
-    """libpq waits forever for an unresponsive server: bound each connect attempt
-    by the pool timeout unless the user set ``connect_timeout`` themselves."""
-    if "connect_timeout" in params:
-        return kwargs
-    seconds = 2 if math.isinf(timeout) else max(2, math.ceil(timeout))
-    return {**kwargs, "connect_timeout": seconds}
-
-
-def _describe_target(params: dict[str, str]) -> str:
-    """``dbname@host:port`` for messages: never the password."""
-    host = params.get("host", "")
-    port = params.get("port", "")
-    return f"{params.get('dbname', '')}@{host}{':' if port else ''}{port}"
-
-
-class _NoEvent:
-    """Stands in for the sweeper's event before ``open()`` (no loop yet)."""
-
-    def set(self) -> None:
-        return None
+    return call
 
 
 class _ConnectionContext:
@@ -140,20 +100,29 @@ class _ConnectionContext:
     ) -> None:
         conn, self._conn = self._conn, None
         assert conn is not None
-        if conn.released:  # the body returned it itself
+        slot, loan = conn._slot, conn._loan
+        if slot is None or loan is None:  # the body returned it itself
             return
         try:
             if exc_type is None:
-                await conn._idle()
-                raw = conn.raw
-                if not raw.closed and raw.get_transaction_status() != _STATUS_IDLE:
-                    await conn.commit()
+                if slot.closed_by_pool:
+                    raise PoolClosed(
+                        f"pool {self._pool.name!r} was closed while this connection was lent and "
+                        "closed it (close() timeout passed): its transaction was NOT committed; "
+                        "give close() a longer timeout, or finish work before closing"
+                    )
+                await loan.turn.wait_idle()  # a call another task started on it ends first
+                raw = loan.raw
+                if raw.get_transaction_status() != _STATUS_IDLE:
+                    await loan.call(blocking.commit_if_open)
         finally:
-            # On error, cancellation or a failed commit, putconn rolls back.
-            await self._pool.putconn(conn)
+            # On error, cancellation or a failed commit, the return rolls back.
+            # Starting it never awaits; waiting for it is back-pressure only.
+            done = self._pool._start_return(conn, close=False)
+            await _back_pressure(done)
 
 
-class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
+class AsyncConnectionPool:
     """An asyncio/trio connection pool over psycopg2, that never blocks the event loop.
 
     ``AsyncConnectionPool(minconn, maxconn, *args, **kwargs)``: ``args`` and
@@ -169,9 +138,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
     - ``autocommit``: hand out connections in autocommit mode.
     - ``io``: how statements run. ``"thread"`` (default for now): in the pool's
       worker threads. ``"auto"``: ``execute``/``fetch*``/``commit``/``rollback``
-      and the one-hop helpers run on the event loop through libpq itself
-      (:mod:`pgpool_async._loop.native`) where possible, threads otherwise (other
-      platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
+      and the one-hop helpers run on the event loop through psycopg2's own libpq
+      (:mod:`pgpool_async._loop.native`) where possible; threads otherwise
+      (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
       ``"loop"``: the same, but ``open()`` raises :class:`PoolConfigError` if
       the loop path is not available in this process.
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
@@ -181,18 +150,22 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
       ``check``, idle connections are still screened without a round trip
       (closed, or the server hung up).
     - ``configure(raw_connection)``: run on each new connection (committed);
-      ``reset(raw_connection)``: run on each return, after the rollback. A
-      connection that fails either is discarded, never lent.
+      ``reset(raw_connection)``: run on each return, after the rollback, outside
+      any transaction (``DISCARD ALL`` works). A connection that fails either is
+      discarded, never lent; the failure is logged at WARNING (rate-limited).
     - ``max_lifetime`` (default 1 h, up to 10% less at random) and ``max_idle``
       (default 10 min, above ``minconn``): connections older, or idle longer,
       are replaced in the background. ``None`` disables either.
     - ``reconnect_timeout`` (default 5 min): after that long failing to refill
-      ``minconn``, call ``reconnect_failed(pool)`` and keep trying later.
+      ``minconn``, call ``reconnect_failed(pool)`` (sync or async) and keep
+      trying later.
     - ``leak_threshold``: seconds after which a connection not returned is
       reported (logger ``pgpool_async``) with where it was taken.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
     opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
+    A pool opened and dropped without ``close()`` warns with ``ResourceWarning``
+    when collected, and closes its connections and threads.
     """
 
     def __init__(
@@ -218,71 +191,100 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
     ) -> None:
         check_sizes(minconn, maxconn)
         params = check_connect_args(args, kwargs)
-        self.timeout = _check_timeout("timeout", timeout)
+        self.timeout = check_timeout("timeout", timeout)
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
-        self.io = _check_io(io)
-        self._health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
-        self.reconnect_timeout = _check_timeout("reconnect_timeout", reconnect_timeout)
+        if io not in ("auto", "loop", "thread"):
+            raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
+        self.io = io
+        health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
+        reconnect_timeout = check_timeout("reconnect_timeout", reconnect_timeout)
         if reconnect_failed is not None and not callable(reconnect_failed):
             raise PoolConfigError(
                 f"reconnect_failed must be a callable taking the pool, got {reconnect_failed!r}"
             )
         self._reconnect_failed = reconnect_failed
         self.leak_threshold = (
-            None if leak_threshold is None else _check_timeout("leak_threshold", leak_threshold)
+            None if leak_threshold is None else check_timeout("leak_threshold", leak_threshold)
         )
-        self._engine: ThreadedConnectionPool = ThreadedConnectionPool.unopened(
-            minconn, maxconn, *args, **_with_connect_timeout(kwargs, params, self.timeout)
-        )
-        self._target = _describe_target(params)
+        self._connect_kwargs = with_connect_timeout(kwargs, params, self.timeout)
+        self._target = describe_target(params)
+        self._health = health
+        self._stats = PoolStats()
+        self._hook_log = HookLog(logger, self.name)
+        self._waiting = WaitQueue()
+        self._ledger = Ledger(minconn, maxconn, self._waiting)
         self._offload = Offloader(maxconn, self.name)
         self._tasks = BackgroundTasks(self.name)
-        self._waiting = WaitQueue()
-        self._lent: dict[int, weakref.ref[AsyncConnection]] = {}
-        self._info: dict[int, ConnInfo] = {}
-        self._orphans: list[tuple[PGConnection, traceback.StackSummary | None]] = []
-        self._generation = 0
-        self._growing = 0
-        self._filling = 0
+        usable = _weak(self._usable, gone=False)
+        self._opener = Opener(
+            name=self.name,
+            target=self._target,
+            connect_args=(args, self._connect_kwargs),
+            autocommit=self.autocommit,
+            ledger=self._ledger,
+            offload=self._offload,
+            health=health,
+            stats=self._stats,
+            hook_log=self._hook_log,
+            waiting=self._waiting,
+            apply=_weak(self._apply),
+            usable=usable,
+            reconnect_timeout=reconnect_timeout,
+            reconnect_failed=_weak(self._call_reconnect_failed),
+        )
+        self._upkeep = Upkeep(
+            name=self.name,
+            ledger=self._ledger,
+            health=health,
+            stats=self._stats,
+            leak_threshold=self.leak_threshold,
+            apply=_weak(self._apply_alive, gone=False),
+            recover=_weak(self._recover, gone=False),
+            usable=usable,
+        )
         self._opened = False
-        self._closing = False
-        self._all_returned: anyio.Event | None = None
-        self._last_error: BaseException | None = None
-        self._stats = PoolStats()
-        self._sweep_target = math.inf
-        self._sweep_wake: anyio.Event | Any = _NoEvent()
+        self._closed_done: anyio.Event | None = None
+        self._never_opened_closed = False
 
     # -- properties ---------------------------------------------------------
 
     @property
     def minconn(self) -> int:
         """Connections kept open."""
-        return self._engine.minconn
+        return self._ledger.minconn
 
     @property
     def maxconn(self) -> int:
         """At most this many connections, open or opening."""
-        return self._engine.maxconn
+        return self._ledger.maxconn
+
+    @property
+    def reconnect_timeout(self) -> float:
+        return self._opener.reconnect_timeout
 
     @property
     def closed(self) -> bool:
-        """True once closing has started (or before ``open()``, False)."""
-        return self._closing or self._engine.closed
+        """True once closing has started (before ``open()``, False)."""
+        return self._ledger.closing or self._never_opened_closed
 
     # -- lifecycle ------------------------------------------------------------
 
     async def open(self) -> None:
         """Open ``minconn`` connections, in worker threads, and start serving.
 
-        Retries failed connects with backoff until ``timeout``.
+        Retries failed connects with backoff until ``timeout``, except errors
+        that retrying cannot fix (unknown database or role, failed password,
+        unknown host): those are raised at once, as psycopg2 raised them.
 
         :raises PoolTimeout: ``minconn`` connections could not be opened within
             ``timeout``; its ``__cause__`` is the last connect error. The pool is
             closed then.
+        :raises psycopg2.OperationalError: a connect error that cannot heal (the
+            pool is closed then).
         :raises PoolClosed: the pool was closed; pools cannot be reopened.
         """
         if self.closed:
@@ -291,33 +293,39 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             return
         if self.io != "thread":
             # Finding psycopg2's libpq reads /proc/self/maps: in a thread, once.
-            reason = await self._offload.run_anyio(native_preload)
+            reason = await self._offload.run_anyio(native.preload)
             if reason is not None and self.io == "loop":
                 raise PoolConfigError(
                     f'io="loop" is not available here ({reason}): use io="auto" or "thread"'
                 )
         self._opened = True
         await self._tasks.start()
-        self._sweep_wake = anyio.Event()
-        self._tasks.spawn(self._expire_waiters)
-        # A few connects at a time, like psycopg_pool's workers: each takes a thread.
-        opening = anyio.CapacityLimiter(_OPENING_AT_ONCE)
+        self._tasks.spawn(
+            self._waiting.enforce_deadlines,
+            _timeout_error(self.name, self._ledger, self._stats, self._opener),
+        )
+        self._tasks.spawn(self._upkeep.run)
+        self._apply(self._ledger.assign(self._usable))
+        ledger, opener = self._ledger, self._opener
         try:
             with anyio.fail_after(self.timeout):
-                async with anyio.create_task_group() as group:
-                    for _ in range(self.minconn):
-                        if self._engine._reserve():
-                            group.start_soon(self._open_idle_connection, OPEN, opening)
+                while ledger.size - ledger.opening_count < ledger.minconn:
+                    if opener.permanent_error is not None:
+                        raise opener.permanent_error
+                    await opener.progress()
         except TimeoutError:
-            await self.close()
+            await self._close_quietly()
             raise PoolTimeout(
                 f"pool {self.name!r} couldn't open {self.minconn} connection(s) to "
                 f"{self._target} within {self.timeout:.2f} sec"
-            ) from self._last_error
+            ) from opener.last_error
         except BaseException:
-            await self.close()
+            await self._close_quietly()
             raise
-        self._tasks.spawn(self._maintain)
+
+    async def _close_quietly(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.close()
 
     async def __aenter__(self) -> AsyncConnectionPool:
         await self.open()
@@ -329,43 +337,70 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiting requests get :class:`PoolClosed`, lent
         connections get up to ``timeout`` seconds to come back, then every
-        connection is closed. Safe to call twice.
+        connection is closed (a ``connection()`` block still running then raises
+        :class:`PoolClosed` instead of committing). Safe to call twice, and
+        concurrently.
+
+        Closing is the pool's own task: cancelling ``close()`` (or a timeout
+        around it) stops the waiting, not the closing, which finishes in the
+        background; the pool is never left half closed.
         """
-        _check_timeout("close timeout", timeout)
-        if self._engine.closed:
+        check_timeout("close timeout", timeout)
+        if not self._opened:
+            self._never_opened_closed = True
             return
-        self._closing = True
-        self._waiting.fail_all(PoolClosed(CLOSED_MESSAGE))
-        if self._engine.used_count:
-            self._all_returned = anyio.Event()
-            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
-                await self._all_returned.wait()
-        await self._close_everything()
+        self._start_closing(timeout)
+        assert self._closed_done is not None
+        await self._closed_done.wait()
+        await self._tasks.wait_stopped()
 
     async def closeall(self) -> None:
         """Close every connection now, those lent out included, and close the pool.
 
         :raises PoolClosed: the pool was already closed (psycopg2's behaviour).
         """
-        if self._engine.closed:
+        if self.closed:
             raise PoolClosed(CLOSED_MESSAGE)
-        self._closing = True
-        self._waiting.fail_all(PoolClosed(CLOSED_MESSAGE))
-        await self._close_everything()
+        if not self._opened:
+            self._never_opened_closed = True
+            return
+        self._start_closing(0.0)
+        assert self._closed_done is not None
+        await self._closed_done.wait()
+        await self._tasks.wait_stopped()
 
-    async def _close_everything(self) -> None:
-        # Lent connections are closed too; their holders' putconn() then closes quietly.
-        conns = self._engine._close_all_state()
-        for raw in conns:
-            if not raw.closed:
-                anyio.notify_closing(raw)  # wakes a notifies() waiting on its socket
-        self._lent.clear()
-        self._info.clear()
-        with anyio.CancelScope(shield=True):
-            if conns:
-                await self._offload.run_return(_close_all, conns)
-            await self._tasks.aclose()
-        self._offload.shutdown()
+    def _start_closing(self, timeout: float) -> None:
+        """Begin closing, once: no I/O here; the rest runs in a pool task."""
+        if self._closed_done is not None:
+            return
+        self._closed_done = anyio.Event()
+        idle = self._ledger.start_closing()
+        self._waiting.fail_all(PoolClosed(CLOSED_MESSAGE))
+        try:
+            self._tasks.spawn(self._finish_closing, idle, timeout, self._closed_done)
+        except PoolClosed:  # the tasks are gone (the loop is ending): close off the loop
+            self._close_off_loop([s.raw for s in [*idle, *self._ledger.close_lent()]])
+            self._offload.shutdown()
+            self._closed_done.set()
+
+    async def _finish_closing(self, idle: list[Slot], timeout: float, done: anyio.Event) -> None:
+        try:
+            if idle:
+                await self._offload.run_return(close_all, [s.raw for s in idle])
+            empty = anyio.Event()
+            self._ledger.when_empty(empty.set)
+            with anyio.move_on_after(timeout):
+                await empty.wait()
+            lent = self._ledger.close_lent()
+            for slot in lent:
+                if not slot.raw.closed:
+                    anyio.notify_closing(slot.raw)  # wakes a notifies() waiting on its socket
+            if lent:
+                await self._offload.run_return(close_all, [s.raw for s in lent])
+        finally:
+            self._offload.shutdown()
+            done.set()
+            self._tasks.stop()
 
     async def resize(self, minconn: int, maxconn: int) -> None:
         """Change the pool's sizes. Growing takes effect at once (waiters are
@@ -376,22 +411,42 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         """
         check_sizes(minconn, maxconn)
         self._check_serving()
-        self._engine.minconn, self._engine.maxconn = minconn, maxconn
         self._offload.resize(maxconn)
-        surplus = self._engine._evict_idle(lambda _: True, keep=maxconn)
-        await self._close_evicted(surplus)
-        self._ensure_min()
-        self._dispatch()
+        plan = Plan(close=self._ledger.resize(minconn, maxconn))
+        plan += self._ledger.assign(self._usable)
+        self._apply(plan)
+        await anyio.lowlevel.checkpoint()
 
     async def drain(self) -> None:
         """Replace every connection gracefully (e.g. after a password rotation):
         idle ones are closed now and ``minconn`` reopened in the background; lent
         ones are closed when they come back instead of being reused."""
         self._check_serving()
-        self._generation += 1
-        old = self._engine._evict_idle(self._retired, keep=0)
-        await self._close_evicted(old)
-        self._ensure_min()
+        plan = Plan(close=self._ledger.drain())
+        plan += self._ledger.assign(self._usable)
+        self._apply(plan)
+        await anyio.lowlevel.checkpoint()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_opened", False) or self._closed_done is not None:
+            return
+        warnings.warn(
+            f"pool {self.name!r} was opened and never closed: use 'async with pool:' or "
+            "'await pool.close()'; its connections and threads are closed now",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
+        ledger = self._ledger
+        slots = [*ledger.start_closing(), *ledger.close_lent()]
+        self._close_off_loop([s.raw for s in slots])
+        self._tasks.stop_from_any_thread()
+        self._offload.shutdown()
+
+    @staticmethod
+    def _close_off_loop(conns: list[PGConnection]) -> None:
+        if conns:
+            threading.Thread(target=close_all, args=(conns,), name="pgpool-close", daemon=True).start()
 
     # -- lending --------------------------------------------------------------
 
@@ -400,7 +455,9 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
 
         On a clean exit the transaction is committed and the connection
         returned; on an exception (or cancellation) it is rolled back, returned,
-        and the exception propagates. Waiting follows :meth:`getconn`.
+        and the exception propagates. If ``close()`` closed the connection under
+        the block, a clean exit raises :class:`PoolClosed` (nothing was
+        committed). Waiting follows :meth:`getconn`.
         """
         return _ConnectionContext(self, key, timeout)
 
@@ -415,115 +472,101 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         :raises PoolError: the pool was never opened.
         """
         self._check_serving()
-        wait = self.timeout if timeout is None else _check_timeout("timeout", timeout)
+        wait = self.timeout if timeout is None else check_timeout("timeout", timeout)
         self._stats.requests_num += 1
-        if key is not None and (raw := self._engine._in_use(key)) is not None:
-            lent = self._lent[id(raw)]()
-            if lent is not None:
-                return lent
+        if key is not None and (held := self._ledger.lent_under(key)) is not None:
+            conn = held.holder() if held.holder is not None else None
+            if conn is not None:
+                return conn  # type: ignore[no-any-return]
         # Every call is a checkpoint (trio's rule), so a loop of checkouts that
         # never waits still lets other tasks run, and cancellation is seen here.
         await anyio.lowlevel.checkpoint()
         deadline = time.monotonic() + wait
         # Bounded: each pass that does not return discards a connection that
-        # failed its check, and only idle connections are ever checked.
+        # failed its check, and only connections idle long enough are checked.
         while True:
-            raw = self._take_ready(key)
-            if raw is None:
-                raw = await self._wait(key, deadline, wait)
-            if self._health.check is None or await self._passes_check(raw):
+            slot, plan = self._ledger.take(key, self._usable) if not len(self._waiting) else (None, Plan())
+            self._apply(plan)
+            if slot is None:
+                slot = await self._wait(key, deadline, wait)
+            if not self._health.check_due(slot.idle_since) or await self._passes_check(slot):
                 break
-        conn = AsyncConnection(self, raw, self._engine._rused[id(raw)])
+        return self._lend(slot)
+
+    def _lend(self, slot: Slot) -> AsyncConnection:
+        conn = AsyncConnection(self, slot, self._offload)
+        conn.loan.io = self.io
         if self.leak_threshold is not None:
-            conn.taken_at = call_site()
-        self._lent[id(raw)] = weakref.ref(conn, self._make_orphan_hook(raw, conn.taken_at))
+            slot.taken_at = call_site()
+        orphans = self._ledger.orphans
+
+        def dropped(ref: weakref.ref[AsyncConnection]) -> None:
+            # Any thread, any time (garbage collection): only record it.
+            if slot.holder is ref:
+                orphans.append(slot)
+
+        slot.holder = weakref.ref(conn, dropped)
         return conn
 
     def _check_serving(self) -> None:
         if self.closed:
-            raise PoolClosed(CLOSED_MESSAGE)
+            raise PoolClosed(f"{CLOSED_MESSAGE} (pool {self.name!r})")
         if not self._opened:
             raise PoolError(
                 f"pool {self.name!r} is not open: use 'async with pool:' or 'await pool.open()' first"
             )
 
-    def _retired(self, raw: PGConnection) -> bool:
-        """Past its lifetime, or from before a drain()."""
-        info = self._info.get(id(raw))
-        return info is None or info.generation != self._generation or time.monotonic() >= info.expires_at
-
-    def _take_ready(self, key: Hashable | None, trusted: PGConnection | None = None) -> PGConnection | None:
-        """An idle connection that still looks alive, lent under ``key``; no I/O.
-
-        ``trusted``: a connection that was in use a moment ago (it is handed on
-        without the socket peek, a system call that costs more than the rest of
-        the hand-off in a busy pool).
-        """
-        while (raw := self._engine._take_idle(key)) is not None:
-            retired = self._retired(raw)
-            if not retired and (raw is trusted or is_usable(raw)):
-                return raw
-            if retired and not raw.closed:
-                logger.debug("pool %r: replacing a connection past its lifetime", self.name)
-            else:
-                self._stats.connections_lost += 1
-                logger.info("pool %r: discarding a broken idle connection", self.name)
-            self._discard_lent(raw)
-        return None
-
-    async def _passes_check(self, raw: PGConnection) -> bool:
-        """Run the user's or built-in check if the connection sat idle long enough;
-        a failure discards it. Cancellation during the check keeps it safe."""
-        info = self._info.get(id(raw))
-        if not self._health.check_due(info.idle_since if info else None):
+    def _usable(self, slot: Slot) -> bool:
+        """The ledger's liveness test for an idle connection: no round trip, no wait."""
+        if slot.trusted or looks_alive(slot.raw):
             return True
-        try:
-            ok = await self._offload.run(self._health.run_check, raw)
-        except BaseException:
-            # The check finished (threads are not interrupted): give the connection back.
-            with anyio.CancelScope(shield=True):
-                await self._return_raw(raw)
-            raise
-        if not ok:
-            self._stats.connections_lost += 1
-            logger.info("pool %r: a connection failed its check and was discarded", self.name)
-            self._discard_lent(raw)
-        return ok
+        self._stats.connections_lost += 1
+        logger.info("pool %r: discarding a broken idle connection", self.name)
+        return False
 
-    async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> PGConnection:
+    async def _passes_check(self, slot: Slot) -> bool:
+        """Run the check on a connection that sat idle long enough; a failure
+        discards it (and backs off reopening). A caller cancelled meanwhile gets
+        its cancellation once the check is done, the connection given back."""
+        try:
+            error = await self._offload.run(self._health.check_in_thread, slot.raw)
+        except BaseException:
+            self._start_return_slot(slot, None, close=False)
+            raise
+        if error is None:
+            self._opener.backoff.succeeded()
+            return True
+        self._stats.connections_lost += 1
+        self._opener.backoff.failed()
+        if self._health.check is blocking.liveness_check:
+            logger.info("pool %r: a connection failed its check and was discarded: %s", self.name, error)
+        else:
+            self._hook_log.failed("check", error)
+        self._apply(self._ledger.discard(slot, self._usable))
+        return False
+
+    async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> Slot:
         if self.max_waiting and len(self._waiting) >= self.max_waiting:
             self._stats.requests_errors += 1
             raise TooManyRequests(
-                f"{len(self._waiting)} requests are already waiting for a connection "
-                f"(max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
+                f"pool {self.name!r}: {len(self._waiting)} requests are already waiting for a "
+                f"connection (max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
             )
         started = time.monotonic()
-        deadline = anyio.current_time() + max(deadline - started, 0.0)
-        waiter = self._waiting.push(key, deadline, timeout)
-        if deadline < self._sweep_target:
-            self._sweep_wake.set()  # the sweeper sleeps until a later deadline
+        waiter = self._waiting.push(key, anyio.current_time() + max(deadline - started, 0.0), timeout)
         self._stats.requests_queued += 1
-        self._grow()
+        self._apply(self._ledger.assign(self._usable))
         try:
-            return await waiter.wait()  # or PoolTimeout from the sweeper, PoolClosed from close()
+            return await waiter.wait()  # or PoolTimeout from the deadlines, PoolClosed from close()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
-            if handed is not None:  # handed a connection while being cancelled
-                self._give_back_nowait(handed)
+            if handed is not None:  # handed a connection while being cancelled: it is clean
+                self._apply(self._ledger.give_back(handed, self._usable))
             if isinstance(exc, PoolClosed):
                 self._stats.requests_errors += 1
             raise
         finally:
             self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
-
-    def _dispatch(self, trusted: PGConnection | None = None) -> None:
-        """Hand idle connections to waiters, first come first served; no I/O."""
-        while (waiter := self._waiting.first()) is not None:
-            raw = self._take_ready(waiter.key, trusted)
-            if raw is None:
-                self._grow()
-                return
-            self._waiting.hand(waiter, raw)
 
     # -- one-hop helpers ------------------------------------------------------
 
@@ -531,55 +574,23 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         """Borrow a connection, run ``func(raw_connection, *args)`` and commit in a
         single worker-thread call, then return the connection (rolled back on error).
         ``func`` may call back into the loop with ``anyio.from_thread``."""
-        return await self._borrow_and_run(AsyncConnection.run_sync, func, args, timeout)
+        return await self._borrow_and_run(Loan.call_user, func, args, timeout)
 
     async def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> int:
         """Run one statement on a pooled connection and commit; returns ``rowcount``."""
-        if self.io != "thread":
-            return await self._borrow_and_run(
-                AsyncConnection._statement_and_commit,
-                execute_sync,
-                (_rowcount, sql, params),
-                timeout,
-                run=False,
-            )
-        return await self._borrow_and_run(AsyncConnection._call, execute_sync, (sql, params), timeout)
+        return await self._borrow_and_run(Loan.call, blocking.execute, (sql, params), timeout)
 
     async def fetchone(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
         """Run a query on a pooled connection; its first row, or None."""
-        if self.io != "thread":
-            return await self._borrow_and_run(
-                AsyncConnection._statement_and_commit,
-                fetchone_sync,
-                (_first_row, sql, params),
-                timeout,
-                run=False,
-            )
-        return await self._borrow_and_run(AsyncConnection._call, fetchone_sync, (sql, params), timeout)
+        return await self._borrow_and_run(Loan.call, blocking.fetchone, (sql, params), timeout)
 
     async def fetchall(self, sql: str, params: Params = None, *, timeout: float | None = None) -> list[Any]:
         """Run a query on a pooled connection; all its rows."""
-        if self.io != "thread":
-            return await self._borrow_and_run(
-                AsyncConnection._statement_and_commit,
-                fetchall_sync,
-                (_all_rows, sql, params),
-                timeout,
-                run=False,
-            )
-        return await self._borrow_and_run(AsyncConnection._call, fetchall_sync, (sql, params), timeout)
+        return await self._borrow_and_run(Loan.call, blocking.fetchall, (sql, params), timeout)
 
     async def fetchval(self, sql: str, params: Params = None, *, timeout: float | None = None) -> Any:
         """Run a query on a pooled connection; the first column of its first row, or None."""
-        if self.io != "thread":
-            return await self._borrow_and_run(
-                AsyncConnection._statement_and_commit,
-                fetchval_sync,
-                (_first_value, sql, params),
-                timeout,
-                run=False,
-            )
-        return await self._borrow_and_run(AsyncConnection._call, fetchval_sync, (sql, params), timeout)
+        return await self._borrow_and_run(Loan.call, blocking.fetchval, (sql, params), timeout)
 
     async def _borrow_and_run(
         self,
@@ -587,25 +598,24 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         func: Callable[..., Any],
         args: tuple[Any, ...],
         timeout: float | None,
-        run: bool = True,
     ) -> T:
-        """Borrow, run ``func`` then commit in one worker-thread call, return.
-        ``run=False``: ``runner`` commits itself (the loop-native helpers)."""
+        """Borrow, run ``func`` then commit in one worker-thread call, return."""
         conn = await self.getconn(timeout=timeout)
         try:
-            if not run:
-                return await runner(conn, func, *args)
-            return await runner(conn, run_and_commit, func, *args)
+            return await runner(conn.loan, run_and_commit, func, *args)
         finally:
-            await self.putconn(conn)
+            done = self._start_return(conn, close=False)
+            await _back_pressure(done)
 
     # -- returning --------------------------------------------------------------
 
     async def putconn(self, conn: AsyncConnection, key: Hashable | None = None, close: bool = False) -> None:
         """Return a connection: rolled back if mid-transaction (and ``reset``),
         then reused; or closed, with ``close=True``, if broken, past its lifetime
-        or drained. Cancelling the caller does not interrupt a return. After
-        ``closeall``/``close`` the connection is closed.
+        or drained. After ``close``/``closeall`` the connection is closed.
+
+        The return is the pool's job: it is under way when this is first
+        awaited, and cancelling the caller (any way) does not interrupt it.
 
         :raises ConnectionReleased: it was already returned.
         :raises PoolError: it was lent by another pool, or under another key.
@@ -616,106 +626,127 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
             raise PoolError(
                 f"connection is not a member of this pool ({self.name!r}): return it to {conn.pool.name!r}"
             )
-        raw = conn.raw  # raises ConnectionReleased if already returned
-        await conn._idle()
-        await conn._loop_give_back()
+        conn.loan.check()  # raises ConnectionReleased if already returned
         if key is not None and key != conn.key:
             raise PoolError(f"connection was taken under the key {conn.key!r}, not {key!r}")
-        conn._release()
-        self._lent.pop(id(raw), None)
-        self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
-        if conn._session_changed and not raw.closed:
-            # No I/O outside a transaction; inside one, reset_for_reuse rolls back first.
-            await self._offload.run_return(self._restore_session, raw)
-        if conn._listened and not raw.closed and not close:
-            close = not await self._offload.run_return(forget_listens, raw)
-        await self._return_raw(raw, close)
+        await _back_pressure(self._start_return(conn, close))
 
-    async def _return_raw(self, raw: PGConnection, close: bool = False) -> None:
-        """Take a lent connection back: reuse it, or close it and free its slot."""
-        if self._engine._detach(raw, None) is None:  # pool closed meanwhile
-            await self._offload.run_return(close_quietly, raw)
-            return
-        if not close and not self._retired(raw) and self._engine.size <= self.maxconn:
-            if self._health.reset is None and not raw.closed and raw.get_transaction_status() == _STATUS_IDLE:
-                self._check_in(raw)  # the common case: no I/O, no thread
+    def _start_return(self, conn: AsyncConnection, close: bool) -> anyio.Event | None:
+        """Take a lent connection back; no await. Returns an event set when the
+        return's I/O is done, or None if it needed none."""
+        slot, loan = conn._detach()
+        self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
+        return self._start_return_slot(slot, loan, close)
+
+    def _start_return_slot(self, slot: Slot, loan: Loan | None, close: bool) -> anyio.Event | None:
+        if slot.state is not SlotState.LENT:  # closed by the pool meanwhile (close timeout)
+            return None
+        self._ledger.begin_return(slot)
+        raw = slot.raw
+        if loan is None:
+            native.release(raw)  # an orphan's runner, if any, went with it
+        if (
+            not close
+            and loan is not None
+            and loan.leave_loop_now()
+            and not loan.turn.locked()
+            and not loan.session_changed
+            and not loan.listened
+            and self._health.reset is None
+            and not raw.closed
+            and raw.get_transaction_status() == _STATUS_IDLE
+            and not self._ledger.closing
+            and not self._ledger.retired(slot)
+        ):
+            self._apply(self._ledger.check_in(slot, self._usable))  # the common case: no I/O, no thread
+            return None
+        done = anyio.Event()
+        try:
+            self._tasks.spawn(self._finish_return, slot, loan, close, done)
+        except PoolClosed:  # no task can run any more: close it off the loop
+            self._ledger.discard(slot, self._usable)
+            self._close_off_loop([raw])
+            return None
+        return done
+
+    async def _finish_return(self, slot: Slot, loan: Loan | None, close: bool, done: anyio.Event) -> None:
+        """The I/O of a return, in a pool task: wait for a call still running on
+        the connection, then reset it (one thread hop) and check it in, or close it."""
+        try:
+            if loan is not None:
+                await loan.turn.wait_idle()
+                await loan.give_back_loop()
+            if slot.state is SlotState.CLOSED:
                 return
-            if await self._offload.run_return(self._health.reset_returned, raw):
-                self._check_in(raw)
+            raw = slot.raw
+            if close or raw.closed or self._ledger.closing or self._ledger.retired(slot):
+                if raw.closed and not close:
+                    self._stats.returns_bad += 1
+                await self._apply_now(self._ledger.discard(slot, self._usable))
+                return
+            # An orphan's loan is gone: undo whatever it may have changed.
+            outcome = await self._offload.run_return(
+                self._health.reset_in_thread,
+                raw,
+                self.autocommit,
+                loan.session_changed if loan is not None else True,
+                loan.listened if loan is not None else True,
+            )
+            if outcome is True:
+                self._apply(self._ledger.check_in(slot, self._usable))
                 return
             self._stats.returns_bad += 1
-        await self._offload.run_return(close_quietly, raw)
-        self._forget_info(raw)
-        self._engine._release_slot()
-        self._after_slot_freed()
-        self._ensure_min()
+            if isinstance(outcome, HookFailed):
+                self._hook_log.failed("reset", outcome.__cause__ or outcome)
+                self._opener.backoff.failed()
+            await self._apply_now(self._ledger.discard(slot, self._usable))
+        finally:
+            done.set()
 
-    def _give_back_nowait(self, raw: PGConnection) -> None:
-        # A connection just handed over is clean: no I/O is needed to return it.
-        if self._engine._detach(raw, None) is None:
-            self._close_in_background(raw)
-        else:
-            self._check_in(raw)
+    def _recover(self, slot: Slot) -> bool:
+        """Take back a slot whose borrower was garbage-collected (upkeep)."""
+        self._start_return_slot(slot, None, close=False)
+        return True
 
-    def _restore_session(self, raw: PGConnection) -> None:
-        if reset_for_reuse(raw):
-            raw.set_session(
-                isolation_level="default",
-                readonly="default",
-                deferrable="default",
-                autocommit=self.autocommit,
-            )
+    # -- carrying out the ledger's plans ----------------------------------------
 
-    def _check_in(self, raw: PGConnection) -> None:
-        """A returned, clean connection goes to the next waiter or idle."""
-        if self._engine._checkin(raw):
-            info = self._info.get(id(raw))
-            if info is not None:
-                info.idle_since = time.monotonic()
-            self._dispatch(trusted=raw if not raw.closed else None)
-        else:
-            self._close_in_background(raw)
-        self._after_slot_freed()
+    def _apply(self, plan: Plan) -> None:
+        """Do the I/O a ledger decision asks for, in the background."""
+        if plan.close:
+            raws = [slot.raw for slot in plan.close]
+            try:
+                self._tasks.spawn(self._offload.run_return, close_all, raws)
+            except PoolClosed:
+                self._close_off_loop(raws)
+        for _ in range(plan.open):
+            try:
+                self._tasks.spawn(self._opener.open_one)
+            except PoolClosed:
+                self._ledger.open_failed()
 
-    def _after_slot_freed(self) -> None:
-        if self._all_returned is not None and not self._engine.used_count:
-            self._all_returned.set()
-        if len(self._waiting):
-            self._grow()
+    async def _apply_now(self, plan: Plan) -> None:
+        """:meth:`_apply`, closing in this task: when it returns, they are closed."""
+        closing, plan.close = plan.close, []
+        self._apply(plan)
+        if closing:
+            await self._offload.run_return(close_all, [slot.raw for slot in closing])
 
-    def _forget_info(self, raw: PGConnection) -> None:
-        self._info.pop(id(raw), None)
+    def _apply_alive(self, plan: Plan) -> bool:
+        self._apply(plan)
+        return True
 
-    def _discard_lent(self, raw: PGConnection) -> None:
-        """Drop a lent connection found unfit: close it in the background, free its slot."""
-        self._engine._forget(raw)
-        self._close_in_background(raw)
-        self._after_slot_freed()
-        self._ensure_min()
-
-    async def _close_evicted(self, conns: list[PGConnection]) -> None:
-        for raw in conns:
-            self._forget_info(raw)
-        if conns:
-            await self._offload.run_return(_close_all, conns)
-
-    def _close_in_background(self, raw: PGConnection) -> None:
-        self._forget_info(raw)
-        try:
-            self._tasks.spawn(self._offload.run_return, close_quietly, raw)
-        except PoolClosed:
-            close_quietly(raw)  # no loop task left to use; closing sends one packet
+    async def _call_reconnect_failed(self) -> None:
+        if self._reconnect_failed is not None:
+            result = self._reconnect_failed(self)
+            if hasattr(result, "__await__"):
+                await result
 
     # -- reporting ----------------------------------------------------------
 
     def get_stats(self) -> dict[str, int]:
         """Gauges and counters, with psycopg_pool's key names."""
-        engine = self._engine
         return {
-            "pool_min": engine.minconn,
-            "pool_max": engine.maxconn,
-            "pool_size": engine.size,
-            "pool_available": engine.idle_count,
+            **self._ledger.snapshot(),
             "requests_waiting": len(self._waiting),
             **self._stats.snapshot(),
         }
@@ -727,17 +758,37 @@ class AsyncConnectionPool(PoolGrowth, PoolUpkeep):
         return stats
 
     def __repr__(self) -> str:
-        engine = self._engine
+        ledger = self._ledger
         state = "closed" if self.closed else ("open" if self._opened else "not open")
-        opening = engine.size - engine.idle_count - engine.used_count
         return (
             f"<AsyncConnectionPool {self.name!r} {self._target} [{state}, io={self.io}] | "
-            f"Requests: {engine.used_count} active, {len(self._waiting)} queued | "
-            f"Connections: {engine.idle_count} idle, {engine.used_count} in use, "
-            f"{opening} opening or returning, max {engine.maxconn}>"
+            f"Requests: {ledger.lent_count} active, {len(self._waiting)} queued | "
+            f"Connections: {ledger.idle_count} idle, {ledger.lent_count} in use, "
+            f"{ledger.opening_count} opening, {ledger.returning_count} returning, max {ledger.maxconn}>"
         )
 
 
-def _close_all(conns: list[PGConnection]) -> None:
-    for conn in conns:
-        close_quietly(conn)
+async def _back_pressure(done: anyio.Event | None) -> None:
+    """Wait for a return the pool is finishing. Shielded from anyio cancellation,
+    so a block cancelled by a scope exits with its connection already clean; a
+    native ``task.cancel()`` can cut this wait, never the return itself."""
+    if done is not None:
+        with anyio.CancelScope(shield=True):
+            await done.wait()
+
+
+def _timeout_error(
+    name: str, ledger: Ledger, stats: PoolStats, opener: Opener
+) -> Callable[[Waiter], BaseException]:
+    """The deadline task's error for a waiter; holds no reference to the pool."""
+
+    def error(waiter: Waiter) -> BaseException:
+        stats.requests_errors += 1
+        exc = PoolTimeout(
+            f"couldn't get a connection after {waiter.timeout:.2f} sec (pool {name!r}: "
+            f"{ledger.lent_count} in use, {ledger.opening_count} opening, max {ledger.maxconn})"
+        )
+        exc.__cause__ = opener.last_error
+        return exc
+
+    return error

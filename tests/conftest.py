@@ -24,7 +24,16 @@ import psycopg2.extensions
 import psycopg2.extras
 import pytest
 
-from pgpool_async.throwaway import ThrowawayPostgres, run_sql
+from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
+
+# -- every async test on both backends ------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """``@pytest.mark.anyio`` tests run once on asyncio and once on trio."""
+    return str(request.param)
+
 
 # -- the server --------------------------------------------------------------
 
@@ -158,10 +167,23 @@ def _blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
     # The fault proxy and the throwaway server are test tools that block on purpose.
     with blockbuster_ctx(
         scanned_modules=["pgpool_async"],
-        excluded_modules=["pgpool_async.faultproxy", "pgpool_async.throwaway"],
+        excluded_modules=["pgpool_async.testing.faultproxy", "pgpool_async.testing.throwaway"],
     ) as bb:
         # Reading modules or test files at import time is not what we test.
         for name in ("io.TextIOWrapper.read", "io.BufferedReader.read", "os.stat"):
             if name in bb.functions:
                 bb.functions[name].deactivate()
         yield
+
+
+# -- async backends ------------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Tests marked ``anyio`` run on asyncio and on trio (a module may narrow it).
+
+    The guards above apply to them too: the libpq wait guard on both backends,
+    blockbuster (which only knows asyncio) on asyncio.
+    """
+    return str(request.param)

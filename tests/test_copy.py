@@ -142,7 +142,7 @@ async def _warm_up(conn: AsyncConnection) -> None:
 # -- streaming: memory stays flat ---------------------------------------------------
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_copy_to_streams_to_sync_and_async_files(dsn: str) -> None:
     async with AsyncConnectionPool(1, 1, dsn) as pool, pool.connection() as conn:
         await _warm_up(conn)
@@ -174,7 +174,7 @@ async def test_copy_to_streams_to_sync_and_async_files(dsn: str) -> None:
         assert writer.calls <= BIG_BYTES // 65536 + 2
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_copy_from_streams_from_sync_and_async_files(dsn: str) -> None:
     server_query(dsn, "DROP TABLE IF EXISTS copy_big; CREATE UNLOGGED TABLE copy_big (g int, s text)")
     async with AsyncConnectionPool(1, 1, dsn) as pool, pool.connection() as conn:
@@ -228,7 +228,7 @@ class MemoryByteStream(anyio.abc.ByteStream):
         pass
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_copy_with_bytesio_anyio_files_and_streams(dsn: str, tmp_path: Path) -> None:
     server_query(
         dsn,
@@ -270,7 +270,7 @@ async def test_copy_with_bytesio_anyio_files_and_streams(dsn: str, tmp_path: Pat
         assert await conn.fetchval("SELECT count(*) FROM copy_dst WHERE b IS NULL") == 3
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_copy_argument_errors(dsn: str) -> None:
     async with AsyncConnectionPool(1, 1, dsn) as pool, pool.connection() as conn:
         with pytest.raises(TypeError, match=r"read\(\)"):
@@ -285,7 +285,7 @@ async def test_copy_argument_errors(dsn: str) -> None:
 # -- errors leave the connection clean -----------------------------------------------
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_copy_bad_data_raises_and_returns_clean(dsn: str, app_name: str) -> None:
     server_query(dsn, "DROP TABLE IF EXISTS copy_bad; CREATE TABLE copy_bad (x int)")
     async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
@@ -318,7 +318,7 @@ class FailingAsyncReader:
 
 
 @pytest.mark.parametrize("autocommit", [False, True])
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_file_errors_propagate_and_abort_the_copy(dsn: str, app_name: str, autocommit: bool) -> None:
     server_query(dsn, "DROP TABLE IF EXISTS copy_fail; CREATE TABLE copy_fail (x int)")
     async with AsyncConnectionPool(1, 1, dsn, application_name=app_name, autocommit=autocommit) as pool:
@@ -353,7 +353,7 @@ class SlowAsyncWriter(CountingAsyncWriter):
         return await super().write(data)
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_cancelling_a_copy_to_an_async_file(dsn: str, app_name: str) -> None:
     async with AsyncConnectionPool(1, 1, dsn, application_name=app_name) as pool:
         writer = SlowAsyncWriter()
@@ -370,7 +370,7 @@ async def test_cancelling_a_copy_to_an_async_file(dsn: str, app_name: str) -> No
 # -- a wait callback makes COPY impossible: refused before anything is sent ----------
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_copy_refused_while_a_wait_callback_is_set(dsn: str, app_name: str) -> None:
     def callback(conn: Any) -> None:
         raise AssertionError("not reached: the pool runs everything in threads")
@@ -423,7 +423,7 @@ async def test_copy_on_trio(dsn: str, tmp_path: Path) -> None:
     server_query(dsn, "DROP TABLE copy_trio")
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_cancelling_a_copy_between_chunks(dsn: str, app_name: str) -> None:
     """A fast async writer: the thread spends most of its time in libpq, between
     calls back to the loop, when the cancellation lands. The COPY still stops."""

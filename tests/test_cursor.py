@@ -11,7 +11,7 @@ from pgpool_async import AsyncConnectionPool
 
 from .conftest import backends, server_query
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
 async def test_cursor_api(dsn: str) -> None:

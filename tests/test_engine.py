@@ -17,7 +17,7 @@ from pgpool_async import (
     SimpleConnectionPool,
     ThreadedConnectionPool,
 )
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import backends, server_query, wait_backends_gone
 
@@ -143,8 +143,12 @@ def test_after_closeall(dsn: str) -> None:
 
 @pytest.mark.parametrize(
     ("minconn", "maxconn", "match"),
-    [(3, 2, "minconn \\(3\\) is greater than maxconn \\(2\\)"), (-1, 2, "minconn must be >= 0"),
-     (0, 0, "maxconn must be >= 1"), (1.5, 2, "minconn must be an int")],
+    [
+        (3, 2, "minconn \\(3\\) is greater than maxconn \\(2\\)"),
+        (-1, 2, "minconn must be >= 0"),
+        (0, 0, "maxconn must be >= 1"),
+        (1.5, 2, "minconn must be an int"),
+    ],
 )
 def test_bad_sizes(minconn: Any, maxconn: Any, match: str) -> None:
     with pytest.raises(PoolConfigError, match=match) as info:
@@ -177,8 +181,9 @@ class DictConnectionPool(ThreadedConnectionPool):
     """The seed's custom factory example: a subclass overriding ``_connect``."""
 
     def _connect(self, key: Any = None) -> Any:
-        conn = psycopg2.connect(*self._args, connection_factory=psycopg2.extras.DictConnection,
-                                **self._kwargs)
+        conn = psycopg2.connect(
+            *self._args, connection_factory=psycopg2.extras.DictConnection, **self._kwargs
+        )
         if key is not None:
             self._used[key] = conn
             self._rused[id(conn)] = key

@@ -34,8 +34,7 @@ def test_basic_example(dsn: str) -> None:
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_demo_with_dsn(dsn: str, backend: str) -> None:
-    out = run(["-m", "pgpool_async", "demo", "--tasks", "200", "--pool", "4",
-               "--backend", backend], dsn)
+    out = run(["-m", "pgpool_async", "demo", "--tasks", "200", "--pool", "4", "--backend", backend], dsn)
     assert "200 transfers" in out and "money conserved: True" in out
     assert "requests_num=" in out and "pool_max=4" in out
 

@@ -1,9 +1,9 @@
-"""Tests for :mod:`pgpool_async.faultproxy` with real sockets (no mocks).
+"""Tests for :mod:`pgpool_async.testing.faultproxy` with real sockets (no mocks).
 
 Byte-level behaviour is checked against a tiny threaded echo server on
 127.0.0.1; one group of tests runs psycopg2 against a real PostgreSQL through
 the proxy.  That server comes from ``$PGPOOL_TEST_DSN`` when set, else from a
-throwaway cluster (:class:`pgpool_async.throwaway.ThrowawayPostgres`).
+throwaway cluster (:class:`pgpool_async.testing.throwaway.ThrowawayPostgres`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 LOCALHOST = "127.0.0.1"
 

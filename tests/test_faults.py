@@ -30,8 +30,8 @@ from benchmarks.faults import (
     terminate_idle,
 )
 from pgpool_async import AsyncConnectionPool, PoolTimeout
-from pgpool_async.faultproxy import FaultProxy
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.testing.faultproxy import FaultProxy
+from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from pgpool_async import ThreadedConnectionPool
 from . import conftest
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_sync_engine_on_the_loop_is_caught(dsn: str) -> None:
     """Opening the sync engine on the loop (network I/O) trips the wait guard."""
     with pytest.raises(AssertionError, match="libpq network wait on the event loop"):

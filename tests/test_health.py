@@ -10,11 +10,11 @@ import psycopg2
 import pytest
 
 from pgpool_async import AsyncConnectionPool, PoolConfigError, PoolTimeout
-from pgpool_async.faultproxy import FaultProxy
+from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
 async def until(predicate: Any, timeout: float = 10.0) -> None:
@@ -107,7 +107,7 @@ async def test_failing_reset_discards(dsn: str) -> None:
 async def test_max_lifetime_replaces_in_background(dsn: str, app_name: str) -> None:
     async with AsyncConnectionPool(3, 3, dsn, max_lifetime=0.3, application_name=app_name) as pool:
         first = pids(dsn, app_name)
-        expiries = {info.expires_at for info in pool._info.values()}
+        expiries = {slot.expires_at for slot in pool._ledger._idle}
         assert len(expiries) == 3  # jitter: not all at once
         await anyio.sleep(0.6)
         await until(lambda: pool.get_stats()["pool_size"] == 3 and pids(dsn, app_name).isdisjoint(first))

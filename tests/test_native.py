@@ -37,8 +37,8 @@ from pgpool_async._loop.native import (
     unavailable_reason,
 )
 from pgpool_async.errors import PoolError
-from pgpool_async.faultproxy import FaultProxy
-from pgpool_async.throwaway import ThrowawayPostgres
+from pgpool_async.testing.faultproxy import FaultProxy
+from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import _loop_guard_off, server_query
 
@@ -54,11 +54,6 @@ def _missing(what: str) -> None:
 
 if unavailable_reason() is not None:  # pragma: no cover - Linux with psycopg2 finds it
     pytestmark = [pytestmark, pytest.mark.skipif(not os.environ.get("CI"), reason=str(unavailable_reason()))]
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 async def connect(dsn: str, *, autocommit: bool = True) -> psycopg2.extensions.connection:

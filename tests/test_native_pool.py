@@ -29,11 +29,6 @@ if unavailable_reason() is not None:  # pragma: no cover - Linux with psycopg2 f
     pytestmark = [pytestmark, pytest.mark.skipif(not os.environ.get("CI"), reason=str(unavailable_reason()))]
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest.fixture
 def table(dsn: str) -> Any:
     name = f"t_native_pool_{os.getpid()}"

@@ -31,7 +31,7 @@ async def _collect(conn: AsyncConnection, into: list[Any], **kwargs: Any) -> Non
         into.append(n)
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_notification_from_another_pool(dsn: str) -> None:
     async with (
         AsyncConnectionPool(1, 1, dsn, autocommit=True) as listeners,
@@ -51,7 +51,7 @@ async def test_notification_from_another_pool(dsn: str) -> None:
             await conn.unlisten()
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_many_in_order_on_a_non_autocommit_connection(dsn: str, app_name: str) -> None:
     channel = 'odd "name"; DROP TABLE x'  # quoted as an identifier: no injection
     async with AsyncConnectionPool(2, 2, dsn, application_name=app_name) as pool:
@@ -83,7 +83,7 @@ async def test_many_in_order_on_a_non_autocommit_connection(dsn: str, app_name: 
             await pool.putconn(sender)
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_timeout_stop_after_and_misuse(dsn: str) -> None:
     async with AsyncConnectionPool(1, 1, dsn) as pool, pool.connection() as conn:
         await conn.listen("quiet")
@@ -111,7 +111,7 @@ async def test_timeout_stop_after_and_misuse(dsn: str) -> None:
         await conn.unlisten("quiet")
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_cancelled_wait_leaves_the_connection_usable(dsn: str, app_name: str) -> None:
     async with AsyncConnectionPool(1, 2, dsn, autocommit=True, application_name=app_name) as pool:
         async with pool.connection() as conn:
@@ -144,7 +144,7 @@ async def test_cancelled_wait_leaves_the_connection_usable(dsn: str, app_name: s
         assert {s for s, _ in backends(dsn, app_name)} == {"idle"}
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_server_closing_the_connection_ends_the_wait(dsn: str) -> None:
     async with AsyncConnectionPool(1, 1, dsn, autocommit=True) as pool:
         with pytest.RaisesGroup(psycopg2.OperationalError):
@@ -158,7 +158,7 @@ async def test_server_closing_the_connection_ends_the_wait(dsn: str) -> None:
         assert await pool.fetchval("SELECT 1") == 1  # replaced
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_no_busy_loop_and_no_thread(dsn: str) -> None:
     async with AsyncConnectionPool(2, 2, dsn, autocommit=True, connection_factory=CountingConnection) as pool:
         async with pool.connection() as conn:
@@ -221,7 +221,7 @@ async def test_notifications_on_trio(dsn: str) -> None:
             await conn.unlisten()
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_returned_listener_is_unlistened(dsn: str) -> None:
     """LISTEN does not outlive the loan: the next borrower gets no stale notifications."""
     async with AsyncConnectionPool(1, 1, dsn, autocommit=True) as pool:
@@ -235,7 +235,7 @@ async def test_returned_listener_is_unlistened(dsn: str) -> None:
             assert await conn.fetchval("SELECT count(*) FROM pg_listening_channels()") == 0
 
 
-@pytest.mark.asyncio
+@pytest.mark.anyio
 async def test_close_wakes_a_waiting_listener(dsn: str) -> None:
     pool = AsyncConnectionPool(1, 1, dsn, autocommit=True)
     await pool.open()

@@ -26,7 +26,7 @@ from pgpool_async import (
 
 from .conftest import backends, server_query, wait_backends_gone
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.anyio
 
 
 async def ensure_waiting(pool: AsyncConnectionPool, n: int) -> None:
@@ -211,9 +211,7 @@ async def test_keys_and_close_flag(dsn: str) -> None:
 
 
 async def test_connection_factories(dsn: str) -> None:
-    async with AsyncConnectionPool(
-        0, 2, dsn, connection_factory=psycopg2.extras.RealDictConnection
-    ) as pool:
+    async with AsyncConnectionPool(0, 2, dsn, connection_factory=psycopg2.extras.RealDictConnection) as pool:
         assert await pool.fetchone("SELECT 1 AS one") == {"one": 1}
         assert await pool.fetchval("SELECT 5 AS five") == 5
     async with AsyncConnectionPool(0, 2, dsn, connection_factory=psycopg2.extras.DictConnection) as pool:
@@ -231,8 +229,16 @@ async def test_rollback_on_return_and_stats(dsn: str, app_name: str) -> None:
         await pool.putconn(conn)
         assert backends(dsn, app_name)[0][0] == "idle"
         stats = pool.pop_stats()
-        for key in ("pool_min", "pool_max", "pool_size", "pool_available", "requests_waiting",
-                    "requests_num", "usage_ms", "connections_num"):
+        for key in (
+            "pool_min",
+            "pool_max",
+            "pool_size",
+            "pool_available",
+            "requests_waiting",
+            "requests_num",
+            "usage_ms",
+            "connections_num",
+        ):
             assert key in stats, key
         assert stats["requests_num"] == 1 and stats["connections_num"] == 1
         assert "requests_num" not in pool.get_stats()  # popped
@@ -319,11 +325,11 @@ async def test_autocommit_option(dsn: str, app_name: str) -> None:
 
 async def test_connect_timeout_default_and_override(dsn: str) -> None:
     pool = AsyncConnectionPool(1, 1, dsn, timeout=7.5)
-    assert pool._engine._kwargs["connect_timeout"] == 8
+    assert pool._connect_kwargs["connect_timeout"] == 8
     pool = AsyncConnectionPool(1, 1, dsn + " connect_timeout=3")
-    assert "connect_timeout" not in pool._engine._kwargs
+    assert "connect_timeout" not in pool._connect_kwargs
     pool = AsyncConnectionPool(1, 1, dsn, timeout=math.inf)
-    assert pool._engine._kwargs["connect_timeout"] == 2
+    assert pool._connect_kwargs["connect_timeout"] == 2
 
 
 async def test_grows_on_demand_and_keeps_idle(dsn: str) -> None:
@@ -351,7 +357,7 @@ async def test_one_operation_at_a_time_in_call_order(dsn: str) -> None:
             with anyio.move_on_after(0.005):
                 await conn.fetchval("SELECT 1")
         assert order == [0, 1, 2, 3, 4]
-        assert not conn._lock.locked()
+        assert not conn.loan.turn.locked()
         assert await conn.fetchval("SELECT 7") == 7
 
 

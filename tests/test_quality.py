@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_mypy_strict() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "pgpool_async"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -20,6 +23,9 @@ def test_mypy_strict() -> None:
 def test_ruff() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ruff", "check", "pgpool_async", "tests", "examples", "benchmarks"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,4 @@
-"""Tests for :mod:`pgpool_async.throwaway`: real servers, real binaries, no mocks."""
+"""Tests for :mod:`pgpool_async.testing.throwaway`: real servers, real binaries, no mocks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 import pytest
 
-from pgpool_async.throwaway import (
+from pgpool_async.testing.throwaway import (
     ENV_BINDIR,
     ThrowawayError,
     ThrowawayPostgres,
@@ -292,7 +292,7 @@ def test_bindir_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_atexit_hook_removes_forgotten_server() -> None:
     script = textwrap.dedent(
         """
-        from pgpool_async.throwaway import ThrowawayPostgres
+        from pgpool_async.testing.throwaway import ThrowawayPostgres
         pg = ThrowawayPostgres().start()
         print(pg.directory, pg.pid, flush=True)
         # exit without destroy(): the atexit hook must clean up

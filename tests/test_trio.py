@@ -52,7 +52,7 @@ async def test_random_cancellation_on_trio(dsn: str, app_name: str) -> None:
                 for _ in range(40):
                     tg.start_soon(one)
         with anyio.fail_after(10):
-            while pool._engine._pending:
+            while pool._ledger.opening_count or pool._ledger.returning_count:
                 await anyio.sleep(0.01)
         conns = [await pool.getconn(timeout=5) for _ in range(4)]
         assert "idle in transaction" not in [s for s, _ in backends(dsn, app_name)]

@@ -337,6 +337,8 @@ class StatementRunner(Protocol):
 
     async def leave(self, to_thread: Callable[..., Any] | None = None) -> None: ...
 
+    def try_leave_now(self) -> bool: ...
+
     async def execute(
         self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
     ) -> Result: ...
@@ -540,6 +542,21 @@ class LoopStatementRunner:
 
                 to_thread = anyio.to_thread.run_sync
             await to_thread(_psycopg2_joins_transaction, self.raw)
+
+    def try_leave_now(self) -> bool:
+        """:meth:`leave` without awaiting, when it needs no round trip: no
+        statement running, no cancel request on its way, no transaction open.
+        False (still entered) otherwise; True once left (or if not entered)."""
+        if self._pg is None:
+            return True
+        if self._busy or self._cancel_sent is not None or self.in_transaction:
+            return False
+        self._detach()
+        try:
+            self.raw.poll()
+        except psycopg2.Error:
+            self.raw.close()
+        return True
 
     def _detach(self) -> None:
         _entered.pop(id(self.raw), None)

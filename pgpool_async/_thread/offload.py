@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import sniffio
 
 __all__ = ["Offloader"]
 
@@ -178,8 +177,11 @@ class Offloader:
     def _asyncio_workers(self) -> _Workers | None:
         if not self._backend_known:
             self._backend_known = True
-            if sniffio.current_async_library() == "asyncio":
-                self._workers = _Workers(asyncio.get_running_loop(), self._tokens, self._name)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # trio (or another loop anyio supports)
+                return None
+            self._workers = _Workers(loop, self._tokens, self._name)
         return self._workers
 
     async def run(
@@ -248,8 +250,10 @@ class Offloader:
         return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter, abandon_on_cancel=True)
 
     async def run_return(self, func: Callable[..., T], *args: Any) -> T:
-        """Run a return-path call (rollback, close): shielded from cancellation,
-        under the ``returns`` limiter, so a connection is never half returned."""
+        """Run a return-path call (rollback, reset, close) under the ``returns``
+        limiter, so giving back never queues behind busy queries. Shielded from
+        anyio cancellation; the pool runs these in its own tasks, which no
+        caller's ``task.cancel()`` reaches."""
         with anyio.CancelScope(shield=True):
             result = await anyio.to_thread.run_sync(func, *args, limiter=self.returns_limiter)
         return result

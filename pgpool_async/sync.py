@@ -28,8 +28,6 @@ threads: it never shares the lock with a thread doing I/O.
 from __future__ import annotations
 
 import contextlib
-import select
-import socket
 import threading
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -39,133 +37,16 @@ import psycopg2.extensions
 import psycopg2.pool
 from psycopg2.extensions import connection as PGConnection
 
-from .errors import PoolClosed, PoolConfigError, PoolError
+from ._config import check_connect_args, check_sizes
+from ._loop.health import looks_alive as is_usable
+from ._thread.blocking import close_quietly, reset_for_reuse
+from .errors import PoolClosed, PoolError
 
-__all__ = [
-    "SimpleConnectionPool",
-    "ThreadedConnectionPool",
-    "check_sizes",
-    "check_connect_args",
-    "close_quietly",
-]
+__all__ = ["SimpleConnectionPool", "ThreadedConnectionPool"]
 
-_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
-_STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
-_CONNECT_ONLY = ("connection_factory", "cursor_factory")
 
 CLOSED_MESSAGE = "connection pool is closed"
 EXHAUSTED_MESSAGE = "connection pool exhausted"
-
-
-def check_sizes(minconn: int, maxconn: int) -> None:
-    """Raise :class:`PoolConfigError` unless ``0 <= minconn <= maxconn`` and ``maxconn >= 1``."""
-    for name, value in (("minconn", minconn), ("maxconn", maxconn)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PoolConfigError(f"{name} must be an int, got {value!r}")
-    if minconn < 0:
-        raise PoolConfigError(f"minconn must be >= 0, got {minconn}")
-    if maxconn < 1:
-        raise PoolConfigError(f"maxconn must be >= 1, got {maxconn}")
-    if minconn > maxconn:
-        raise PoolConfigError(
-            f"minconn ({minconn}) is greater than maxconn ({maxconn}): pass minconn <= maxconn"
-        )
-
-
-def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
-    """Check, without any I/O, that ``psycopg2.connect(*args, **kwargs)`` is well formed.
-
-    Catches a malformed DSN, an unknown libpq keyword and arguments the pool
-    cannot honour, with a :class:`PoolConfigError` that says what to change.
-    Returns the libpq parameters they amount to (the password among them).
-    """
-    if len(args) > 1:
-        raise PoolConfigError(
-            f"expected at most one positional connection argument (the DSN), got {len(args)}; "
-            "pass libpq parameters as keywords"
-        )
-    if kwargs.get("async") or kwargs.get("async_"):
-        raise PoolConfigError(
-            "asynchronous psycopg2 connections cannot be pooled here: the pool runs each "
-            "connection in worker threads; drop async=True"
-        )
-    dsn = args[0] if args else kwargs.get("dsn")
-    if dsn is not None and not isinstance(dsn, str):
-        raise PoolConfigError(f"the DSN must be a str, got {type(dsn).__name__}")
-    libpq = {k: v for k, v in kwargs.items() if k not in (*_CONNECT_ONLY, "dsn", "async", "async_")}
-    try:
-        params: dict[str, str] = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
-    except psycopg2.ProgrammingError as exc:
-        raise PoolConfigError(
-            f"invalid connection arguments ({str(exc).strip()}): fix the DSN or the "
-            "libpq keyword arguments given to the pool"
-        ) from None
-    return params
-
-
-def close_quietly(conn: PGConnection) -> None:
-    """Close ``conn``, ignoring errors: used on connections already given up on."""
-    with contextlib.suppress(Exception):
-        conn.close()
-
-
-def is_usable(conn: PGConnection) -> bool:
-    """Tell, without a round trip, whether an idle connection still looks alive.
-
-    A closed connection is not. An idle connection's socket has nothing to read
-    unless the server sent something: a NOTIFY or notice (fine), or the error and
-    EOF it sends when the backend is terminated or the server shuts down.
-    """
-    if conn.closed:
-        return False
-    try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        if readable and _server_hung_up(conn):
-            return False
-    except (psycopg2.Error, OSError, ValueError):
-        return False
-    return conn.get_transaction_status() == _STATUS_IDLE
-
-
-def _server_hung_up(conn: PGConnection) -> bool:
-    sock = socket.socket(fileno=conn.fileno())
-    try:
-        # libpq keeps its socket non-blocking already: this only tells Python so.
-        sock.setblocking(False)
-        # A few messages at most: e.g. a WARNING notice before the FATAL error and
-        # EOF of an immediate shutdown. Bounded, so a chatty LISTEN cannot spin here.
-        for _ in range(8):
-            try:
-                first = sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                return False  # all consumed: nothing but notices and notifications
-            # EOF, or an ErrorResponse while idle: always FATAL (terminated, shut down).
-            if first in (b"", b"E"):
-                return True
-            conn.poll()  # a NOTIFY, notice or parameter status: let libpq consume it
-            if conn.closed:
-                return True
-        return False
-    finally:
-        sock.detach()
-
-
-def reset_for_reuse(conn: PGConnection) -> bool:
-    """Roll back an open transaction so ``conn`` can be reused; False if it cannot.
-
-    Does I/O only when the connection is inside a transaction.
-    """
-    if conn.closed:
-        return False
-    status = conn.get_transaction_status()
-    if status == _STATUS_UNKNOWN:
-        return False
-    if status != _STATUS_IDLE:
-        try:
-            conn.rollback()
-        except Exception:
-            return False
-    return conn.get_transaction_status() == _STATUS_IDLE
 
 
 class _NoLock:

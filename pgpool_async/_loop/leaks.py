@@ -18,7 +18,7 @@ __all__ = ["call_site", "logger"]
 
 logger = logging.getLogger("pgpool_async")
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STACK_DEPTH = 6
 
 

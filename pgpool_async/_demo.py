@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import anyio
 
 from .pool import AsyncConnectionPool
-from .throwaway import ThrowawayPostgres
+from .testing.throwaway import ThrowawayPostgres
 
 __all__ = ["main", "run_demo"]
 

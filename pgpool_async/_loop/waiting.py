@@ -6,9 +6,11 @@ already given up and the caller keeps the connection. A waiter that gives up
 after being handed one gets it back from :meth:`Waiter.abandon`, to return it:
 a timed-out or cancelled waiter never swallows a connection.
 
-Deadlines are kept in a heap and enforced by one task per pool (see
-:meth:`WaitQueue.expire`) rather than a cancel scope and timer per request:
-in a busy pool most requests wait, and that is the cheaper way.
+Deadlines are kept in a heap and enforced by one task per pool,
+:meth:`WaitQueue.enforce_deadlines`, rather than a cancel scope and timer per
+request: in a busy pool most requests wait, and that is the cheaper way. The
+queue owns that mechanism whole: a request with an earlier deadline than the
+one the task sleeps for wakes it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections import deque
 from collections.abc import Callable, Hashable
 
 import anyio
-from psycopg2.extensions import connection as PGConnection
+
+from .ledger import Slot
 
 __all__ = ["WaitQueue", "Waiter"]
 
@@ -34,7 +37,7 @@ class Waiter:
         self.deadline = deadline  # in anyio.current_time()'s clock
         self.timeout = timeout  # as the caller gave it, for the error message
         self._event = anyio.Event()
-        self._conn: PGConnection | None = None
+        self._conn: Slot | None = None
         self._error: BaseException | None = None
         self._done = False
 
@@ -43,7 +46,7 @@ class Waiter:
         """True once handed a connection or an error, or abandoned."""
         return self._done
 
-    def hand(self, conn: PGConnection) -> bool:
+    def hand(self, conn: Slot) -> bool:
         """Give ``conn`` to this waiter; False if it no longer waits."""
         if self._done:
             return False
@@ -61,7 +64,7 @@ class Waiter:
         self._event.set()
         return True
 
-    async def wait(self) -> PGConnection:
+    async def wait(self) -> Slot:
         """Wait to be handed a connection, or raise the error handed instead."""
         await self._event.wait()
         if self._error is not None:
@@ -69,7 +72,7 @@ class Waiter:
         assert self._conn is not None
         return self._conn
 
-    def abandon(self) -> PGConnection | None:
+    def abandon(self) -> Slot | None:
         """Give up waiting. Returns a connection handed meanwhile: the caller
         must return it to the pool."""
         self._done = True
@@ -86,6 +89,8 @@ class WaitQueue:
         self._live = 0
         self._deadlines: list[tuple[float, int, Waiter]] = []
         self._pushed = 0
+        self._sleeping_until = math.inf
+        self._wake: anyio.Event | None = None
 
     def __len__(self) -> int:
         return self._live
@@ -104,6 +109,8 @@ class WaitQueue:
                 heap[:] = [entry for entry in heap if not entry[2].done]
                 heapq.heapify(heap)
             heapq.heappush(heap, (deadline, self._pushed, waiter))
+            if deadline < self._sleeping_until and self._wake is not None:
+                self._wake.set()  # the deadline task sleeps until a later one
         return waiter
 
     def next_deadline(self) -> float:
@@ -135,13 +142,13 @@ class WaitQueue:
             self._waiters.popleft()
         return None
 
-    def hand(self, waiter: Waiter, conn: PGConnection) -> None:
+    def hand(self, waiter: Waiter, conn: Slot) -> None:
         """Give the front waiter (from :meth:`first`) its connection."""
         self._waiters.popleft()
         self._live -= 1
         waiter.hand(conn)
 
-    def leave(self, waiter: Waiter) -> PGConnection | None:
+    def leave(self, waiter: Waiter) -> Slot | None:
         """A waiter gives up; returns a connection it was handed meanwhile, if any."""
         if not waiter.done:
             self._live -= 1
@@ -153,3 +160,14 @@ class WaitQueue:
             self._waiters.popleft()
             self._live -= 1
             waiter.fail(error)
+
+    async def enforce_deadlines(self, error: Callable[[Waiter], BaseException]) -> None:
+        """Run forever (a background task): fail each waiter at its deadline with
+        ``error(waiter)``, sleeping until the earliest one."""
+        while True:
+            now = anyio.current_time()
+            self.expire(now, error)
+            self._sleeping_until = self.next_deadline()
+            self._wake = anyio.Event()
+            with anyio.move_on_after(self._sleeping_until - now):
+                await self._wake.wait()

@@ -1,0 +1,287 @@
+"""One loan of a pooled connection: the interface every call on it goes through.
+
+:class:`Loan` is what :mod:`~pgpool_async.connection`,
+:mod:`~pgpool_async.cursor`, :mod:`~pgpool_async.copying` and
+:mod:`~pgpool_async.notifications` use to run calls on a lent psycopg2
+connection: ``raw``, :meth:`Loan.call` (the pool's own calls, in its worker
+threads), :meth:`Loan.call_user` (user code, which may call back into the
+loop), the :class:`Turn` that keeps calls one at a time, and what the loan
+changed that the pool must undo on return. It is the one place where a second
+way to run a statement (on the event loop, through libpq) can plug in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import psycopg2
+from psycopg2.extensions import connection as PGConnection
+
+from ._loop.native import LoopStatementRunner, Result, StatementRunner
+from ._thread import blocking
+from ._thread.offload import Offloader
+from .errors import ConnectionReleased
+
+__all__ = ["RELEASED", "Loan", "Turn"]
+
+T = TypeVar("T")
+
+RELEASED = (
+    "this connection was returned to the pool and can't be used anymore: "
+    "take a new one with pool.connection() or pool.getconn()"
+)
+
+
+def _cancel_quietly(raw: PGConnection) -> None:
+    with contextlib.suppress(Exception):
+        raw.cancel()
+
+
+class Turn:
+    """Runs the calls on one connection one at a time, in call order.
+
+    Lives on the event loop thread only; free when uncontended (no event, no
+    checkpoint). A waiter cancelled after being handed the turn passes it on.
+    """
+
+    __slots__ = ("_busy", "_idle", "_waiters")
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiters: deque[anyio.Event] = deque()
+        self._idle: anyio.Event | None = None
+
+    def locked(self) -> bool:
+        return self._busy
+
+    async def __aenter__(self) -> None:
+        if not self._busy:
+            self._busy = True
+            return
+        turn = anyio.Event()
+        self._waiters.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self._release()  # handed the turn while being cancelled
+            else:
+                self._waiters.remove(turn)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # the turn passes on; still busy
+            return
+        self._busy = False
+        if self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Wait until no call runs and none is queued (the pool's return path)."""
+        while self._busy:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+
+class Loan:
+    """One loan of a pooled connection: how calls run on it, and what the loan
+    changed that the pool must undo when it comes back.
+
+    The interface for this package's modules (cursor, COPY, notifications):
+    ``raw``, :meth:`call` (the pool's own calls), :meth:`call_user` (user code,
+    which may call back into the loop), ``turn``, and the flags below.
+    """
+
+    __slots__ = (
+        "detached",
+        "io",
+        "listened",
+        "offload",
+        "raw",
+        "runner",
+        "session_changed",
+        "turn",
+        "tx_depth",
+    )
+
+    def __init__(self, raw: PGConnection, offload: Offloader, io: str = "thread") -> None:
+        self.detached = False  # the connection went back to the pool
+        self.raw = raw
+        self.offload = offload
+        self.io = io  # the pool's io option: "thread", or "auto"/"loop" (statements on the loop)
+        self.runner: StatementRunner | None = None
+        self.turn = Turn()
+        self.tx_depth = 0  # open transaction() blocks
+        self.session_changed = False  # set_session() was called: reset on return
+        self.listened = False  # LISTEN was sent: UNLISTEN * on return
+
+    async def call(self, func: Callable[..., T], *args: Any) -> T:
+        """``func(raw, *args)`` in a worker thread, in turn. For calls that never
+        call back into the loop. If the caller is cancelled meanwhile, the
+        server is asked to cancel the running statement, the thread is waited
+        for, then the cancellation is raised.
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        self.check()
+        async with self.turn:
+            if self.io != "thread":
+                on_loop = _ON_LOOP.get(func)
+                if func is blocking.run_and_commit and args[0] not in _STATEMENTS:
+                    on_loop = None  # user code (pool.run_sync): psycopg2's
+                if on_loop is not None and (runner := self._loop_runner()) is not None:
+                    return await on_loop(runner, *args)  # type: ignore[no-any-return]
+                await self.leave_loop()
+            return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+
+    async def call_user(
+        self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
+    ) -> T:
+        """``func(raw, *args)`` in an anyio worker thread, in turn: ``func`` may
+        call back into the loop with ``anyio.from_thread``. ``on_cancel()`` runs
+        on the loop as soon as the caller is cancelled (the thread is waited for).
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        self.check()
+        async with self.turn:
+            await self.leave_loop()
+            return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
+
+    # -- the loop-native path (pool option io="auto"/"loop"; pgpool_async._loop.native) --
+
+    def _loop_runner(self) -> StatementRunner | None:
+        """The runner for a statement now, entered; None: use a thread. In turn."""
+        runner = self.runner
+        if runner is not None and runner.entered:
+            return runner
+        raw = self.raw
+        if raw.cursor_factory is not None or type(raw) is not PGConnection:
+            # Rows of other cursor factories are built by psycopg2 only, and a
+            # connection subclass (e.g. LoggingConnection) expects its cursor() to run.
+            return None
+        if runner is None:
+            runner = self.runner = LoopStatementRunner(raw)
+        if runner.refusal() is not None:
+            return None  # e.g. psycopg2 holds a transaction: threads until it ends
+        runner.enter()
+        return runner
+
+    @property
+    def on_loop(self) -> bool:
+        """True while statements of this loan run on the event loop."""
+        return self.runner is not None and self.runner.entered
+
+    async def leave_loop(self) -> None:
+        """In turn, before psycopg2 code runs: hand the connection back to
+        psycopg2 (a transaction opened on the loop is handed over too)."""
+        runner = self.runner
+        if runner is not None and runner.entered:
+            await runner.leave(to_thread=self.offload.run_anyio)
+
+    def leave_loop_now(self) -> bool:
+        """The return path, without awaiting: give the connection back to psycopg2
+        if nothing is left to do on the loop. False: a call still runs or a
+        transaction is open: :meth:`give_back_loop` must run first."""
+        runner = self.runner
+        if runner is None or not runner.entered:
+            return True
+        return not self.turn.locked() and runner.try_leave_now()
+
+    async def give_back_loop(self) -> None:
+        """The return path, in a pool task, the turn idle: end a transaction left
+        open on the loop (the pool would roll it back anyway), then leave."""
+        runner = self.runner
+        if runner is None or not runner.entered:
+            return
+        with anyio.CancelScope(shield=True):
+            if runner.in_transaction:
+                with anyio.move_on_after(4.0):
+                    with contextlib.suppress(psycopg2.Error):
+                        await runner.rollback()
+            if runner.entered and runner.in_transaction:
+                runner.close()  # the rollback did not happen: never reuse it
+            if runner.entered:
+                await runner.leave(to_thread=self.offload.run_anyio)
+
+    def check(self) -> None:
+        """:raises ConnectionReleased: the connection went back to the pool."""
+        if self.detached:
+            raise ConnectionReleased(RELEASED)
+
+    def cancel_statement(self) -> None:
+        """Ask the server to cancel the statement running on this connection.
+        The request opens a connection of its own, so it runs in its own thread."""
+        raw = self.raw
+        if not raw.closed:
+            threading.Thread(target=_cancel_quietly, args=(raw,), name="pgpool-cancel", daemon=True).start()
+
+
+# -- the pool's statement functions, as run on the loop ------------------------------------
+
+
+def _check_rows(result: Result) -> list[Any]:
+    if result.description is None:
+        raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
+    return result.rows
+
+
+async def _execute(runner: StatementRunner, sql: Any, params: Any) -> int:
+    return (await runner.execute(sql, params)).rowcount
+
+
+async def _fetchone(runner: StatementRunner, sql: Any, params: Any) -> Any:
+    rows = _check_rows(await runner.execute(sql, params))
+    return rows[0] if rows else None
+
+
+async def _fetchall(runner: StatementRunner, sql: Any, params: Any) -> list[Any]:
+    return _check_rows(await runner.execute(sql, params))
+
+
+async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
+    rows = _check_rows(await runner.execute(sql, params))
+    return rows[0][0] if rows else None
+
+
+async def _commit(runner: StatementRunner) -> None:
+    await runner.commit()
+
+
+async def _rollback(runner: StatementRunner) -> None:
+    await runner.rollback()
+
+
+async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *args: Any) -> Any:
+    """The one-hop helpers: the statement, then commit. ``BEGIN; statement`` go
+    out together, and for ``execute`` the ``COMMIT`` too (one round trip);
+    fetch* may raise on a statement without rows, and then must not commit."""
+    if func is blocking.execute:
+        return (await runner.execute(*args, commit=True)).rowcount
+    value = await _ON_LOOP[func](runner, *args)
+    await runner.commit()
+    return value
+
+
+_ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
+    blocking.execute: _execute,
+    blocking.fetchone: _fetchone,
+    blocking.fetchall: _fetchall,
+    blocking.fetchval: _fetchval,
+    blocking.commit_if_open: _commit,
+    PGConnection.commit: _commit,
+    PGConnection.rollback: _rollback,
+}
+_STATEMENTS = (blocking.execute, blocking.fetchone, blocking.fetchall, blocking.fetchval)
+_ON_LOOP[blocking.run_and_commit] = _run_and_commit

@@ -1,0 +1,367 @@
+"""The ledger: every pooled connection's state, and every decision about it.
+
+One :class:`Slot` per open connection holds its whole life (state, key,
+lifetime, when and where it was lent). The :class:`Ledger` owns all of them and
+is the only code that changes their state. It runs on the event loop thread
+only, does no I/O, takes no lock and never awaits: each method changes state at
+once and returns a :class:`Plan` of the I/O the pool must do afterwards
+(connections to close, connections to open), the way httpcore's
+``_assign_requests_to_connections()`` decides and ``_close_connections()`` acts.
+
+Who gets which connection is decided in one place, :meth:`Ledger.assign`:
+idle connections go to waiters first come first served, broken or retired ones
+are set aside for closing, and new connections are asked for to keep
+``minconn`` and (one at a time, like psycopg_pool) to serve a queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import time
+import traceback
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Protocol
+
+from psycopg2.extensions import connection as PGConnection
+
+__all__ = ["Ledger", "Plan", "Slot", "SlotState"]
+
+
+class _Queue(Protocol):
+    """What the ledger needs of the wait queue (:class:`~.waiting.WaitQueue`)."""
+
+    def __len__(self) -> int: ...
+    def first(self) -> Any: ...
+    def hand(self, waiter: Any, slot: Slot) -> None: ...
+
+
+class SlotState(enum.Enum):
+    """Where a connection is in its life."""
+
+    IDLE = "idle"  # in the pool, ready to lend
+    LENT = "lent"  # with a borrower
+    RETURNING = "returning"  # given back; the pool is resetting it
+    CLOSED = "closed"  # off the books; its connection is closed or being closed
+
+
+class Slot:
+    """One open connection and everything the pool knows of it."""
+
+    __slots__ = (
+        "closed_by_pool",
+        "created_at",
+        "expires_at",
+        "generation",
+        "holder",
+        "idle_since",
+        "key",
+        "leak_reported",
+        "lent_at",
+        "raw",
+        "state",
+        "taken_at",
+        "trusted",
+    )
+
+    def __init__(self, raw: PGConnection, generation: int, expires_at: float) -> None:
+        self.raw = raw
+        self.state = SlotState.IDLE
+        self.key: Hashable | None = None
+        self.generation = generation
+        self.created_at = time.monotonic()
+        self.expires_at = expires_at
+        self.idle_since = self.created_at
+        self.lent_at = 0.0
+        self.taken_at: traceback.StackSummary | None = None  # with leak_threshold
+        self.leak_reported = False
+        # Closed by close()/closeall() while lent: the borrower's work was lost.
+        self.closed_by_pool = False
+        # Just returned in use: may be handed on without the liveness peek.
+        self.trusted = False
+        # A weak reference to the borrower's AsyncConnection while lent: its
+        # callback reports a borrower dropped without returning the connection.
+        self.holder: Any = None
+
+    def __repr__(self) -> str:
+        return f"<Slot {self.state.value} key={self.key!r}>"
+
+
+@dataclasses.dataclass(slots=True)
+class Plan:
+    """The I/O the pool must do after a ledger decision."""
+
+    close: list[Slot] = dataclasses.field(default_factory=list)  # off the books: close them
+    open: int = 0  # slots reserved for new connections: open them in the background
+
+    def __iadd__(self, other: Plan) -> Plan:
+        self.close += other.close
+        self.open += other.open
+        return self
+
+
+class Ledger:
+    """All the pool's slots and their states; see the module docstring.
+
+    ``size`` counts every slot that holds or will hold a connection (idle, lent,
+    returning, or being opened): it never exceeds ``maxconn``.
+    """
+
+    def __init__(self, minconn: int, maxconn: int, waiting: _Queue) -> None:
+        self.minconn = minconn
+        self.maxconn = maxconn
+        self.generation = 0  # drain() retires slots of older generations
+        self.closing = False  # no more lending; returns close their connection
+        self._waiting = waiting
+        self._idle: list[Slot] = []  # most recently checked in last (LIFO, like psycopg2)
+        self._lent: set[Slot] = set()
+        self._keyed: dict[Hashable, Slot] = {}
+        self._returning: set[Slot] = set()
+        self._opening = 0
+        self._auto_keys = itertools.count(1)
+        # Appended from any thread (a weakref callback): recovered by upkeep.
+        self.orphans: list[Slot] = []
+        self._on_empty: list[Callable[[], object]] = []
+
+    # -- gauges -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return len(self._idle) + len(self._lent) + len(self._returning) + self._opening
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def lent_count(self) -> int:
+        return len(self._lent)
+
+    @property
+    def opening_count(self) -> int:
+        return self._opening
+
+    @property
+    def returning_count(self) -> int:
+        return len(self._returning)
+
+    def lent(self) -> Iterator[Slot]:
+        """The lent slots (a snapshot)."""
+        return iter(list(self._lent))
+
+    def retired(self, slot: Slot, now: float | None = None) -> bool:
+        """Past its lifetime, or from before a drain()."""
+        now = time.monotonic() if now is None else now
+        return slot.generation != self.generation or now >= slot.expires_at
+
+    # -- lending --------------------------------------------------------------
+
+    def lent_under(self, key: Hashable) -> Slot | None:
+        """The slot lent under a psycopg2 key, if any."""
+        return self._keyed.get(key)
+
+    def take(self, key: Hashable | None, usable: Callable[[Slot], bool]) -> tuple[Slot | None, Plan]:
+        """Lend an idle connection under ``key``; idle ones found retired or not
+        ``usable`` go off the books into the plan, to close."""
+        plan = Plan()
+        if self.closing:
+            return None, plan
+        now = time.monotonic()
+        while self._idle:
+            slot = self._idle.pop()
+            if self.retired(slot, now) or not usable(slot):
+                slot.state = SlotState.CLOSED
+                plan.close.append(slot)
+                continue
+            self._lend(slot, key)
+            return slot, plan
+        return None, plan
+
+    def _lend(self, slot: Slot, key: Hashable | None) -> None:
+        slot.state = SlotState.LENT
+        slot.key = key if key is not None else next(self._auto_keys)
+        slot.lent_at = time.monotonic()
+        slot.leak_reported = False
+        slot.trusted = False
+        self._lent.add(slot)
+        if key is not None:
+            self._keyed[key] = slot
+
+    def assign(self, usable: Callable[[Slot], bool]) -> Plan:
+        """Hand idle connections to waiters, first come first served, then decide
+        what to open: enough for ``minconn``, and one more while requests wait
+        and nothing is being opened."""
+        plan = Plan()
+        while (waiter := self._waiting.first()) is not None:
+            slot, found = self.take(waiter.key, usable)
+            plan += found
+            if slot is None:
+                break
+            self._waiting.hand(waiter, slot)
+        if self.closing:
+            return plan
+        want = max(0, self.minconn - self.size)
+        if not want and not self._opening and len(self._waiting):
+            want = 1
+        want = min(want, self.maxconn - self.size)
+        if want > 0:
+            self._opening += want
+            plan.open += want
+        return plan
+
+    def give_back(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+        """A connection handed to a waiter that gave up meanwhile: it is clean,
+        so it goes back idle with no I/O."""
+        self._unlend(slot)
+        return self._put_idle(slot, usable)
+
+    # -- returning ------------------------------------------------------------
+
+    def begin_return(self, slot: Slot) -> None:
+        """A borrower gave ``slot`` back: it stays counted until
+        :meth:`check_in` or :meth:`discard`.
+
+        :raises ValueError: the slot is not lent (a bug of the caller).
+        """
+        if slot.state is not SlotState.LENT:
+            raise ValueError(f"{slot!r} is not lent")
+        self._unlend(slot)
+        slot.state = SlotState.RETURNING
+        self._returning.add(slot)
+
+    def _unlend(self, slot: Slot) -> None:
+        slot.holder = None
+        self._lent.discard(slot)
+        if self._keyed.get(slot.key) is slot:
+            del self._keyed[slot.key]
+
+    def check_in(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+        """A returned connection, reset and clean, goes idle (or to the next
+        waiter), unless the pool is closing, it is retired, or the pool shrank.
+        A slot the pool closed meanwhile (``close()`` past its timeout) stays closed."""
+        if slot.state is SlotState.CLOSED:
+            return Plan()
+        assert slot.state is SlotState.RETURNING
+        self._returning.discard(slot)
+        return self._put_idle(slot, usable)
+
+    def _put_idle(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+        if self.closing or self.retired(slot) or self.size >= self.maxconn:
+            slot.state = SlotState.CLOSED
+            plan = Plan(close=[slot])
+            plan += self.assign(usable)
+            self._notify_if_empty()
+            return plan
+        slot.state = SlotState.IDLE
+        slot.idle_since = time.monotonic()
+        slot.trusted = True
+        self._idle.append(slot)
+        try:
+            plan = self.assign(usable)
+        finally:
+            slot.trusted = False
+        self._notify_if_empty()
+        return plan
+
+    def discard(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+        """Take ``slot`` off the books, whatever its state; the plan closes it
+        (unless already closed) and asks for replacements."""
+        plan = Plan()
+        if slot.state is SlotState.LENT:
+            self._unlend(slot)
+        elif slot.state is SlotState.RETURNING:
+            self._returning.discard(slot)
+        elif slot.state is SlotState.IDLE:
+            self._idle.remove(slot)
+        if slot.state is not SlotState.CLOSED:
+            slot.state = SlotState.CLOSED
+            plan.close.append(slot)
+        plan += self.assign(usable)
+        self._notify_if_empty()
+        return plan
+
+    # -- opening --------------------------------------------------------------
+
+    def opened(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+        """A new connection in a slot reserved by a plan: idle, then to waiters
+        (without the liveness peek: it was just opened)."""
+        self._opening -= 1
+        return self._put_idle(slot, usable)
+
+    def open_failed(self) -> None:
+        """A reserved slot whose connection could not be opened is free again."""
+        self._opening -= 1
+
+    # -- upkeep ---------------------------------------------------------------
+
+    def evict_idle(self, evict: Callable[[Slot], bool], keep: int) -> list[Slot]:
+        """Take idle slots off the books, oldest first, for which ``evict`` is true,
+        while more than ``keep`` slots remain; the caller closes them."""
+        evicted: list[Slot] = []
+        for slot in list(self._idle):
+            if self.size <= keep:
+                break
+            if evict(slot):
+                self._idle.remove(slot)
+                slot.state = SlotState.CLOSED
+                evicted.append(slot)
+        return evicted
+
+    def resize(self, minconn: int, maxconn: int) -> list[Slot]:
+        """New sizes; idle slots above the new ``maxconn`` come back, to close."""
+        self.minconn, self.maxconn = minconn, maxconn
+        return self.evict_idle(lambda _: True, keep=maxconn)
+
+    def drain(self) -> list[Slot]:
+        """Retire every slot: idle ones come back now, to close; lent ones are
+        closed when they come back."""
+        self.generation += 1
+        return self.evict_idle(lambda _: True, keep=0)
+
+    # -- closing --------------------------------------------------------------
+
+    def start_closing(self) -> list[Slot]:
+        """No more lending; idle slots come back, to close."""
+        self.closing = True
+        return self.evict_idle(lambda _: True, keep=0)
+
+    def close_lent(self) -> list[Slot]:
+        """Close-time deadline passed: take every lent (or still returning) slot
+        off the books, marked as closed by the pool (a borrower's open
+        transaction is lost; its ``connection()`` block raises)."""
+        slots = [*self._lent, *self._returning]
+        for slot in slots:
+            self._unlend(slot)
+            slot.state = SlotState.CLOSED
+            slot.closed_by_pool = True
+        self._returning.clear()
+        self._notify_if_empty()
+        return slots
+
+    @property
+    def empty(self) -> bool:
+        """Nothing lent or being returned."""
+        return not self._lent and not self._returning
+
+    def when_empty(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once nothing is lent or being returned."""
+        if self.empty:
+            callback()
+        else:
+            self._on_empty.append(callback)
+
+    def _notify_if_empty(self) -> None:
+        if self._on_empty and self.empty:
+            callbacks, self._on_empty = self._on_empty, []
+            for callback in callbacks:
+                callback()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Gauges, for stats and ``repr``."""
+        return {
+            "pool_min": self.minconn,
+            "pool_max": self.maxconn,
+            "pool_size": self.size,
+            "pool_available": len(self._idle),
+        }

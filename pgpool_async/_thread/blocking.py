@@ -1,0 +1,139 @@
+"""What runs in a worker thread: every function here blocks on the network.
+
+Each takes a psycopg2 connection first and touches no pool state, so it can run
+on any thread (psycopg2 lets a connection move between threads, one operation
+at a time). The event loop never calls these directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extensions import connection as PGConnection
+
+__all__ = [
+    "Params",
+    "close_all",
+    "close_quietly",
+    "execute",
+    "fetchall",
+    "fetchone",
+    "fetchval",
+    "liveness_check",
+    "reset_for_reuse",
+    "run_and_commit",
+]
+
+T = TypeVar("T")
+Params = Sequence[Any] | dict[str, Any] | None
+
+_STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_UNKNOWN = psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
+
+
+def close_quietly(conn: PGConnection) -> None:
+    """Close ``conn``, ignoring errors: used on connections already given up on."""
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def close_all(conns: list[PGConnection]) -> None:
+    """Close each of ``conns``, ignoring errors."""
+    for conn in conns:
+        close_quietly(conn)
+
+
+def reset_for_reuse(conn: PGConnection) -> bool:
+    """Roll back an open transaction so ``conn`` can be reused; False if it cannot.
+
+    Does I/O only when the connection is inside a transaction.
+    """
+    if conn.closed:
+        return False
+    status = conn.get_transaction_status()
+    if status == _STATUS_UNKNOWN:
+        return False
+    if status != _STATUS_IDLE:
+        try:
+            conn.rollback()
+        except Exception:
+            return False
+    return conn.get_transaction_status() == _STATUS_IDLE
+
+
+def commit_if_open(conn: PGConnection) -> None:
+    """Commit if a transaction is open (psycopg2's ``commit()`` is a no-op otherwise)."""
+    if conn.get_transaction_status() != _STATUS_IDLE:
+        conn.commit()
+
+
+def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:
+    """``func(conn, *args)``, then commit if it left a transaction open: one thread hop."""
+    result = func(conn, *args)
+    commit_if_open(conn)
+    return result
+
+
+def execute(conn: PGConnection, sql: Any, params: Params) -> int:
+    """Run one statement; its ``rowcount``."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        rowcount: int = cur.rowcount
+        return rowcount
+
+
+def fetchone(conn: PGConnection, sql: Any, params: Params) -> Any:
+    """Run a query; its first row, or None."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchone()
+
+
+def fetchall(conn: PGConnection, sql: Any, params: Params) -> list[Any]:
+    """Run a query; all its rows."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall()
+
+
+def fetchval(conn: PGConnection, sql: Any, params: Params) -> Any:
+    """Run a query; the first column of its first row, or None."""
+    row = fetchone(conn, sql, params)
+    if row is None:
+        return None
+    # RealDictCursor rows are dicts: take the first column either way.
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def liveness_check(conn: PGConnection) -> None:
+    """The built-in check: one round trip (``SELECT 1``), leaving no transaction.
+
+    Raises whatever psycopg2 raises when the connection is dead.
+    """
+    was_autocommit = conn.autocommit
+    if not was_autocommit:
+        conn.autocommit = True  # no I/O when idle; avoids a BEGIN/ROLLBACK pair
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        if not was_autocommit and not conn.closed:
+            conn.autocommit = False
+
+
+def outside_transaction(conn: PGConnection, func: Callable[[PGConnection], object]) -> None:
+    """Run ``func(conn)`` in autocommit mode, so statements that cannot run in a
+    transaction block (``DISCARD ALL``, ``VACUUM``) work; what it does lasts."""
+    was_autocommit = conn.autocommit
+    if not was_autocommit:
+        conn.autocommit = True  # idle: no I/O
+    try:
+        func(conn)
+    finally:
+        if not conn.closed:
+            commit_if_open(conn)  # func may have turned autocommit off and begun one
+            conn.autocommit = was_autocommit

@@ -1,0 +1,244 @@
+"""Unit tests of the core's parts that need no server: the ledger, the wait
+queue, the offloader and the background host. (The raw connections the ledger
+books are opaque to it: plain objects stand in for them here.)"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from pgpool_async._loop.ledger import Ledger, Plan, Slot, SlotState
+from pgpool_async._loop.waiting import WaitQueue
+from pgpool_async._thread.background import BackgroundTasks
+from pgpool_async._thread.offload import Offloader
+from pgpool_async.errors import PoolClosed, PoolTimeout
+
+
+def always(_slot: Slot) -> bool:
+    return True
+
+
+def slot(ledger: Ledger, expires_at: float = float("inf")) -> Slot:
+    return Slot(object(), ledger.generation, expires_at)  # type: ignore[arg-type]
+
+
+def opened(ledger: Ledger, n: int) -> list[Slot]:
+    """Fill ``n`` reserved slots the way the opener does."""
+    slots = [slot(ledger) for _ in range(n)]
+    for s in slots:
+        ledger.opened(s, always)
+    return slots
+
+
+# -- the ledger ---------------------------------------------------------------
+
+
+def test_ledger_asks_for_minconn_then_one_at_a_time_for_waiters() -> None:
+    queue = WaitQueue()
+    ledger = Ledger(2, 4, queue)
+    plan = ledger.assign(always)
+    assert plan.open == 2 and ledger.size == 2
+    assert ledger.assign(always).open == 0  # already opening
+    opened(ledger, 2)
+    taken = [ledger.take(None, always)[0] for _ in range(2)]
+    assert all(s is not None and s.state is SlotState.LENT for s in taken)
+    queue.push(None)
+    queue.push(None)
+    assert ledger.assign(always).open == 1  # one at a time while requests wait
+    assert ledger.assign(always).open == 0
+    assert ledger.size == 3
+
+
+def test_ledger_never_exceeds_maxconn() -> None:
+    queue = WaitQueue()
+    ledger = Ledger(0, 2, queue)
+    for _ in range(10):
+        queue.push(None)
+    total = ledger.assign(always).open
+    while ledger.opening_count:
+        total += ledger.opened(slot(ledger), always).open
+        assert ledger.size <= 2
+    assert total == 2 and ledger.lent_count == 2 and len(queue) == 8
+
+
+def test_ledger_hands_idle_to_waiters_in_order_and_returns_come_back() -> None:
+    queue = WaitQueue()
+    ledger = Ledger(0, 1, queue)
+    ledger.assign(always)
+    assert ledger.size == 0
+    first, second = queue.push("a"), queue.push("b")
+    plan = ledger.assign(always)
+    assert plan.open == 1
+    (s,) = opened(ledger, 1)
+    assert first.done and not second.done and s.key == "a"
+    ledger.begin_return(s)
+    assert ledger.returning_count == 1
+    ledger.check_in(s, always)
+    assert second.done and s.key == "b" and s.state is SlotState.LENT
+
+
+def test_ledger_sets_aside_retired_and_broken_idle_connections() -> None:
+    ledger = Ledger(0, 3, WaitQueue())
+    ledger._opening = 3
+    old, broken, good = slot(ledger), slot(ledger), slot(ledger)
+    for s in (good, broken, old):
+        ledger.opened(s, always)
+    old.expires_at = time.monotonic() - 1  # went past its lifetime while idle
+    taken, plan = ledger.take(None, lambda s: s is not broken)
+    assert taken is good
+    assert plan.close == [old, broken] and {s.state for s in plan.close} == {SlotState.CLOSED}
+    assert ledger.size == 1
+
+
+def test_ledger_close_marks_lent_connections_closed_by_pool() -> None:
+    ledger = Ledger(0, 2, WaitQueue())
+    ledger._opening = 2
+    opened(ledger, 2)
+    lent, _ = ledger.take(None, always)
+    idle = ledger.start_closing()
+    assert len(idle) == 1 and ledger.take(None, always)[0] is None
+    emptied: list[bool] = []
+    ledger.when_empty(lambda: emptied.append(True))
+    assert not emptied
+    closed = ledger.close_lent()
+    assert closed == [lent] and lent is not None and lent.closed_by_pool
+    assert emptied == [True] and ledger.size == 0
+    # The borrower's late return changes nothing.
+    assert lent.state is SlotState.CLOSED
+    assert ledger.check_in(lent, always) == Plan() and ledger.size == 0
+
+
+def test_ledger_returns_after_drain_or_shrink_close() -> None:
+    ledger = Ledger(0, 2, WaitQueue())
+    ledger._opening = 2
+    opened(ledger, 2)
+    lent, _ = ledger.take(None, always)
+    assert lent is not None
+    assert len(ledger.drain()) == 1  # the idle one
+    ledger.begin_return(lent)
+    plan = ledger.check_in(lent, always)
+    assert plan.close == [lent] and ledger.size == 0
+
+
+def test_ledger_give_back_and_discard_keep_counts_exact() -> None:
+    queue = WaitQueue()
+    ledger = Ledger(1, 2, queue)
+    ledger.assign(always)
+    (s,) = opened(ledger, 1)
+    taken, _ = ledger.take(None, always)
+    assert taken is s and ledger.idle_count == 0
+    ledger.give_back(s, always)
+    assert ledger.idle_count == 1 and ledger.lent_count == 0
+    taken, _ = ledger.take(None, always)
+    assert taken is not None
+    plan = ledger.discard(taken, always)
+    assert plan.close == [taken] and plan.open == 1  # minconn refilled
+    assert ledger.size == 1 and ledger.opening_count == 1
+
+
+# -- the wait queue -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_wait_queue_enforces_deadlines_in_order() -> None:
+    queue = WaitQueue()
+    now = anyio.current_time()
+    late = queue.push(None, now + 0.2, 0.2)
+    early = queue.push(None, now + 0.05, 0.05)
+    failed: list[float] = []
+
+    def error(waiter: Any) -> BaseException:
+        failed.append(waiter.timeout)
+        return PoolTimeout(f"after {waiter.timeout}")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.enforce_deadlines, error)
+        with pytest.raises(PoolTimeout, match=r"0\.05"):
+            await early.wait()
+        with pytest.raises(PoolTimeout, match=r"0\.2"):
+            await late.wait()
+        # A new, earlier deadline wakes the task sleeping for nothing.
+        sooner = queue.push(None, anyio.current_time() + 0.01, 0.01)
+        with anyio.fail_after(2), pytest.raises(PoolTimeout):
+            await sooner.wait()
+        tg.cancel_scope.cancel()
+    assert failed == [0.05, 0.2, 0.01] and len(queue) == 0
+
+
+def test_wait_queue_leaving_after_a_hand_off_returns_the_connection() -> None:
+    queue = WaitQueue()
+    ledger = Ledger(0, 1, queue)
+    s = slot(ledger)
+    waiter = queue.push(None)
+    queue.hand(waiter, s)
+    assert queue.leave(waiter) is s  # the caller must give it back
+    assert len(queue) == 0 and queue.first() is None
+
+
+# -- the offloader --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_offloader_runs_in_its_own_threads_and_waits_for_cancelled_calls() -> None:
+    offload = Offloader(2, "unit-offload")
+    thread = await offload.run(threading.current_thread)
+    assert thread is not threading.current_thread()
+    release = threading.Event()
+    finished: list[bool] = []
+    cancels: list[bool] = []
+
+    def slow() -> None:
+        release.wait(5)
+        finished.append(True)
+
+    with anyio.move_on_after(0.05) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.sleep, 0.1)
+            tg.start_soon(lambda: _release_later(release))
+            await offload.run(slow, on_cancel=lambda: cancels.append(True))
+    # Cancelled, yet the call ran to its end before the cancellation was delivered.
+    assert scope.cancelled_caught and finished == [True] and cancels == [True]
+    offload.shutdown()
+
+
+async def _release_later(event: threading.Event) -> None:
+    with anyio.CancelScope(shield=True):
+        await anyio.sleep(0.2)
+    event.set()
+
+
+# -- the background host ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_background_task_failure_is_logged_and_others_go_on(caplog: pytest.LogCaptureFixture) -> None:
+    tasks = BackgroundTasks("unit-bg")
+    await tasks.start()
+    ticks: list[int] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(1)
+            await anyio.sleep(0.01)
+
+    async def broken() -> None:
+        raise RuntimeError("boom in maintenance")
+
+    with caplog.at_level(logging.ERROR, logger="pgpool_async"):
+        tasks.spawn(ticker)
+        tasks.spawn(broken)
+        await anyio.sleep(0.1)
+        before = len(ticks)
+        await anyio.sleep(0.1)
+    assert len(ticks) > before  # the ticker outlived the failing task
+    assert "boom in maintenance" in caplog.text and "background task broken failed" in caplog.text
+    tasks.spawn(ticker)  # spawning still works on a running host
+    tasks.stop()
+    await tasks.wait_stopped()
+    with pytest.raises(PoolClosed):
+        tasks.spawn(ticker)
