@@ -397,6 +397,14 @@ async def test_without_autocommit_a_transaction_opens_as_psycopg2s_would(dsn: st
             await runner.rollback()
             assert (await runner.execute("SELECT 1")).rows == [(1,)]
             await runner.rollback()
+            # The same when the first statement does not even parse (BEGIN went with it).
+            with pytest.raises(psycopg2.errors.SyntaxError):
+                await runner.execute("wat")
+            assert runner.in_transaction
+            with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+                await runner.execute("SELECT 1")
+            await runner.rollback()
+            assert not runner.in_transaction
     finally:
         server_query(dsn, f"DROP TABLE IF EXISTS {table}")
 

@@ -45,6 +45,14 @@ refused with psycopg2's message and the connection is left usable; only
 tuple rows are built (callers use the thread path for other cursor factories);
 ``notices``/``notifies`` are delivered at :meth:`leave`.
 
+How the pool uses it (``AsyncConnectionPool(io="auto")``, see
+:class:`pgpool_async._loan.Loan`): each loan holds one runner, entered at its
+first statement; ``Loan.call`` runs the pool's statement functions
+(``execute``/``fetch*``, commit, rollback, the one-hop helpers) on it and
+leaves it before any other call goes to a thread; the return path leaves it
+without a round trip when the connection is idle, and otherwise rolls back on
+the loop in the pool's return task first.
+
 When it is not available: not Linux, psycopg2's libpq not found, an async or
 GSS-encrypted connection, a connection psycopg2 has a transaction open on.
 :func:`unavailable_reason` and :meth:`LoopStatementRunner.refusal` say why;
@@ -648,6 +656,14 @@ class LoopStatementRunner:
         try:
             await self._run(query)
             return await self._result(cur, expected, commit)
+        except psycopg2.Error:
+            if begin and self._pg is not None and self.in_transaction is False:
+                # A statement that does not parse sinks the whole packet, our BEGIN
+                # too; psycopg2 (BEGIN sent alone) would be in a failed transaction
+                # now: be in one too, so what follows behaves the same.
+                self._clear()
+                await self._run(b"BEGIN;SELECT 1/0 -- pgpool_async: the transaction failed above")
+            raise
         finally:
             self._busy = False
             self._clear()
