@@ -484,7 +484,11 @@ class NativeRunnerPool(AsyncContender):
         self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
 
     async def open(self, spec: PoolSpec) -> None:
-        from pgpool_async._loop.native import LoopStatementRunner
+        from pgpool_async._loop.native import LoopStatementRunner, preload
+
+        reason = await anyio.to_thread.run_sync(preload)
+        if reason is not None:
+            raise RuntimeError(f"the loop-native path is not available: {reason}")
 
         def connect() -> Any:
             conn = psycopg2.connect(spec.dsn)

@@ -22,7 +22,7 @@ import anyio
 import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
-from ._loop.native import LoopStatementRunner, Result, StatementRunner
+from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
 from ._thread import blocking
 from ._thread.offload import Offloader
 from .errors import ConnectionReleased
@@ -173,9 +173,10 @@ class Loan:
             return None
         if runner is None:
             runner = self.runner = LoopStatementRunner(raw)
-        if runner.refusal() is not None:
+        try:
+            runner.enter()
+        except NativeUnavailable:
             return None  # e.g. psycopg2 holds a transaction: threads until it ends
-        runner.enter()
         return runner
 
     @property

@@ -604,6 +604,21 @@ async def test_an_unanswered_cancel_closes_the_connection_within_the_grace(dsn: 
             raw.close()
 
 
+async def test_a_query_larger_than_the_socket_buffers_is_sent_in_turns(dsn: str) -> None:
+    big = "x" * (16 * 1024 * 1024)  # libpq cannot send it at once: PQflush, wait writable, again
+    async with entered(dsn) as runner:
+        async with ticking() as ticker:
+            result = await runner.execute("SELECT length(%s), 1", (big,))
+        assert result.rows == [(len(big), 1)]
+        assert ticker.max_wall < 0.5
+        assert (await runner.execute("SELECT 2")).rows == [(2,)]
+        # Cancelled while still sending: the connection is drained or closed, never half-used.
+        with anyio.move_on_after(0.005):
+            await runner.execute("SELECT length(%s)", (big,))
+        if not runner.raw.closed:
+            assert (await runner.execute("SELECT 3")).rows == [(3,)]
+
+
 # -- large results ------------------------------------------------------------------------------
 
 

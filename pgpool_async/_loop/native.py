@@ -164,6 +164,14 @@ def release(raw: PGConnection) -> None:
         runner._detach()
 
 
+def _asyncio_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _loaded() -> bool:
     return _libpq.libpq_path.cache_info().currsize > 0
 
@@ -484,7 +492,7 @@ class LoopStatementRunner:
         reason = self.refusal()
         if reason is not None:
             raise NativeUnavailable(f"statements on this connection run in threads: {reason}")
-        library = sniffio.current_async_library()
+        library = "asyncio" if _asyncio_running() else sniffio.current_async_library()
         raw = self.raw
         lib: Any = _libpq.libpq_gil()
         pg = raw.pgconn_ptr
@@ -570,8 +578,7 @@ class LoopStatementRunner:
         _entered.pop(id(self.raw), None)
         pg, self._pg = self._pg, None
         if self._asyncio is not None:
-            self._asyncio.remove_reader(self._fd)
-            self._asyncio.remove_writer(self._fd)
+            self._asyncio.remove_reader(self._fd)  # (a writer is only ever added mid-statement)
         self._asyncio = None
         self._trio = False
         if pg is not None and not self.raw.closed:
@@ -705,6 +712,8 @@ class LoopStatementRunner:
         self._last = self._prev = None
         self._keep_prev = False
         self._count = self._copy_seen = 0
+        if self._flushing and self._asyncio is not None:
+            self._asyncio.remove_writer(self._fd)  # a statement that ended mid-send
         self._flushing = self._copy_out = self._io_failed = self._cancelling = False
         self._io_message = None
         if self._abort_handle is not None:
