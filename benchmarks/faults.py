@@ -894,9 +894,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkouts", type=int, default=100_000, help="checkouts in scenario 6")
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     parser.add_argument("--verbose", action="store_true", help="show the pool's log (connect failures...)")
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="run the real-network scenarios instead (root: network namespaces; see benchmarks.netfaults)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.CRITICAL)
     started = time.monotonic()
+    if args.network:
+        _main_network(args.output, started)
+        return
     results, env = anyio.run(run_all, args.checkouts)
     preamble = (
         "# pgpool_async under faults\n\n"
@@ -912,6 +920,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(table, encoding="utf-8")
+
+
+def _main_network(output: Path | None, started: float) -> None:
+    from . import netfaults  # imports this module: loaded late
+
+    results = anyio.run(netfaults.run_network)
+    preamble = (
+        "# Real network faults: pgpool_async and psycopg_pool\n\n"
+        f"`python -m benchmarks.faults --network` ({time.monotonic() - started:.0f} s): a throwaway "
+        "PostgreSQL in a network namespace behind a router namespace whose raw PREROUTING chain "
+        "drops packets (ingress, so neither end sees a local error); Python "
+        f"{platform.python_version()}, psycopg2 {getattr(psycopg2, '__version__', '?').split()[0]}, "
+        f"psycopg {importlib.metadata.version('psycopg')}, psycopg_pool "
+        f"{importlib.metadata.version('psycopg-pool')}, {os.cpu_count()} CPUs. Default settings of "
+        "each pool. Recovery time: from the network healing (or the restart) to the first "
+        "successful request. Loop stall: longest gap of a 10 ms ticker.\n"
+    )
+    table = render_table(results, preamble)
+    print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table, encoding="utf-8")
 
 
 if __name__ == "__main__":

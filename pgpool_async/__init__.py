@@ -13,12 +13,14 @@ from __future__ import annotations
 from .connection import AsyncConnection
 from .cursor import AsyncCursor, Transaction
 from .errors import (
+    CommitOutcomeUnknown,
     ConnectionReleased,
     PoolClosed,
     PoolConfigError,
     PoolError,
     PoolTimeout,
     TooManyRequests,
+    TransactionPoolingError,
 )
 from .notifications import Notifies
 from .pool import AsyncConnectionPool
@@ -26,6 +28,7 @@ from .sync import SimpleConnectionPool, ThreadedConnectionPool
 
 __all__ = [
     "AsyncConnection",
+    "CommitOutcomeUnknown",
     "AsyncConnectionPool",
     "AsyncCursor",
     "Notifies",
@@ -38,6 +41,7 @@ __all__ = [
     "ThreadedConnectionPool",
     "TooManyRequests",
     "Transaction",
+    "TransactionPoolingError",
 ]
 
 __version__ = "0.2.0"

@@ -13,6 +13,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from ._redact import connect_args_error
 from .errors import PoolConfigError
 
 __all__ = [
@@ -85,9 +86,10 @@ def check_connect_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[st
     libpq = {k: v for k, v in kwargs.items() if k not in (*_CONNECT_ONLY, "dsn", "async", "async_")}
     try:
         params: dict[str, str] = psycopg2.extensions.parse_dsn(psycopg2.extensions.make_dsn(dsn, **libpq))
-    except psycopg2.ProgrammingError as exc:
+    except (psycopg2.ProgrammingError, UnicodeDecodeError):
+        # libpq quotes what it choked on, a password included: never echo it.
         raise PoolConfigError(
-            f"invalid connection arguments ({str(exc).strip()}): fix the DSN or the "
+            f"invalid connection arguments ({connect_args_error(dsn, libpq)}): fix the DSN or the "
             "libpq keyword arguments given to the pool"
         ) from None
     return params

@@ -13,7 +13,6 @@ way to run a statement (on the event loop, through libpq) can plug in.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +21,8 @@ import anyio
 import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
+from . import _libpq
+from ._loop.failover import ServerFit
 from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
 from ._thread import blocking
 from ._thread.offload import Offloader
@@ -35,11 +36,6 @@ RELEASED = (
     "this connection was returned to the pool and can't be used anymore: "
     "take a new one with pool.connection() or pool.getconn()"
 )
-
-
-def _cancel_quietly(raw: PGConnection) -> None:
-    with contextlib.suppress(Exception):
-        raw.cancel()
 
 
 class Turn:
@@ -105,6 +101,7 @@ class Loan:
 
     __slots__ = (
         "detached",
+        "fit",
         "io",
         "listened",
         "offload",
@@ -125,6 +122,8 @@ class Loan:
         self.tx_depth = 0  # open transaction() blocks
         self.session_changed = False  # set_session() was called: reset on return
         self.listened = False  # LISTEN was sent: UNLISTEN * on return
+        # The pool's judge of "this server can no longer serve the pool" (failover.py).
+        self.fit: ServerFit | None = None
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         """``func(raw, *args)`` in a worker thread, in turn. For calls that never
@@ -136,14 +135,19 @@ class Loan:
         """
         self.check()
         async with self.turn:
-            if self.io != "thread":
-                on_loop = _ON_LOOP.get(func)
-                if func is blocking.run_and_commit and args[0] not in _STATEMENTS:
-                    on_loop = None  # user code (pool.run_sync): psycopg2's
-                if on_loop is not None and (runner := self._loop_runner()) is not None:
-                    return await on_loop(runner, *args)  # type: ignore[no-any-return]
-                await self.leave_loop()
-            return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            try:
+                if self.io != "thread":
+                    on_loop = _ON_LOOP.get(func)
+                    if func is blocking.run_and_commit and args[0] not in _STATEMENTS:
+                        on_loop = None  # user code (pool.run_sync): psycopg2's
+                    if on_loop is not None and (runner := self._loop_runner()) is not None:
+                        return await on_loop(runner, *args)  # type: ignore[no-any-return]
+                    await self.leave_loop()
+                return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            except psycopg2.Error as exc:
+                if self.fit is not None:
+                    self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
+                raise
 
     async def call_user(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
@@ -157,7 +161,12 @@ class Loan:
         self.check()
         async with self.turn:
             await self.leave_loop()
-            return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
+            try:
+                return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
+            except psycopg2.Error as exc:
+                if self.fit is not None:
+                    self.fit.saw_error(self.raw, exc)
+                raise
 
     # -- the loop-native path (pool option io="auto"/"loop"; pgpool_async._loop.native) --
 
@@ -221,12 +230,13 @@ class Loan:
         if self.detached:
             raise ConnectionReleased(RELEASED)
 
-    def cancel_statement(self) -> None:
+    def cancel_statement(self) -> Callable[[], None] | None:
         """Ask the server to cancel the statement running on this connection.
-        The request opens a connection of its own, so it runs in its own thread."""
-        raw = self.raw
-        if not raw.closed:
-            threading.Thread(target=_cancel_quietly, args=(raw,), name="pgpool-cancel", daemon=True).start()
+        The request opens a connection of its own, so it is sent from a thread of
+        its own, with a deadline, GIL released (never psycopg2's ``cancel()``).
+        Returns what shuts the socket down if the worker is still busy after a
+        grace period (see :mod:`pgpool_async._libpq`)."""
+        return _libpq.cancel_in_background(self.raw)
 
 
 # -- the pool's statement functions, as run on the loop ------------------------------------

@@ -24,6 +24,7 @@ from psycopg2.extensions import connection as PGConnection
 
 from . import copying, notifications
 from ._loan import RELEASED, Loan
+from ._loop import failover, txpooling
 from ._thread import blocking
 from ._thread.blocking import Params
 from ._thread.offload import Offloader
@@ -55,6 +56,7 @@ class AsyncConnection:
         self._pool = pool
         self._slot: Slot | None = slot
         self._loan: Loan | None = Loan(slot.raw, offload)
+        self._loan.fit = pool._fit
         self.key: Hashable = slot.key
         self.lent_at = time.monotonic()
 
@@ -136,8 +138,13 @@ class AsyncConnection:
         ``name`` makes a server-side cursor that streams large results
         (``itersize`` rows per fetch); ``cursor_factory``, ``scrollable`` and
         ``withhold`` are psycopg2's. Creating a cursor does no I/O.
+
+        :raises TransactionPoolingError: with ``transaction_pooling``, a WITH HOLD
+            cursor, or a named cursor in autocommit mode.
         """
         loan = self.loan
+        if self._pool.transaction_pooling:
+            txpooling.check_cursor(loan.raw, name, kwargs)
         return AsyncCursor(loan, loan.raw.cursor(name, **kwargs))
 
     def transaction(self) -> Transaction:
@@ -148,8 +155,15 @@ class AsyncConnection:
     async def set_session(self, **settings: Any) -> None:
         """psycopg2's ``set_session`` (``isolation_level``, ``readonly``,
         ``deferrable``, ``autocommit``), off the loop. Reset when the connection
-        goes back to the pool."""
+        goes back to the pool.
+
+        :raises TransactionPoolingError: with ``transaction_pooling``, ``readonly``,
+            ``isolation_level`` or ``deferrable`` in autocommit mode (psycopg2 would
+            send them as ``SET``); with autocommit off they apply per transaction.
+        """
         loan = self.loan
+        if self._pool.transaction_pooling:
+            txpooling.check_set_session(loan.raw, settings)
         loan.session_changed = True
         await loan.call(lambda raw: raw.set_session(**settings))
 
@@ -159,8 +173,12 @@ class AsyncConnection:
         return bool(self.raw.autocommit)
 
     async def commit(self) -> None:
-        """Commit the current transaction."""
-        await self.loan.call(PGConnection.commit)
+        """Commit the current transaction.
+
+        :raises CommitOutcomeUnknown: the connection was lost during COMMIT (an
+            ``OperationalError``): the transaction may or may not have committed.
+        """
+        await self.loan.call(failover.commit)
 
     async def rollback(self) -> None:
         """Roll back the current transaction."""
@@ -215,12 +233,21 @@ class AsyncConnection:
         event loop, no thread; ``timeout``: stop after that many seconds without one;
         ``stop_after``: stop after that many. Use autocommit or commit first; waiting
         inside a transaction raises PoolError (see :mod:`pgpool_async.notifications`).
+
+        :raises TransactionPoolingError: the pool has ``transaction_pooling``.
         """
+        if self._pool.transaction_pooling:
+            txpooling.check_listen()
         return notifications.Notifies(self.loan, timeout, stop_after)
 
     async def listen(self, channel: str) -> None:
         """``LISTEN channel`` (quoted, case-sensitive); commits unless autocommit or in
-        ``transaction()``. The pool sends ``UNLISTEN *`` when the connection comes back."""
+        ``transaction()``. The pool sends ``UNLISTEN *`` when the connection comes back.
+
+        :raises TransactionPoolingError: the pool has ``transaction_pooling``.
+        """
+        if self._pool.transaction_pooling:
+            txpooling.check_listen()
         await notifications.listen(self.loan, channel)
 
     async def unlisten(self, channel: str | None = None) -> None:

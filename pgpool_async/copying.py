@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import inspect
 import io
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 import anyio
 import anyio.from_thread
@@ -54,10 +55,25 @@ from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 from psycopg2.sql import Composable
 
+from . import _libpq
 from ._loan import Loan
 from .errors import PoolError
 
-__all__ = ["DEFAULT_SIZE", "copy_expert", "copy_from", "copy_to"]
+
+class _PoolTasks(Protocol):
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, object]], *args: object) -> None: ...
+
+
+class _Pool(Protocol):
+    """What :func:`copy_out_stream` needs of an AsyncConnectionPool (no import: no cycle)."""
+
+    @property
+    def _tasks(self) -> _PoolTasks: ...
+
+    def connection(self, timeout: float | None = None) -> AbstractAsyncContextManager[Any]: ...
+
+
+__all__ = ["DEFAULT_SIZE", "copy_expert", "copy_from", "copy_out_stream", "copy_to"]
 
 DEFAULT_SIZE = 8192
 """Bytes (or characters) per read for COPY FROM, and per chunk written to an async file."""
@@ -129,6 +145,66 @@ async def copy_to(
     return await _run(conn, adapter, lambda cur: cur.copy_to(adapter, table, sep, null, cols))
 
 
+def copy_out_stream(
+    pool: _Pool,
+    sql: str | Composable,
+    size: int = DEFAULT_SIZE,
+    timeout: float | None = None,
+) -> AsyncIterator[bytes]:
+    """``COPY ... TO STDOUT`` as an async iterator of byte chunks (about ``size`` bytes each),
+    e.g. the body of a FastAPI/Starlette ``StreamingResponse``::
+
+        return StreamingResponse(copy_out_stream(pool, "COPY items TO STDOUT (FORMAT csv)"))
+
+    The COPY runs on a connection of its own, borrowed from ``pool`` (waiting up
+    to ``timeout``, default the pool's) when iteration starts, by a task of the
+    pool: the stream outlives the endpoint that returned it. Chunks are handed
+    over one at a time, so memory stays bounded however slow the reader is.
+
+    Closing the iterator early (``aclose()``, ``break``, a cancelled reader, an
+    HTTP client that disconnects) aborts the COPY at its next chunk; the
+    connection is cleaned (the rest of the COPY is dropped, the transaction
+    rolled back) and goes back to the pool. An error (bad SQL, ``PoolTimeout``,
+    the pool closing: ``PoolClosed``) is raised by the iterator; in an HTTP
+    response already started, that ends the body abruptly, never cleanly.
+
+    :raises ValueError: ``size`` is not a positive int (at once).
+    :raises PoolError: a psycopg2 wait callback is set (at once; nothing was sent).
+    """
+    _adapter(io.BytesIO(), size, need_read=False, need_write=True)  # checks size; no I/O
+    _check_no_wait_callback()
+    return _copy_out_chunks(pool, sql, size, timeout)
+
+
+async def _copy_out_chunks(
+    pool: _Pool, sql: str | Composable, size: int, timeout: float | None
+) -> AsyncIterator[bytes]:
+    send, receive = anyio.create_memory_object_stream[bytes](1)
+    failure: list[BaseException] = []
+
+    async def produce() -> None:
+        # A task of the pool's group: it must never raise (that would stop the
+        # group), except the cancellation of a closing pool.
+        with send:  # closing it ends the reader's iteration
+            try:
+                async with pool.connection(timeout=timeout) as conn:
+                    await conn.copy_expert(sql, send, size)
+            except anyio.BrokenResourceError:
+                pass  # the reader went away: the COPY was aborted, the connection rolled back
+            except anyio.get_cancelled_exc_class():
+                failure.append(PoolError("the COPY stream was stopped: its pool is closing"))
+                raise
+            except Exception as exc:
+                failure.append(exc)
+
+    pool._tasks.spawn(produce)
+    with receive:  # closed however the reader leaves (aclose, cancellation, garbage collection)
+        async for chunk in receive:
+            yield chunk
+    if failure:
+        raise failure[0]
+
+
 # -- on the event loop ------------------------------------------------------------
 
 
@@ -146,7 +222,14 @@ async def _run(conn: Loan, adapter: _CopyFile, call: Callable[[PGCursor], None])
     try:
         # A cancellation stops the COPY at its next chunk (anyio alone would not
         # reliably cancel the loop calls of a thread that is between chunks).
-        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=adapter.abort)
+        raw = conn.raw
+
+        def on_cancel() -> Callable[[], None]:
+            adapter.abort()
+            # A COPY blocked on a silent network never reaches its next chunk.
+            return _libpq.shutdown_later(raw)
+
+        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=on_cancel)
     except BaseException as exc:
         error = adapter.error
         if error is None:
@@ -183,7 +266,9 @@ def _leave_copy_out(raw: PGConnection) -> None:
     if raw.closed or raw.get_transaction_status() != _STATUS_ACTIVE:
         return
     try:
-        raw.cancel()
+        if not _libpq.cancel(raw):  # never psycopg2's cancel: it holds the GIL
+            _libpq.shutdown_socket(raw)  # no cancel got through: give the connection up
+            return
         with raw.cursor() as cur:
             cur.execute("SELECT 1")  # libpq drops the rest of the COPY data first
     except psycopg2.Error:

@@ -16,6 +16,7 @@ from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 
 from ._loan import Loan
+from ._loop import failover
 from ._thread.blocking import Params, execute
 from .errors import PoolError
 
@@ -179,9 +180,11 @@ class Transaction:
             else:
                 await loan.call(execute, f"ROLLBACK TO SAVEPOINT {self._savepoint}", None)
                 await loan.call(execute, f"RELEASE SAVEPOINT {self._savepoint}", None)
+        elif self._explicit and exc_type is None:
+            await loan.call(failover.commit_sql, "COMMIT")  # CommitOutcomeUnknown if lost
         elif self._explicit:
-            await loan.call(execute, "COMMIT" if exc_type is None else "ROLLBACK", None)
+            await loan.call(execute, "ROLLBACK", None)
         elif exc_type is None:
-            await loan.call(PGConnection.commit)
+            await loan.call(failover.commit)
         else:
             await loan.call(PGConnection.rollback)

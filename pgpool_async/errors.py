@@ -13,20 +13,29 @@ The hierarchy::
           ├── PoolClosed           the pool is closed, or closing
           ├── TooManyRequests      the waiting queue is full (``max_waiting``)
           ├── PoolConfigError      bad arguments to a pool (also a ValueError)
-          └── ConnectionReleased   a connection used after it went back to the pool
+          ├── ConnectionReleased   a connection used after it went back to the pool
+          ├── TransactionPoolingError  a session feature asked of a transaction_pooling pool
+          └── CommitOutcomeUnknown the connection was lost during COMMIT (also an
+                                   OperationalError, what psycopg2 raised before)
 """
 
 from __future__ import annotations
 
+import re
+
+import psycopg2
 from psycopg2.pool import PoolError
 
 __all__ = [
+    "CommitOutcomeUnknown",
     "ConnectionReleased",
     "PoolClosed",
     "PoolConfigError",
     "PoolError",
     "PoolTimeout",
     "TooManyRequests",
+    "TransactionPoolingError",
+    "is_permanent_connect_error",
 ]
 
 
@@ -58,3 +67,65 @@ class PoolConfigError(PoolError, ValueError):
 
 class ConnectionReleased(PoolError):
     """A connection was used, or returned, after it had gone back to its pool."""
+
+
+class CommitOutcomeUnknown(PoolError, psycopg2.OperationalError):
+    """The connection was lost while COMMIT was in flight: the transaction may or
+    may not have been committed.
+
+    It is also a ``psycopg2.OperationalError`` (what psycopg2 raises for a lost
+    connection), so existing handlers keep catching it; ``__cause__`` is
+    psycopg2's error. Check on the server, or retry only an idempotent transaction.
+    """
+
+
+class TransactionPoolingError(PoolError):
+    """A pool with ``transaction_pooling=True`` was asked for something that would
+    outlive the transaction on the server (LISTEN, a WITH HOLD cursor, a session
+    SET); the message says why and what to do instead."""
+
+
+# invalid_catalog_name (unknown database), invalid_authorization_specification (unknown
+# role, no pg_hba.conf entry), invalid_password.
+_PERMANENT_SQLSTATES = frozenset({"3D000", "28000", "28P01"})
+
+# psycopg2 gives no SQLSTATE for errors raised while connecting: libpq's and the server's
+# (English) messages are all there is. A message in another language is not recognised,
+# and the error is then treated as transient (retried until the timeout): safe, only slower.
+_PERMANENT_MESSAGES = re.compile(
+    r"""
+    FATAL:\s+database\ ".*"\ does\ not\ exist
+    | FATAL:\s+role\ ".*"\ does\ not\ exist
+    | FATAL:\s+password\ authentication\ failed
+    | FATAL:\s+no\ pg_hba\.conf\ entry
+    | FATAL:\s+\w+\ authentication\ failed\ for\ user
+    | fe_sendauth:\ no\ password\ supplied
+    | ^invalid\ (dsn|connection\ option|integer\ value|port\ number|\w+\ value)
+    | ^missing\ "="\ after
+    | unterminated\ quoted\ string\ in\ connection\ info
+    | ^invalid\ URI
+    """,
+    re.VERBOSE | re.MULTILINE,
+)
+
+
+def is_permanent_connect_error(exc: BaseException) -> bool:
+    """True if ``exc``, raised by ``psycopg2.connect``, cannot heal by retrying.
+
+    Permanent: an unknown database (SQLSTATE 3D000), an unknown role or a
+    rejected client (28000), a failed password or none supplied (28P01), a DSN
+    libpq cannot parse (a bad keyword, port ``"54x2"``, a malformed URI). A pool
+    should fail at once on these, with the server's message, instead of
+    retrying until its timeout.
+
+    Transient (False): a refused or timed-out connection, a server starting up
+    or shutting down, too many connections, a host name that does not resolve
+    (DNS may come back), anything not from psycopg2, and any message this
+    function does not recognise (it reads libpq's English messages; psycopg2
+    sets no SQLSTATE on connection errors).
+    """
+    if not isinstance(exc, psycopg2.Error) or isinstance(exc, PoolError):
+        return False
+    if exc.pgcode is not None:
+        return exc.pgcode in _PERMANENT_SQLSTATES
+    return bool(_PERMANENT_MESSAGES.search(str(exc)))

@@ -39,8 +39,9 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from ._config import check_connect_args, check_sizes, check_timeout, describe_target, with_connect_timeout
+from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
 from ._loan import Loan
-from ._loop import native
+from ._loop import failover, native, txpooling
 from ._loop.health import Health, HookFailed, HookLog, looks_alive
 from ._loop.leaks import call_site
 from ._loop.ledger import Ledger, Plan, Slot, SlotState
@@ -48,6 +49,7 @@ from ._loop.opener import Opener
 from ._loop.stats import PoolStats
 from ._loop.upkeep import Upkeep
 from ._loop.waiting import Waiter, WaitQueue
+from ._redact import redact_connect_args
 from ._thread import blocking
 from ._thread.background import BackgroundTasks
 from ._thread.blocking import Params, close_all, run_and_commit
@@ -113,7 +115,9 @@ class _ConnectionContext:
                     )
                 await loan.turn.wait_idle()  # a call another task started on it ends first
                 raw = loan.raw
-                if raw.get_transaction_status() != _STATUS_IDLE:
+                # A connection its user closed has nothing to commit (psycopg2 and
+                # psycopg_pool skip it too); the return replaces it.
+                if not raw.closed and raw.get_transaction_status() != _STATUS_IDLE:
                     await loan.call(blocking.commit_if_open)
         finally:
             # On error, cancellation or a failed commit, the return rolls back.
@@ -131,7 +135,9 @@ class AsyncConnectionPool:
 
     - ``timeout``: seconds a request waits for a connection, and ``open()`` for
       ``minconn`` connections, before :class:`PoolTimeout` (default 30). Unless
-      given, libpq's ``connect_timeout`` is set to it too (at least 2 s).
+      given, libpq's ``connect_timeout`` is set to it too (at least 2 s), and
+      TCP keepalives and ``tcp_user_timeout`` (half of it, 10..30 s) bound how
+      long a silent network holds a connection (see ``_libpq.with_network_defaults``).
     - ``max_waiting``: requests allowed to queue; one more gets
       :class:`TooManyRequests` at once (0: no limit).
     - ``name``: shown in ``repr``, log lines and thread names.
@@ -161,6 +167,16 @@ class AsyncConnectionPool:
       trying later.
     - ``leak_threshold``: seconds after which a connection not returned is
       reported (logger ``pgpool_async``) with where it was taken.
+    - ``transaction_pooling``: the DSN points at a transaction pooler (PgBouncer
+      in transaction mode, PgCat, Odyssey, RDS Proxy, Supavisor): nothing
+      session-level is ever left on a server connection; what would be is refused
+      with :class:`TransactionPoolingError` (see ``docs/scaling.md``).
+      Incompatible with ``reset``.
+    - ``check="read-write"`` / ``check="standby"``: built-in checks that the
+      server still accepts writes / is still a standby. Whatever ``check``, with
+      ``target_session_attrs`` in the DSN, a connection whose server changed role
+      (a ``ReadOnlySqlTransaction``, or the role PostgreSQL 14+ reports) is
+      discarded on return with every idle one to the same host.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
     opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
@@ -178,7 +194,7 @@ class AsyncConnectionPool:
         name: str | None = None,
         autocommit: bool = False,
         io: str = "thread",
-        check: bool | Callable[[PGConnection], Any] | None = None,
+        check: bool | str | Callable[[PGConnection], Any] | None = None,
         check_idle: float = 1.0,
         configure: Callable[[PGConnection], Any] | None = None,
         reset: Callable[[PGConnection], Any] | None = None,
@@ -187,10 +203,13 @@ class AsyncConnectionPool:
         reconnect_timeout: float = 300.0,
         reconnect_failed: Callable[[AsyncConnectionPool], Any] | None = None,
         leak_threshold: float | None = None,
+        transaction_pooling: bool = False,
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
         params = check_connect_args(args, kwargs)
+        self.transaction_pooling = txpooling.check_options(transaction_pooling, reset)
+        self._fit = failover.ServerFit(params)
         self.timeout = check_timeout("timeout", timeout)
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise PoolConfigError(f"max_waiting must be an int >= 0 (0: no limit), got {max_waiting!r}")
@@ -200,7 +219,9 @@ class AsyncConnectionPool:
         if io not in ("auto", "loop", "thread"):
             raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
         self.io = io
-        health = Health.build(check, check_idle, configure, reset, max_lifetime, max_idle)
+        health = Health.build(
+            failover.named_check(check), check_idle, configure, reset, max_lifetime, max_idle
+        )
         reconnect_timeout = check_timeout("reconnect_timeout", reconnect_timeout)
         if reconnect_failed is not None and not callable(reconnect_failed):
             raise PoolConfigError(
@@ -210,8 +231,10 @@ class AsyncConnectionPool:
         self.leak_threshold = (
             None if leak_threshold is None else check_timeout("leak_threshold", leak_threshold)
         )
-        self._connect_kwargs = with_connect_timeout(kwargs, params, self.timeout)
-        self._target = describe_target(params)
+        self._connect_kwargs = with_network_defaults(
+            with_connect_timeout(kwargs, params, self.timeout), params, self.timeout
+        )
+        self._target = redact_connect_args(describe_target(params), args, kwargs)
         self._health = health
         self._stats = PoolStats()
         self._hook_log = HookLog(logger, self.name)
@@ -336,9 +359,10 @@ class AsyncConnectionPool:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool: waiting requests get :class:`PoolClosed`, lent
-        connections get up to ``timeout`` seconds to come back, then every
-        connection is closed (a ``connection()`` block still running then raises
-        :class:`PoolClosed` instead of committing). Safe to call twice, and
+        connections get up to ``timeout`` seconds to come back, then the sockets
+        of those still out are shut down (a worker blocked on a dead network
+        fails at once) and every connection is closed (a ``connection()`` block
+        still running then raises :class:`PoolClosed` instead of committing). Safe to call twice, and
         concurrently.
 
         Closing is the pool's own task: cancelling ``close()`` (or a timeout
@@ -395,6 +419,9 @@ class AsyncConnectionPool:
             for slot in lent:
                 if not slot.raw.closed:
                     anyio.notify_closing(slot.raw)  # wakes a notifies() waiting on its socket
+            # Still lent at the deadline: a worker blocked on a silent network would
+            # hold psycopg2's close(); shutting the sockets down makes it fail now.
+            shutdown_sockets(s.raw for s in lent)
             if lent:
                 await self._offload.run_return(close_all, [s.raw for s in lent])
         finally:
@@ -430,18 +457,20 @@ class AsyncConnectionPool:
     def __del__(self) -> None:
         if not getattr(self, "_opened", False) or self._closed_done is not None:
             return
-        warnings.warn(
-            f"pool {self.name!r} was opened and never closed: use 'async with pool:' or "
-            "'await pool.close()'; its connections and threads are closed now",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
-        ledger = self._ledger
+        name, ledger = self.name, self._ledger
         slots = [*ledger.start_closing(), *ledger.close_lent()]
         self._close_off_loop([s.raw for s in slots])
         self._tasks.stop_from_any_thread()
         self._offload.shutdown()
+        # Warn last, holding no reference to the pool: where warnings are errors,
+        # the exception's traceback must not bring the pool back to life.
+        del self, ledger, slots
+        warnings.warn(
+            f"pool {name!r} was opened and never closed: use 'async with pool:' or "
+            "'await pool.close()'; its connections and threads are closed now",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
     @staticmethod
     def _close_off_loop(conns: list[PGConnection]) -> None:
@@ -529,7 +558,9 @@ class AsyncConnectionPool:
         discards it (and backs off reopening). A caller cancelled meanwhile gets
         its cancellation once the check is done, the connection given back."""
         try:
-            error = await self._offload.run(self._health.check_in_thread, slot.raw)
+            error = await self._offload.run(
+                self._health.check_in_thread, slot.raw, on_cancel=lambda: cancel_in_background(slot.raw)
+            )
         except BaseException:
             self._start_return_slot(slot, None, close=False)
             raise
@@ -542,8 +573,26 @@ class AsyncConnectionPool:
             logger.info("pool %r: a connection failed its check and was discarded: %s", self.name, error)
         else:
             self._hook_log.failed("check", error)
+        if self._health.check in (failover.read_write_check, failover.standby_check):
+            self._retire_server(slot.raw)  # its idle siblings would fail it too
         self._apply(self._ledger.discard(slot, self._usable))
         return False
+
+    def _retire_server(self, raw: PGConnection) -> None:
+        """``raw``'s server can no longer serve this pool (see :mod:`._loop.failover`):
+        close every idle connection to it now, lent ones when they come back, and
+        refill (libpq picks the right host). No I/O here."""
+        server = failover.server_of(raw)
+        if server is None:
+            return
+        logger.warning(
+            "pool %r: server %s:%s no longer fits target_session_attrs: reconnecting", self.name, *server
+        )
+        idle = self._ledger.retire(lambda slot: failover.server_of(slot.raw) == server)
+        self._stats.connections_lost += len(idle)
+        plan = Plan(close=idle)
+        plan += self._ledger.assign(self._usable)
+        self._apply(plan)
 
     async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> Slot:
         if self.max_waiting and len(self._waiting) >= self.max_waiting:
@@ -645,6 +694,9 @@ class AsyncConnectionPool:
         raw = slot.raw
         if loan is None:
             native.release(raw)  # an orphan's runner, if any, went with it
+        if self._fit.unfit(raw):  # its server changed role (failover.py)
+            close = True
+            self._retire_server(raw)
         if (
             not close
             and loan is not None
@@ -654,6 +706,7 @@ class AsyncConnectionPool:
             and not loan.listened
             and self._health.reset is None
             and not raw.closed
+            and not was_shut_down(raw)
             and raw.get_transaction_status() == _STATUS_IDLE
             and not self._ledger.closing
             and not self._ledger.retired(slot)
@@ -679,19 +732,41 @@ class AsyncConnectionPool:
             if slot.state is SlotState.CLOSED:
                 return
             raw = slot.raw
-            if close or raw.closed or self._ledger.closing or self._ledger.retired(slot):
+            if (
+                close
+                or raw.closed
+                or was_shut_down(raw)
+                or self._ledger.closing
+                or self._ledger.retired(slot)
+            ):
                 if raw.closed and not close:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))
                 return
-            # An orphan's loan is gone: undo whatever it may have changed.
-            outcome = await self._offload.run_return(
-                self._health.reset_in_thread,
-                raw,
-                self.autocommit,
-                loan.session_changed if loan is not None else True,
-                loan.listened if loan is not None else True,
-            )
+            # Behind a transaction pooler, with no standalone statement (txpooling.py).
+            reset = txpooling.reset_in_thread if self.transaction_pooling else self._health.reset_in_thread
+            try:
+                # An orphan's loan is gone: undo whatever it may have changed.
+                outcome = await self._offload.run_return(
+                    reset,
+                    raw,
+                    self.autocommit,
+                    loan.session_changed if loan is not None else True,
+                    loan.listened if loan is not None else True,
+                )
+            except BaseException as exc:
+                # Whatever the reset raised in its thread (even a BaseException such
+                # as a CancelledError raised by user code), the slot comes back; the
+                # pool's own task is never cancelled by it.
+                self._stats.returns_bad += 1
+                logger.warning(
+                    "pool %r: resetting a returned connection raised %s; it was discarded",
+                    self.name,
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+                await self._apply_now(self._ledger.discard(slot, self._usable))
+                return
             if outcome is True:
                 self._apply(self._ledger.check_in(slot, self._usable))
                 return

@@ -26,15 +26,6 @@ import pytest
 
 from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
-# -- every async test on both backends ------------------------------------------
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """``@pytest.mark.anyio`` tests run once on asyncio and once on trio."""
-    return str(request.param)
-
-
 # -- the server --------------------------------------------------------------
 
 

@@ -85,9 +85,6 @@ def _rollback_escapes_once() -> tuple[type[psycopg2.extensions.connection], list
     return EscapingRollback, armed
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 1: a BaseException from the return's rollback loses the slot"
-)
 async def test_defect1_rollback_raising_baseexception_keeps_the_slot(
     anyio_backend: str, dsn: str, app_name: str
 ) -> None:
@@ -224,12 +221,6 @@ async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn
 # -- 6. a dropped, unclosed pool ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7 defect 6, half fixed in 87ae8dd: __del__ warns, but the pool's background tasks "
-    "keep it alive until the event loop ends, so a dropped pool is not collected and its "
-    "connections and threads live on until then",
-)
 async def test_defect6_unclosed_pool_warns_and_stops(anyio_backend: str, dsn: str, app_name: str) -> None:
     """Opened, used and dropped without close(): when collected it warns with a
     ResourceWarning, and its threads and connections go."""
@@ -242,10 +233,11 @@ async def test_defect6_unclosed_pool_warns_and_stops(anyio_backend: str, dsn: st
             await conn.execute("SELECT 1")
         return weakref.ref(pool)
 
-    ref = await use_and_drop()
+    # The last reference goes when use_and_drop() returns: that is when it warns.
+    with pytest.warns(ResourceWarning, match="never closed"):
+        ref = await use_and_drop()
+        await poll(lambda: gc.collect() >= 0 and ref() is None, SETTLE, "the dropped pool collected")
     try:
-        with pytest.warns(ResourceWarning):
-            await poll(lambda: gc.collect() >= 0 and ref() is None, SETTLE, "the dropped pool collected")
         await wait_backends(dsn, app_name, 0, SETTLE)
         await poll(lambda: not pool_threads(name), SETTLE, "its threads stopped")
     finally:
@@ -259,9 +251,6 @@ async def test_defect6_unclosed_pool_warns_and_stops(anyio_backend: str, dsn: st
 # -- 7. one failing background task stops them all -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 7 defect 7: a failing background task stops all of them, silently"
-)
 async def test_defect7_background_failure_is_logged_and_the_rest_keep_running(
     anyio_backend: str, dsn: str, app_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -43,3 +43,22 @@ def test_demo_starts_its_own_server() -> None:
     out = run(["-m", "pgpool_async", "demo", "--tasks", "50"], None)
     assert "starting a throwaway PostgreSQL" in out
     assert "money conserved: True" in out
+
+
+def test_from_psycopg2_example(dsn: str) -> None:
+    out = run(["examples/from_psycopg2.py"], dsn)
+    assert "Worker 4: 200 records" in out
+    assert "same counts both ways: True" in out
+
+
+def test_trio_example(dsn: str) -> None:
+    out = run(["examples/trio_app.py"], dsn)
+    assert "total after 200 transfers: 1000" in out
+    assert "slow query cancelled: True" in out
+    assert "all connections back: True" in out
+
+
+def test_listen_worker_example(dsn: str) -> None:
+    out = run(["examples/listen_worker.py"], dsn)
+    assert "processed 20 jobs, in order: True" in out
+    assert "queue empty: True" in out

@@ -29,3 +29,17 @@ def test_ruff() -> None:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_import_is_declared() -> None:
+    """deptry: each import in the package, tests, examples and benchmarks is a declared
+    dependency (of the project or an extra), and each declared one is used (pyproject's
+    [tool.deptry] lists the tools that are run rather than imported)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "deptry", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,1 +1,1 @@
-"""Code that runs on the event loop thread only."""
+"""The pool's event-loop-side policies (bookkeeping only, no I/O on the loop)."""

@@ -186,7 +186,7 @@ class Health:
         assert self.check is not None
         try:
             self.check(raw)
-        except Exception as exc:
+        except BaseException as exc:  # in a worker thread: no cancellation arrives here
             return exc
         if not reset_for_reuse(raw):
             return psycopg2.InterfaceError("the connection was left unusable by the check")
@@ -203,7 +203,7 @@ class Health:
             try:
                 self.configure(raw)
                 commit_if_open(raw)
-            except Exception as exc:
+            except BaseException as exc:  # in a worker thread: no cancellation arrives here
                 raise HookFailed("configure") from exc
 
     def reset_in_thread(
@@ -233,7 +233,7 @@ class Health:
         if self.reset is not None:
             try:
                 outside_transaction(raw, self.reset)
-            except Exception as exc:
+            except BaseException as exc:  # in a worker thread: no cancellation arrives here
                 failed = HookFailed("reset")
                 failed.__cause__ = exc
                 return failed

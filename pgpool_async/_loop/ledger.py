@@ -313,6 +313,14 @@ class Ledger:
         self.minconn, self.maxconn = minconn, maxconn
         return self.evict_idle(lambda _: True, keep=maxconn)
 
+    def retire(self, which: Callable[[Slot], bool]) -> list[Slot]:
+        """Retire the slots ``which`` picks: idle ones come back now, to close;
+        lent ones are closed when they come back."""
+        for slot in self._lent:
+            if which(slot):
+                slot.expires_at = 0.0
+        return self.evict_idle(which, keep=0)
+
     def drain(self) -> list[Slot]:
         """Retire every slot: idle ones come back now, to close; lent ones are
         closed when they come back."""

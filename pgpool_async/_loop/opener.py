@@ -32,46 +32,23 @@ from psycopg2.extensions import connection as PGConnection
 
 from .._thread.blocking import close_quietly
 from .._thread.offload import Offloader
-from ..errors import PoolClosed
+from ..errors import PoolClosed, is_permanent_connect_error
 from .health import Health, HookFailed, HookLog
 from .ledger import Ledger, Plan, Slot
 from .stats import PoolStats
 
-__all__ = ["Backoff", "Opener", "is_permanent_connect_error"]
+__all__ = ["Backoff", "Opener"]
 
 logger = logging.getLogger("pgpool_async")
 
 # At most this many connects at once (each takes a worker thread), like psycopg_pool's workers.
 _CONNECTS_AT_ONCE = 4
 
-# libpq's words for connect errors that retrying cannot fix (psycopg2 gives no SQLSTATE there).
-_PERMANENT = (
-    "does not exist",  # database or role
-    "password authentication failed",
-    "no password supplied",
-    "authentication failed",
-    "no pg_hba.conf entry",
-    "invalid port number",
-    "invalid connection option",
-    "invalid sslmode value",
-    "invalid integer value",
-    "could not translate host name",
-)
-
-
-def is_permanent_connect_error(exc: BaseException) -> bool:
-    """Whether a connect error cannot heal by retrying (unknown database or role,
-    failed authentication, a malformed parameter, an unknown host)."""
-    if not isinstance(exc, psycopg2.Error) or isinstance(exc, psycopg2.pool.PoolError):
-        return False
-    if exc.pgcode and exc.pgcode[:2] in ("28", "3D"):
-        return True
-    text = str(exc)
-    return any(words in text for words in _PERMANENT)
-
 
 class Backoff:
-    """Delays between attempts after failures: doubling, with jitter, capped."""
+    """Delays between attempts after failures: doubling, with jitter, never
+    above ``cap`` (so a server back after an outage or a promotion is found
+    within about ``cap`` seconds)."""
 
     def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first = first
@@ -89,7 +66,7 @@ class Backoff:
         if not self.failures:
             return 0.0
         delay: float = min(self.first * 2 ** (self.failures - 1), self.cap)
-        return delay * random.uniform(0.5, 1.5)
+        return delay * random.uniform(0.5, 1.0)
 
 
 class _Attempt:
@@ -181,7 +158,7 @@ class Opener:
             self._limiter = anyio.CapacityLimiter(_CONNECTS_AT_ONCE)
         opened = False
         first_failure: float | None = None
-        retry = Backoff()  # this task's own, for connect errors
+        retry = Backoff(cap=1.0)  # this task's own, for connect errors: probes at least once a second
         try:
             while self._wanted():
                 delay = max(self.backoff.delay(), retry.delay())
@@ -250,6 +227,7 @@ class Opener:
         self.last_error = exc
         if is_permanent_connect_error(exc):
             self.permanent_error = exc
+            self._signal()  # open() fails at once on it
         message = str(exc).strip().replace("\n", " ")
         if self._outage_since is None:
             self._outage_since = time.monotonic()

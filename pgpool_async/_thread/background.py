@@ -90,9 +90,9 @@ class BackgroundTasks:
     ) -> None:
         try:
             await func(*args)
-        except anyio.get_cancelled_exc_class():
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt, SystemExit):
             raise
-        except Exception:
+        except BaseException:  # a hook's BaseException too: it must not stop the other tasks
             logger.exception("pool %r: background task %s failed; carrying on", self._name, func.__name__)
 
     def stop(self) -> None:

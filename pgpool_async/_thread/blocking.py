@@ -15,6 +15,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from .._loop import failover
+
 __all__ = [
     "Params",
     "close_all",
@@ -66,9 +68,12 @@ def reset_for_reuse(conn: PGConnection) -> bool:
 
 
 def commit_if_open(conn: PGConnection) -> None:
-    """Commit if a transaction is open (psycopg2's ``commit()`` is a no-op otherwise)."""
+    """Commit if a transaction is open (psycopg2's ``commit()`` is a no-op otherwise).
+
+    :raises CommitOutcomeUnknown: the connection was lost during the COMMIT.
+    """
     if conn.get_transaction_status() != _STATUS_IDLE:
-        conn.commit()
+        failover.commit(conn)
 
 
 def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:

@@ -18,7 +18,10 @@ the call to finish and then gets the cancellation, exactly like anyio's
 a thread hop is the price of every database call here). On other event loops
 (trio) ``run`` uses anyio's worker threads. Either way, a caller cancelled
 mid-call triggers ``on_cancel`` (the connection asks the server to cancel the
-statement) and gets its cancellation once the thread is done.
+statement) and gets its cancellation once the thread is done. If ``on_cancel``
+returns a callable, it is called when the thread is still busy
+``_libpq.CANCEL_GRACE`` seconds later (it shuts the connection's socket down,
+so the thread fails at once): a cancelled caller is never held by the network.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+
+from .._libpq import CANCEL_GRACE, CancelGate
 
 __all__ = ["Offloader"]
 
@@ -44,12 +49,21 @@ class _Uncancellable(asyncio.Future[Any]):
     (e.g. asks the server to cancel the running query, so it ends soon)."""
 
     on_cancel: Callable[[], object] | None = None
+    gate: CancelGate | None = None
 
     def cancel(self, msg: Any = None) -> bool:
         if self.on_cancel is not None and not self.done():
             on_cancel, self.on_cancel = self.on_cancel, None
-            on_cancel()
+            assert self.gate is not None
+            overdue = self.gate.ask(on_cancel)
+            if callable(overdue):
+                self.get_loop().call_later(CANCEL_GRACE, _if_pending, self, overdue)
         return False
+
+
+def _if_pending(fut: asyncio.Future[Any], overdue: Callable[[], object]) -> None:
+    if not fut.done():
+        overdue()
 
 
 _STOP = None  # tells a worker thread to end
@@ -83,6 +97,8 @@ class _Workers:
         """Queue ``func(*args)``; the returned future settles on the loop."""
         fut = _Uncancellable(loop=self._loop)
         fut.on_cancel = on_cancel
+        if on_cancel is not None:
+            fut.gate = CancelGate()
         self._busy += 1
         if self._busy > self._started and self._started < self.max_threads:
             self._started += 1
@@ -98,8 +114,12 @@ class _Workers:
             try:
                 result = func(*args)
             except BaseException as exc:
+                if fut.gate is not None:
+                    fut.gate.finish(exc)
                 self._post(fut, None, exc)
             else:
+                if fut.gate is not None:
+                    fut.gate.finish(None)
                 self._post(fut, result, None)
             # An idle thread must not keep the last call's objects alive (a
             # connection wrapper dropped by its user must be collectable).
@@ -210,28 +230,56 @@ class Offloader:
         is still waited for; then the cancellation is raised."""
         if on_cancel is None:
             return await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter)
-        outcome: list[Any] = []
+        # (True, result) or (False, exception): a function may return an exception.
+        outcome: list[tuple[bool, Any]] = []
         finished = anyio.Event()
+        gate = CancelGate()
+
+        def gated() -> T:
+            try:
+                result = func(*args)
+            except BaseException as exc:
+                gate.finish(exc)
+                raise
+            gate.finish(None)
+            return result
 
         async def in_thread() -> None:
             try:
-                outcome.append(await anyio.to_thread.run_sync(func, *args, limiter=self.work_limiter))
+                outcome.append((True, await anyio.to_thread.run_sync(gated, limiter=self.work_limiter)))
             except BaseException as exc:  # handed to the caller below, not to the group
-                outcome.append(exc)
+                outcome.append((False, exc))
             finally:
                 finished.set()
 
+        try:
+            await self._run_gated(in_thread, finished, gate, on_cancel)
+        finally:
+            gate.abandon()  # the thread call never ran (cancelled before it started)
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    @staticmethod
+    async def _run_gated(
+        in_thread: Callable[[], Coroutine[Any, Any, None]],
+        finished: anyio.Event,
+        gate: CancelGate,
+        on_cancel: Callable[[], object],
+    ) -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(in_thread)
             try:
                 await finished.wait()
             except anyio.get_cancelled_exc_class():
-                on_cancel()  # the thread is still running: the group waits for it
+                overdue = gate.ask(on_cancel)  # the thread is still running: the group waits for it
+                if callable(overdue):
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_GRACE):
+                        await finished.wait()
+                    if not finished.is_set():
+                        overdue()
                 raise
-        result = outcome[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result  # type: ignore[no-any-return]
 
     async def run_anyio(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
