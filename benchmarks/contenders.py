@@ -20,6 +20,7 @@ fails its own rows.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import threading
 from abc import ABC, abstractmethod
@@ -39,6 +40,8 @@ import psycopg2.pool
 __all__ = [
     "CONTENDERS",
     "AsyncContender",
+    "NativeRunnerPool",
+    "NativeRunnerPoolTx",
     "ContenderClass",
     "Contender",
     "PoolSpec",
@@ -132,6 +135,7 @@ class AsyncContender(Contender):
 class _PgpoolBase(AsyncContender):
     library = "pgpool_async"
     autocommit: ClassVar[bool] = False
+    io: ClassVar[str] = "thread"
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -139,7 +143,9 @@ class _PgpoolBase(AsyncContender):
     async def open(self, spec: PoolSpec) -> None:
         from pgpool_async import AsyncConnectionPool
 
-        self.pool = AsyncConnectionPool(spec.minsize, spec.maxsize, spec.dsn, autocommit=self.autocommit)
+        self.pool = AsyncConnectionPool(
+            spec.minsize, spec.maxsize, spec.dsn, autocommit=self.autocommit, io=self.io
+        )
         await self.pool.open()
 
     async def close(self) -> None:
@@ -198,6 +204,42 @@ class PgpoolFetchvalAutocommit(PgpoolFetchval):
     name = "pgpool_async pool.fetchval autocommit"
     mode = AUTOCOMMIT
     autocommit = True
+
+
+class PgpoolConnectionLoop(PgpoolConnection):
+    """``connection()`` + ``fetchval`` with ``io="auto"``: statements on the event loop."""
+
+    key = "pgpool-loop"
+    name = 'pgpool_async connection() io="auto"'
+    io = "auto"
+    representative = False
+    overload = False
+    checkout_name = ""
+    checkout_sleep0 = False
+
+
+class PgpoolConnectionAutocommitLoop(PgpoolConnectionAutocommit):
+    """``connection()`` autocommit with ``io="auto"``."""
+
+    key = "pgpool-ac-loop"
+    name = 'pgpool_async connection() autocommit io="auto"'
+    io = "auto"
+
+
+class PgpoolFetchvalLoop(PgpoolFetchval):
+    """``pool.fetchval`` with ``io="auto"``."""
+
+    key = "pgpool-fetchval-loop"
+    name = 'pgpool_async pool.fetchval io="auto"'
+    io = "auto"
+
+
+class PgpoolFetchvalAutocommitLoop(PgpoolFetchvalAutocommit):
+    """``pool.fetchval`` autocommit with ``io="auto"``."""
+
+    key = "pgpool-fetchval-ac-loop"
+    name = 'pgpool_async pool.fetchval autocommit io="auto"'
+    io = "auto"
 
 
 # -- asyncpg ----------------------------------------------------------------------
@@ -404,6 +446,117 @@ class NaiveToThread(AsyncContender):
             await anyio.to_thread.run_sync(self.pool.putconn, conn)
 
 
+# -- the loop-native statement runner (issue 11), on a minimal pool of its own ----------------------
+
+
+class _RunnerLease:
+    """``async with``: a free runner (FIFO waiters), given back at the end."""
+
+    def __init__(self, owner: NativeRunnerPool) -> None:
+        self._owner = owner
+        self._runner: Any = None
+
+    async def __aenter__(self) -> Any:
+        self._runner = await self._owner.take()
+        return self._runner
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._owner.give(self._runner)
+
+
+class NativeRunnerPool(AsyncContender):
+    """``LoopStatementRunner`` (pgpool_async._loop.native) on plain psycopg2
+    connections in autocommit, each entered once and kept by a minimal FIFO pool:
+    what the loop-native path costs before it is wired into AsyncConnectionPool."""
+
+    key = "native-runner"
+    name = "loop-native runner (autocommit)"
+    library = "pgpool_async (loop-native engine)"
+    mode = AUTOCOMMIT
+    note = "engine only: a minimal pool, not AsyncConnectionPool"
+    autocommit: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.raws: list[Any] = []
+        self.free: list[Any] = []
+        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+
+    async def open(self, spec: PoolSpec) -> None:
+        from pgpool_async._loop.native import LoopStatementRunner, preload
+
+        reason = await anyio.to_thread.run_sync(preload)
+        if reason is not None:
+            raise RuntimeError(f"the loop-native path is not available: {reason}")
+
+        def connect() -> Any:
+            conn = psycopg2.connect(spec.dsn)
+            conn.autocommit = self.autocommit
+            return conn
+
+        for _ in range(spec.maxsize):
+            raw = await anyio.to_thread.run_sync(connect)
+            self.raws.append(raw)
+            runner = LoopStatementRunner(raw)
+            runner.enter()
+            self.free.append(runner)
+
+    async def close(self) -> None:
+        for runner in self.free:
+            await runner.leave()
+        for raw in self.raws:
+            await anyio.to_thread.run_sync(raw.close)
+        self.free.clear()
+        self.raws.clear()
+
+    async def take(self) -> Any:
+        if self.free and not self.waiters:
+            return self.free.pop()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.give(fut.result())
+            else:
+                self.waiters.remove(fut)
+            raise
+
+    def give(self, runner: Any) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(runner)
+                return
+        self.free.append(runner)
+
+    async def query(self, sql: str) -> float | None:
+        runner = await self.take()
+        acquired = perf_counter()
+        try:
+            result = await runner.execute(sql)
+            _ = result.rows[0][0]
+            if not self.autocommit:
+                await runner.commit()
+        finally:
+            self.give(runner)
+        return acquired
+
+    def acquire(self) -> AbstractAsyncContextManager[Any]:
+        return _RunnerLease(self)
+
+
+class NativeRunnerPoolTx(NativeRunnerPool):
+    """The same without autocommit: BEGIN goes out with the statement, then COMMIT."""
+
+    key = "native-runner-tx"
+    name = "loop-native runner (tx)"
+    mode = TX
+    autocommit = False
+
+
 # -- plain threads ---------------------------------------------------------------------------
 
 
@@ -483,11 +636,17 @@ CONTENDERS: tuple[ContenderClass, ...] = (
     PgpoolConnectionAutocommit,
     PgpoolFetchval,
     PgpoolFetchvalAutocommit,
+    PgpoolConnectionLoop,
+    PgpoolConnectionAutocommitLoop,
+    PgpoolFetchvalLoop,
+    PgpoolFetchvalAutocommitLoop,
     Asyncpg,
     PsycopgPool,
     PsycopgPoolAutocommit,
     Aiopg,
     NaiveToThread,
+    NativeRunnerPool,
+    NativeRunnerPoolTx,
     ThreadsContender,
 )
 

@@ -12,6 +12,7 @@ way to run a statement (on the event loop, through libpq) can plug in.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +23,8 @@ from psycopg2.extensions import connection as PGConnection
 
 from . import _libpq
 from ._loop.failover import ServerFit
+from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
+from ._thread import blocking
 from ._thread.offload import Offloader
 from .errors import ConnectionReleased
 
@@ -96,12 +99,25 @@ class Loan:
     which may call back into the loop), ``turn``, and the flags below.
     """
 
-    __slots__ = ("detached", "fit", "listened", "offload", "raw", "session_changed", "turn", "tx_depth")
+    __slots__ = (
+        "detached",
+        "fit",
+        "io",
+        "listened",
+        "offload",
+        "raw",
+        "runner",
+        "session_changed",
+        "turn",
+        "tx_depth",
+    )
 
-    def __init__(self, raw: PGConnection, offload: Offloader) -> None:
+    def __init__(self, raw: PGConnection, offload: Offloader, io: str = "thread") -> None:
         self.detached = False  # the connection went back to the pool
         self.raw = raw
         self.offload = offload
+        self.io = io  # the pool's io option: "thread", or "auto"/"loop" (statements on the loop)
+        self.runner: StatementRunner | None = None
         self.turn = Turn()
         self.tx_depth = 0  # open transaction() blocks
         self.session_changed = False  # set_session() was called: reset on return
@@ -120,6 +136,13 @@ class Loan:
         self.check()
         async with self.turn:
             try:
+                if self.io != "thread":
+                    on_loop = _ON_LOOP.get(func)
+                    if func is blocking.run_and_commit and args[0] not in _STATEMENTS:
+                        on_loop = None  # user code (pool.run_sync): psycopg2's
+                    if on_loop is not None and (runner := self._loop_runner()) is not None:
+                        return await on_loop(runner, *args)  # type: ignore[no-any-return]
+                    await self.leave_loop()
                 return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
             except psycopg2.Error as exc:
                 if self.fit is not None:
@@ -137,12 +160,70 @@ class Loan:
         """
         self.check()
         async with self.turn:
+            await self.leave_loop()
             try:
                 return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
             except psycopg2.Error as exc:
                 if self.fit is not None:
                     self.fit.saw_error(self.raw, exc)
                 raise
+
+    # -- the loop-native path (pool option io="auto"/"loop"; pgpool_async._loop.native) --
+
+    def _loop_runner(self) -> StatementRunner | None:
+        """The runner for a statement now, entered; None: use a thread. In turn."""
+        runner = self.runner
+        if runner is not None and runner.entered:
+            return runner
+        raw = self.raw
+        if raw.cursor_factory is not None or type(raw) is not PGConnection:
+            # Rows of other cursor factories are built by psycopg2 only, and a
+            # connection subclass (e.g. LoggingConnection) expects its cursor() to run.
+            return None
+        if runner is None:
+            runner = self.runner = LoopStatementRunner(raw)
+        try:
+            runner.enter()
+        except NativeUnavailable:
+            return None  # e.g. psycopg2 holds a transaction: threads until it ends
+        return runner
+
+    @property
+    def on_loop(self) -> bool:
+        """True while statements of this loan run on the event loop."""
+        return self.runner is not None and self.runner.entered
+
+    async def leave_loop(self) -> None:
+        """In turn, before psycopg2 code runs: hand the connection back to
+        psycopg2 (a transaction opened on the loop is handed over too)."""
+        runner = self.runner
+        if runner is not None and runner.entered:
+            await runner.leave(to_thread=self.offload.run_anyio)
+
+    def leave_loop_now(self) -> bool:
+        """The return path, without awaiting: give the connection back to psycopg2
+        if nothing is left to do on the loop. False: a call still runs or a
+        transaction is open: :meth:`give_back_loop` must run first."""
+        runner = self.runner
+        if runner is None or not runner.entered:
+            return True
+        return not self.turn.locked() and runner.try_leave_now()
+
+    async def give_back_loop(self) -> None:
+        """The return path, in a pool task, the turn idle: end a transaction left
+        open on the loop (the pool would roll it back anyway), then leave."""
+        runner = self.runner
+        if runner is None or not runner.entered:
+            return
+        with anyio.CancelScope(shield=True):
+            if runner.in_transaction:
+                with anyio.move_on_after(4.0):
+                    with contextlib.suppress(psycopg2.Error):
+                        await runner.rollback()
+            if runner.entered and runner.in_transaction:
+                runner.close()  # the rollback did not happen: never reuse it
+            if runner.entered:
+                await runner.leave(to_thread=self.offload.run_anyio)
 
     def check(self) -> None:
         """:raises ConnectionReleased: the connection went back to the pool."""
@@ -156,3 +237,62 @@ class Loan:
         Returns what shuts the socket down if the worker is still busy after a
         grace period (see :mod:`pgpool_async._libpq`)."""
         return _libpq.cancel_in_background(self.raw)
+
+
+# -- the pool's statement functions, as run on the loop ------------------------------------
+
+
+def _check_rows(result: Result) -> list[Any]:
+    if result.description is None:
+        raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
+    return result.rows
+
+
+async def _execute(runner: StatementRunner, sql: Any, params: Any) -> int:
+    return (await runner.execute(sql, params)).rowcount
+
+
+async def _fetchone(runner: StatementRunner, sql: Any, params: Any) -> Any:
+    rows = _check_rows(await runner.execute(sql, params))
+    return rows[0] if rows else None
+
+
+async def _fetchall(runner: StatementRunner, sql: Any, params: Any) -> list[Any]:
+    return _check_rows(await runner.execute(sql, params))
+
+
+async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
+    rows = _check_rows(await runner.execute(sql, params))
+    return rows[0][0] if rows else None
+
+
+async def _commit(runner: StatementRunner) -> None:
+    await runner.commit()
+
+
+async def _rollback(runner: StatementRunner) -> None:
+    await runner.rollback()
+
+
+async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *args: Any) -> Any:
+    """The one-hop helpers: the statement, then commit. ``BEGIN; statement`` go
+    out together, and for ``execute`` the ``COMMIT`` too (one round trip);
+    fetch* may raise on a statement without rows, and then must not commit."""
+    if func is blocking.execute:
+        return (await runner.execute(*args, commit=True)).rowcount
+    value = await _ON_LOOP[func](runner, *args)
+    await runner.commit()
+    return value
+
+
+_ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
+    blocking.execute: _execute,
+    blocking.fetchone: _fetchone,
+    blocking.fetchall: _fetchall,
+    blocking.fetchval: _fetchval,
+    blocking.commit_if_open: _commit,
+    PGConnection.commit: _commit,
+    PGConnection.rollback: _rollback,
+}
+_STATEMENTS = (blocking.execute, blocking.fetchone, blocking.fetchall, blocking.fetchval)
+_ON_LOOP[blocking.run_and_commit] = _run_and_commit

@@ -260,5 +260,6 @@ class AsyncConnection:
 
     def __repr__(self) -> str:
         state = "released" if self._loan is None else f"key={self.key!r}"
+        io = "loop" if self._loan is not None and self._loan.on_loop else "thread"
         name = getattr(self._pool, "name", "?")
-        return f"<AsyncConnection {state} of {name!r}>"
+        return f"<AsyncConnection {state} io={io} of {name!r}>"

@@ -97,6 +97,7 @@ class Notifies:
             await anyio.lowlevel.checkpoint()  # a flood of notifications still lets others run
             conn.check()
             async with conn.turn:
+                await conn.leave_loop()  # psycopg2 reads the socket from here
                 notification = await _next_notification(conn.raw)
         # No checkpoint between taking the notification and returning it: a
         # timeout or a cancellation can't lose it.

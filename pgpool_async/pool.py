@@ -41,7 +41,7 @@ from psycopg2.extensions import connection as PGConnection
 from ._config import check_connect_args, check_sizes, check_timeout, describe_target, with_connect_timeout
 from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
 from ._loan import Loan
-from ._loop import failover, txpooling
+from ._loop import failover, native, txpooling
 from ._loop.health import Health, HookFailed, HookLog, looks_alive
 from ._loop.leaks import call_site
 from ._loop.ledger import Ledger, Plan, Slot, SlotState
@@ -142,6 +142,13 @@ class AsyncConnectionPool:
       :class:`TooManyRequests` at once (0: no limit).
     - ``name``: shown in ``repr``, log lines and thread names.
     - ``autocommit``: hand out connections in autocommit mode.
+    - ``io``: how statements run. ``"thread"`` (default for now): in the pool's
+      worker threads. ``"auto"``: ``execute``/``fetch*``/``commit``/``rollback``
+      and the one-hop helpers run on the event loop through psycopg2's own libpq
+      (:mod:`pgpool_async._loop.native`) where possible; threads otherwise
+      (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
+      ``"loop"``: the same, but ``open()`` raises :class:`PoolConfigError` if
+      the loop path is not available in this process.
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
@@ -186,6 +193,7 @@ class AsyncConnectionPool:
         max_waiting: int = 0,
         name: str | None = None,
         autocommit: bool = False,
+        io: str = "thread",
         check: bool | str | Callable[[PGConnection], Any] | None = None,
         check_idle: float = 1.0,
         configure: Callable[[PGConnection], Any] | None = None,
@@ -208,6 +216,9 @@ class AsyncConnectionPool:
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
+        if io not in ("auto", "loop", "thread"):
+            raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
+        self.io = io
         health = Health.build(
             failover.named_check(check), check_idle, configure, reset, max_lifetime, max_idle
         )
@@ -303,6 +314,13 @@ class AsyncConnectionPool:
             raise PoolClosed(f"{CLOSED_MESSAGE}: pools cannot be reopened, create a new one")
         if self._opened:
             return
+        if self.io != "thread":
+            # Finding psycopg2's libpq reads /proc/self/maps: in a thread, once.
+            reason = await self._offload.run_anyio(native.preload)
+            if reason is not None and self.io == "loop":
+                raise PoolConfigError(
+                    f'io="loop" is not available here ({reason}): use io="auto" or "thread"'
+                )
         self._opened = True
         await self._tasks.start()
         self._tasks.spawn(
@@ -506,6 +524,7 @@ class AsyncConnectionPool:
 
     def _lend(self, slot: Slot) -> AsyncConnection:
         conn = AsyncConnection(self, slot, self._offload)
+        conn.loan.io = self.io
         if self.leak_threshold is not None:
             slot.taken_at = call_site()
         orphans = self._ledger.orphans
@@ -673,12 +692,15 @@ class AsyncConnectionPool:
             return None
         self._ledger.begin_return(slot)
         raw = slot.raw
+        if loan is None:
+            native.release(raw)  # an orphan's runner, if any, went with it
         if self._fit.unfit(raw):  # its server changed role (failover.py)
             close = True
             self._retire_server(raw)
         if (
             not close
             and loan is not None
+            and loan.leave_loop_now()
             and not loan.turn.locked()
             and not loan.session_changed
             and not loan.listened
@@ -706,6 +728,7 @@ class AsyncConnectionPool:
         try:
             if loan is not None:
                 await loan.turn.wait_idle()
+                await loan.give_back_loop()
             if slot.state is SlotState.CLOSED:
                 return
             raw = slot.raw
@@ -813,7 +836,7 @@ class AsyncConnectionPool:
         ledger = self._ledger
         state = "closed" if self.closed else ("open" if self._opened else "not open")
         return (
-            f"<AsyncConnectionPool {self.name!r} {self._target} [{state}] | "
+            f"<AsyncConnectionPool {self.name!r} {self._target} [{state}, io={self.io}] | "
             f"Requests: {ledger.lent_count} active, {len(self._waiting)} queued | "
             f"Connections: {ledger.idle_count} idle, {ledger.lent_count} in use, "
             f"{ledger.opening_count} opening, {ledger.returning_count} returning, max {ledger.maxconn}>"

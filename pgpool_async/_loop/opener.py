@@ -44,6 +44,7 @@ logger = logging.getLogger("pgpool_async")
 # At most this many connects at once (each takes a worker thread), like psycopg_pool's workers.
 _CONNECTS_AT_ONCE = 4
 
+
 class Backoff:
     """Delays between attempts after failures: doubling, with jitter, never
     above ``cap`` (so a server back after an outage or a promotion is found

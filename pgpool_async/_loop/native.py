@@ -1,0 +1,1128 @@
+"""Statements on the event loop through libpq itself, on ordinary psycopg2 connections.
+
+A :class:`LoopStatementRunner` takes one psycopg2 connection for a period (from
+:meth:`~LoopStatementRunner.enter` to :meth:`~LoopStatementRunner.leave`) and runs
+statements on it from the event loop, with no worker thread: the query text comes
+from psycopg2's ``cursor.mogrify``, goes out with libpq's ``PQsendQuery`` in
+non-blocking mode, the answer is read as the socket becomes readable
+(``PQconsumeInput`` / ``PQisBusy`` / ``PQgetResult``), and the values are
+converted by psycopg2's own typecasters (cursor, then connection, then global
+registry), so rows, ``description``, ``rowcount`` and errors are psycopg2's.
+
+How it stays safe:
+
+- Only calls that never wait run on the loop (the GIL is kept during them:
+  :func:`pgpool_async._libpq.libpq_gil`). ``PQisBusy`` is checked before *every*
+  ``PQgetResult``, the final NULL one included: a busy ``PQgetResult`` would wait
+  for the network while holding the GIL, stopping the whole process.
+- asyncio: the socket's reader is registered once per period, and the reader
+  callback itself walks the protocol, so a statement costs one future and one
+  task wake-up. trio: ``trio.lowlevel.wait_readable`` per wait.
+- psycopg2's view of the connection is true whenever psycopg2 code runs. The
+  runner leaves psycopg2's ``autocommit`` setting alone and behaves as psycopg2
+  would: without autocommit, the first statement outside a transaction opens
+  one, with psycopg2's own ``BEGIN`` text, sent in the same packet as the
+  statement (one round trip instead of two). :meth:`~LoopStatementRunner.leave`
+  in the middle of such a transaction hands it to psycopg2 (see there); in a
+  *failed* one it refuses (:class:`HandOffRefused`): roll back first.
+- Cancellation (a cancelled task, a timeout): the server is asked to cancel the
+  statement from a thread of its own (``PQcancel`` through ctypes releases the
+  GIL), the answer is read to the end, then the cancellation is delivered. If the
+  server has not answered within ``cancel_grace`` seconds, the connection is
+  closed instead. The loop never waits.
+- Large results are converted a slice at a time, yielding to the loop whenever a
+  slice took longer than ``turn_budget`` seconds.
+- An I/O failure (a killed backend, a dropped network) closes the psycopg2
+  connection, so its ``closed`` is true and a pool discards it.
+- On leaving, the socket goes back to blocking mode and ``connection.poll()``
+  hands psycopg2 the NOTIFYs and notices read meanwhile (they appear in
+  ``connection.notifies`` / ``notices`` then, not after each statement).
+
+Differences from psycopg2 running the same statement (all small, listed so a
+caller can decide): errors carry ``pgerror``, ``pgcode`` and ``diag`` like
+psycopg2's but ``cursor`` is None; ``COPY`` sent through :meth:`execute` is
+refused with psycopg2's message and the connection is left usable; only
+tuple rows are built (callers use the thread path for other cursor factories);
+``notices``/``notifies`` are delivered at :meth:`leave`.
+
+How the pool uses it (``AsyncConnectionPool(io="auto")``, see
+:class:`pgpool_async._loan.Loan`): each loan holds one runner, entered at its
+first statement; ``Loan.call`` runs the pool's statement functions
+(``execute``/``fetch*``, commit, rollback, the one-hop helpers) on it and
+leaves it before any other call goes to a thread; the return path leaves it
+without a round trip when the connection is idle, and otherwise rolls back on
+the loop in the pool's return task first.
+
+When it is not available: not Linux, psycopg2's libpq not found, an async or
+GSS-encrypted connection, a connection psycopg2 has a transaction open on.
+:func:`unavailable_reason` and :meth:`LoopStatementRunner.refusal` say why;
+callers then use the thread path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions as ext
+import sniffio
+
+from .. import _libpq
+from ..errors import PoolError
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as PGConnection
+    from psycopg2.extensions import cursor as PGCursor
+
+__all__ = [
+    "HandOffRefused",
+    "LoopStatementRunner",
+    "NativeUnavailable",
+    "Result",
+    "StatementRunner",
+    "preload",
+    "release",
+    "unavailable_reason",
+]
+
+Params = Sequence[Any] | dict[str, Any] | None
+
+# libpq enums (libpq-fe.h)
+_CONNECTION_BAD = 1
+_PGRES_EMPTY_QUERY = 0
+_PGRES_COMMAND_OK = 1
+_PGRES_TUPLES_OK = 2
+_PGRES_COPY_OUT = 3
+_PGRES_COPY_IN = 4
+_PGRES_COPY_BOTH = 8
+_PGRES_ERRORS = (5, 6, 7)  # BAD_RESPONSE, NONFATAL_ERROR, FATAL_ERROR
+_PQTRANS_IDLE = 0
+_PQTRANS_INTRANS = 2
+_PQTRANS_INERROR = 3
+_PG_DIAG_SQLSTATE = ord("C")
+
+# psycopg2's own BEGIN variants (pqpath.c, pq_begin_locked).
+_ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
+
+# Rows converted between two looks at the clock during a large result.
+_SLICE_ROWS = 256
+
+
+class NativeUnavailable(PoolError):
+    """The loop-native path cannot take this connection; the message says why.
+    Callers run the statement on the thread path instead."""
+
+
+class HandOffRefused(PoolError):
+    """:meth:`LoopStatementRunner.leave` inside a failed transaction on a
+    connection psycopg2 drives without autocommit: psycopg2 cannot be told about a
+    failed transaction it did not open. Roll back (``await runner.rollback()``)
+    first; the runner stays entered."""
+
+
+def preload() -> str | None:
+    """Find and load psycopg2's libpq (reads ``/proc/self/maps``: call it in a
+    worker thread, or before the loop starts); returns :func:`unavailable_reason`."""
+    if _libpq.libpq_gil() is None or _libpq.libpq() is None:
+        return _libpq.unavailable_reason() or "psycopg2's libpq was not found"
+    _cell_functions()
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the loop-native path is unavailable in this process, or None if it is.
+
+    The first call loads libpq (file I/O): see :func:`preload`.
+    """
+    return preload()
+
+
+# Runners entered now, by id of their psycopg2 connection: lets the pool take a
+# connection back whose AsyncConnection (and so its runner) was dropped unreturned.
+_entered: dict[int, LoopStatementRunner] = {}
+
+
+def release(raw: PGConnection) -> None:
+    """On the loop thread, for a connection whose owner is gone (garbage-collected
+    unreturned): give it back to psycopg2 without waiting. A transaction open
+    on the loop path can't be handed over without a round trip: the connection
+    is closed then (the pool discards it). No-op if no runner holds it."""
+    runner = _entered.get(id(raw))
+    if runner is None or runner.raw is not raw:
+        return
+    if runner._lib.PQtransactionStatus(runner._pg) != _PQTRANS_IDLE or runner._busy:
+        runner.close()
+    else:
+        runner._detach()
+
+
+def _asyncio_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _loaded() -> bool:
+    return _libpq.libpq_path.cache_info().currsize > 0
+
+
+class Result:
+    """What one statement returned, as a psycopg2 cursor would show it.
+
+    ``rows``: tuples (empty for a statement that returns none), ``rowcount``,
+    ``statusmessage``, ``lastrowid`` (the OID of an inserted row, else 0) and
+    ``description`` (a tuple of psycopg2 ``Column`` objects, or None), built on
+    first access.
+    """
+
+    __slots__ = ("_description", "_fields", "lastrowid", "rowcount", "rows", "statusmessage")
+
+    def __init__(
+        self,
+        rows: list[tuple[Any, ...]],
+        rowcount: int,
+        statusmessage: str | None,
+        lastrowid: int,
+        fields: list[tuple[str, int, int, int, int, int]] | None,
+    ) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+        self.statusmessage = statusmessage
+        self.lastrowid = lastrowid
+        self._fields = fields
+        self._description: tuple[ext.Column, ...] | None = None
+
+    @property
+    def description(self) -> tuple[ext.Column, ...] | None:
+        """psycopg2's ``cursor.description`` for this result (pqpath.c ``_make_column``)."""
+        if self._fields is None:
+            return None
+        if self._description is None:
+            self._description = tuple(_column(*field) for field in self._fields)
+        return self._description
+
+    def __repr__(self) -> str:
+        return f"<Result {self.statusmessage!r} rowcount={self.rowcount}>"
+
+
+def _column(name: str, oid: int, fsize: int, fmod: int, ftable: int, ftablecol: int) -> ext.Column:
+    if fmod > 0:
+        fmod -= 4
+    numeric = oid == 1700
+    kwargs: dict[str, Any] = {"name": name, "type_code": oid, "display_size": None}
+    if fsize == -1:
+        kwargs["internal_size"] = fmod >> 16 if numeric else fmod
+    else:
+        kwargs["internal_size"] = fsize
+    if numeric:
+        kwargs["precision"] = (fmod >> 16) & 0xFFFF
+        kwargs["scale"] = fmod & 0xFFFF
+    if ftable:
+        kwargs["table_oid"] = ftable
+    if ftablecol > 0:
+        kwargs["table_column"] = ftablecol
+    return ext.Column(**kwargs)
+
+
+# -- errors like psycopg2's ------------------------------------------------------------------
+
+
+def _base_exception(sqlstate: str) -> type[psycopg2.Error]:
+    """psycopg2's fallback class for an SQLSTATE it has no class for (error_type.c)."""
+    c0, c1 = sqlstate[:1], sqlstate[1:2]
+    table: dict[str, dict[str, type[psycopg2.Error]]] = {
+        "0": {"8": psycopg2.OperationalError, "A": psycopg2.NotSupportedError},
+        "2": {
+            "0": psycopg2.ProgrammingError,
+            "1": psycopg2.ProgrammingError,
+            "2": psycopg2.DataError,
+            "3": psycopg2.IntegrityError,
+            "4": psycopg2.InternalError,
+            "5": psycopg2.InternalError,
+            "6": psycopg2.OperationalError,
+            "7": psycopg2.OperationalError,
+            "8": psycopg2.OperationalError,
+            "B": psycopg2.InternalError,
+            "D": psycopg2.InternalError,
+            "F": psycopg2.InternalError,
+        },
+        "3": {
+            "4": psycopg2.OperationalError,
+            "8": psycopg2.InternalError,
+            "9": psycopg2.InternalError,
+            "B": psycopg2.InternalError,
+            "D": psycopg2.ProgrammingError,
+            "F": psycopg2.ProgrammingError,
+        },
+        "4": {
+            "0": psycopg2.extensions.TransactionRollbackError,
+            "2": psycopg2.ProgrammingError,
+            "4": psycopg2.ProgrammingError,
+        },
+    }
+    if c0 == "5":
+        return psycopg2.extensions.QueryCanceledError if sqlstate == "57014" else psycopg2.OperationalError
+    if c0 in ("F", "P", "X"):
+        return psycopg2.InternalError
+    if c0 == "H":
+        return psycopg2.OperationalError
+    return table.get(c0, {}).get(c1, psycopg2.DatabaseError)
+
+
+def _exception_class(sqlstate: str) -> type[psycopg2.Error]:
+    try:
+        cls: type[psycopg2.Error] = psycopg2.errors.lookup(sqlstate)
+    except KeyError:
+        return _base_exception(sqlstate)
+    return cls
+
+
+def _pgres_offset() -> int | None:
+    """Where psycopg2's ``errorObject`` keeps its ``PGresult *`` (what ``diag`` reads).
+
+    The struct (psycopg/error.h) is a ``PyBaseExceptionObject`` followed by five
+    pointers: pgerror, pgcode, cursor, pydecoder, pgres. The layout is checked on
+    a live object (the first two pointers must be the attributes just set)
+    before anything is written; None when it does not hold (then ``diag`` stays
+    empty on this path).
+    """
+    ptr = ctypes.sizeof(ctypes.c_void_p)
+    base = Exception.__basicsize__
+    if psycopg2.Error.__basicsize__ != base + 5 * ptr:
+        return None
+    probe = psycopg2.Error("probe")
+    pgerror, pgcode = "probe-pgerror", "probe-pgcode"
+    probe.__setstate__({"pgerror": pgerror, "pgcode": pgcode})  # type: ignore[no-untyped-call]
+    at = id(probe)
+    if (
+        ctypes.c_void_p.from_address(at + base).value != id(probe.pgerror)
+        or ctypes.c_void_p.from_address(at + base + ptr).value != id(probe.pgcode)
+        or ctypes.c_void_p.from_address(at + base + 4 * ptr).value is not None
+    ):
+        return None
+    return base + 4 * ptr
+
+
+_PGRES_OFFSET = _pgres_offset()
+
+
+def _strip_severity(message: str) -> str:
+    if len(message) > 8 and message[:8] in ("ERROR:  ", "FATAL:  ", "PANIC:  "):
+        return message[8:]
+    return message
+
+
+def _decode(raw: bytes | None, codec: str) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError:
+        return raw.decode(codec, "replace")
+
+
+# -- the runner -----------------------------------------------------------------------------------
+
+
+class StatementRunner(Protocol):
+    """What AsyncConnection needs from a way to run statements off the thread
+    path (:class:`LoopStatementRunner` is the one implementation). The
+    connection holds one per loan, calls these with its own lock held, and
+    :meth:`leave` before any psycopg2 code runs (``run_sync``, cursors, COPY,
+    notifications, the pool's return)."""
+
+    @property
+    def entered(self) -> bool: ...
+
+    @property
+    def in_transaction(self) -> bool: ...
+
+    def refusal(self) -> str | None: ...
+
+    def enter(self) -> None: ...
+
+    async def leave(self, to_thread: Callable[..., Any] | None = None) -> None: ...
+
+    def try_leave_now(self) -> bool: ...
+
+    async def execute(
+        self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
+    ) -> Result: ...
+
+    async def commit(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _StatementFuture(asyncio.Future[None]):
+    """A statement's future on asyncio: ``cancel()`` is refused and starts the
+    cancel procedure instead, so the task gets its cancellation only once the
+    server has answered (or the connection was closed): asyncio delivers a
+    refused cancellation when the future completes."""
+
+    runner: LoopStatementRunner | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not self.done() and self.runner is not None:
+            self.runner._cancel_requested()
+        return False
+
+
+def _send_cancel(lib: ctypes.CDLL, cancel: int, done: Callable[[], object]) -> None:
+    """In a thread of its own: PQcancel opens a connection and waits for it,
+    with the GIL released (ctypes.CDLL); ``done()`` tells the loop."""
+    errbuf = ctypes.create_string_buffer(256)
+    try:
+        lib.PQcancel(cancel, errbuf, len(errbuf))
+    finally:
+        lib.PQfreeCancel(cancel)
+        done()
+
+
+class LoopStatementRunner:
+    """Runs statements on one psycopg2 connection from the event loop.
+
+    Usage::
+
+        runner = LoopStatementRunner(raw)      # no I/O
+        runner.enter()                          # on the loop; NativeUnavailable if it can't
+        try:
+            result = await runner.execute("SELECT %s", (1,))
+        finally:
+            await runner.leave()               # psycopg2 may use the connection again
+
+    While entered, the runner owns the connection: nothing else may touch it
+    (no psycopg2 call, in any thread), and statements run one at a time (a
+    second concurrent :meth:`execute` raises :class:`PoolError`). A runner is
+    bound to the event loop it was entered on. After an I/O failure or an
+    unanswered cancellation the connection is closed and every call raises
+    psycopg2's ``InterfaceError`` ("connection already closed").
+
+    ``cancel_grace``: seconds a cancelled statement may take to end on the
+    server before the connection is closed instead. ``turn_budget``: seconds of
+    row conversion after which a large result yields to the loop.
+    """
+
+    def __init__(self, raw: PGConnection, *, cancel_grace: float = 2.0, turn_budget: float = 0.005) -> None:
+        if not cancel_grace > 0:
+            raise ValueError(f"cancel_grace must be positive, not {cancel_grace!r}")
+        if not turn_budget > 0:
+            raise ValueError(f"turn_budget must be positive, not {turn_budget!r}")
+        self.raw = raw
+        self.cancel_grace = cancel_grace
+        self.turn_budget = turn_budget
+        self._lib: Any = None
+        self._pg: int | None = None
+        self._fd = -1
+        self._asyncio: asyncio.AbstractEventLoop | None = None
+        self._trio = False
+        self._cursor: PGCursor | None = None
+        self._codec = "utf-8"
+        self._ssl: int | None = None  # SSL * when the connection uses OpenSSL
+        self._ssl_pending: Any = None
+        self._busy = False
+        # the statement in flight
+        self._fut: _StatementFuture | None = None
+        self._last: int | None = None  # the last PGresult, kept (psycopg2 keeps the last)
+        self._count = 0
+        # With commit=True the statement's result is the one before COMMIT's.
+        self._prev: int | None = None
+        self._keep_prev = False
+        self._flushing = False
+        self._copy_out = False
+        self._copy_seen = 0
+        self._io_failed = False
+        self._io_message: bytes | None = None
+        self._cancelling = False
+        self._abort_handle: asyncio.TimerHandle | None = None
+        # A cancel request still on its way: the next statement waits for it,
+        # or the late request would cancel that statement instead.
+        self._cancel_sent: Any = None
+        self._reader_off = False
+
+    # -- ownership -----------------------------------------------------------------------
+
+    @property
+    def entered(self) -> bool:
+        """True between :meth:`enter` and :meth:`leave` (or a close)."""
+        return self._pg is not None
+
+    def refusal(self) -> str | None:
+        """Why :meth:`enter` would refuse this connection now, or None."""
+        if not _loaded():
+            # Never load on the loop (file I/O): whoever set us up calls preload() first.
+            return "libpq is not loaded yet: call pgpool_async._loop.native.preload() in a thread first"
+        reason = unavailable_reason()
+        if reason is not None:
+            return reason
+        raw = self.raw
+        lib: Any = _libpq.libpq_gil()
+        if raw.closed:
+            return "the connection is closed"
+        if raw.async_:
+            return "an asynchronous psycopg2 connection"
+        if raw.status != ext.STATUS_READY:
+            return "psycopg2 has a transaction open on this connection (commit or roll it back first)"
+        if lib.PQgssEncInUse(raw.pgconn_ptr):
+            return "GSS encryption can hold data the socket does not show; use the thread path"
+        if lib.PQisBusy(raw.pgconn_ptr):
+            return "the connection is busy"
+        return None
+
+    def enter(self) -> None:
+        """Take the connection for the event loop running now.
+
+        :raises NativeUnavailable: see :meth:`refusal`.
+        :raises PoolError: already entered, or no asyncio/trio loop running.
+        """
+        if self._pg is not None:
+            raise PoolError("this LoopStatementRunner is already entered: leave() it first")
+        reason = self.refusal()
+        if reason is not None:
+            raise NativeUnavailable(f"statements on this connection run in threads: {reason}")
+        library = "asyncio" if _asyncio_running() else sniffio.current_async_library()
+        raw = self.raw
+        lib: Any = _libpq.libpq_gil()
+        pg = raw.pgconn_ptr
+        if library == "asyncio":
+            self._asyncio = asyncio.get_running_loop()
+        elif library == "trio":
+            self._trio = True
+        else:
+            raise PoolError(f"LoopStatementRunner runs on asyncio or trio, not {library}")
+        self._lib = lib
+        self._codec = ext.encodings[raw.encoding]
+        if self._cursor is None:
+            self._cursor = ext.cursor(raw)  # for the typecasters only; no I/O
+        if lib.PQsslInUse(pg):
+            self._ssl = lib.PQsslStruct(pg, b"OpenSSL")
+            self._ssl_pending = _ssl_pending(lib)
+        if lib.PQsetnonblocking(pg, 1) != 0:
+            raise NativeUnavailable("libpq refused non-blocking mode on this connection")
+        self._fd = lib.PQsocket(pg)
+        self._pg = pg
+        _entered[id(raw)] = self
+        if self._asyncio is not None:
+            self._asyncio.add_reader(self._fd, self._on_readable)
+
+    async def leave(self, to_thread: Callable[..., Any] | None = None) -> None:
+        """Give the connection back to psycopg2; safe to call twice.
+
+        Restores blocking mode, stops watching the socket, and lets psycopg2 see
+        the NOTIFYs and notices read meanwhile (``connection.poll()``). When the
+        connection is not in autocommit and a transaction this runner opened is
+        still open, psycopg2 is made to join it (in a worker thread, through
+        ``to_thread(func)``; default anyio's): psycopg2 sends its own ``BEGIN``
+        (the server answers with a WARNING, removed from ``notices``) and a
+        ``SELECT 1``, after which its ``commit()``/``rollback()`` act on the
+        transaction the loop path started.
+
+        :raises HandOffRefused: that transaction has failed: roll back first
+            (the runner stays entered).
+        :raises PoolError: a statement is still running on this runner.
+        """
+        if self._pg is None:
+            return
+        if self._busy:
+            raise PoolError("a statement is still running on this runner: wait for it before leave()")
+        if self._cancel_sent is not None:
+            await self._settle_cancel()
+        status = self._lib.PQtransactionStatus(self._pg)
+        adopt = not self.raw.autocommit and status == _PQTRANS_INTRANS
+        if not self.raw.autocommit and status == _PQTRANS_INERROR:
+            raise HandOffRefused(
+                "the transaction on this connection failed: roll it back (await runner.rollback()) "
+                "before giving the connection back to psycopg2"
+            )
+        self._detach()
+        try:
+            self.raw.poll()  # idle connection: reads what is there, never waits
+        except psycopg2.Error:
+            self._close_raw()
+            raise
+        if adopt:
+            if to_thread is None:
+                import anyio.to_thread
+
+                to_thread = anyio.to_thread.run_sync
+            await to_thread(_psycopg2_joins_transaction, self.raw)
+
+    def try_leave_now(self) -> bool:
+        """:meth:`leave` without awaiting, when it needs no round trip: no
+        statement running, no cancel request on its way, no transaction open.
+        False (still entered) otherwise; True once left (or if not entered)."""
+        if self._pg is None:
+            return True
+        if self._busy or self._cancel_sent is not None or self.in_transaction:
+            return False
+        self._detach()
+        try:
+            self.raw.poll()
+        except psycopg2.Error:
+            self.raw.close()
+        return True
+
+    def _detach(self) -> None:
+        _entered.pop(id(self.raw), None)
+        pg, self._pg = self._pg, None
+        if self._asyncio is not None:
+            self._asyncio.remove_reader(self._fd)  # (a writer is only ever added mid-statement)
+        self._asyncio = None
+        self._trio = False
+        if pg is not None and not self.raw.closed:
+            self._lib.PQsetnonblocking(pg, 0)
+        self._ssl = None
+
+    def close(self) -> None:
+        """Close the psycopg2 connection now (it can't be trusted any more);
+        safe twice, no waiting."""
+        self._close_raw()
+
+    def _close_raw(self) -> None:
+        """Close the psycopg2 connection (I/O failure, unanswered cancel)."""
+        _entered.pop(id(self.raw), None)
+        if self._pg is not None:
+            loop, fd = self._asyncio, self._fd
+            if loop is not None:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+            elif self._trio:
+                import trio
+
+                trio.lowlevel.notify_closing(fd)
+            self._pg = None
+            self._asyncio = None
+            self._trio = False
+        # Still non-blocking: PQfinish's goodbye message cannot wait on the network.
+        self.raw.close()
+
+    # -- statements --------------------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """True when the server has a transaction open (or failed) on this connection."""
+        self._check()
+        return bool(self._lib.PQtransactionStatus(self._pg) != _PQTRANS_IDLE)
+
+    async def execute(
+        self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
+    ) -> Result:
+        """Run one statement (``sql`` with psycopg2 placeholders, or a ``psycopg2.sql``
+        object) as psycopg2's ``cursor.execute`` would, and return its :class:`Result`.
+
+        ``cursor``: a psycopg2 cursor of this connection whose typecasters (and
+        ``tzinfo_factory``) convert the values; default a plain one. Nothing else
+        of it is used or changed.
+
+        ``commit``: then commit, as ``execute`` followed by :meth:`commit` would,
+        but in the same round trip (``BEGIN; statement; COMMIT`` in one packet on
+        a connection without autocommit). If the statement fails the server skips
+        the COMMIT: the transaction is left failed, to be rolled back.
+
+        :raises psycopg2.Error: what psycopg2 would raise (same class, ``pgcode``,
+            ``pgerror``, ``diag``); after an I/O failure the connection is closed.
+        :raises PoolError: not entered, or another statement is running.
+        """
+        self._check()
+        if self._busy:
+            raise PoolError("another statement is running on this connection: await it first")
+        if self._cancel_sent is not None:
+            self._busy = True
+            try:
+                await self._settle_cancel()
+            finally:
+                self._busy = False
+        cur = cursor if cursor is not None else self._cursor
+        assert cur is not None
+        query: bytes = cur.mogrify(sql, params)
+        if not query:
+            raise psycopg2.ProgrammingError("can't execute an empty query")
+        begin = not self.raw.autocommit and self._lib.PQtransactionStatus(self._pg) == _PQTRANS_IDLE
+        expected = 1
+        if begin:
+            query = self._begin_text() + b";" + query
+            expected += 1
+        commit = commit and not self.raw.autocommit
+        if commit:
+            query += b";COMMIT"
+            expected += 1
+            self._keep_prev = True
+        self._busy = True
+        try:
+            await self._run(query)
+            return await self._result(cur, expected, commit)
+        except psycopg2.Error:
+            if begin and self._pg is not None and self.in_transaction is False:
+                # A statement that does not parse sinks the whole packet, our BEGIN
+                # too; psycopg2 (BEGIN sent alone) would be in a failed transaction
+                # now: be in one too, so what follows behaves the same.
+                self._clear()
+                await self._run(b"BEGIN;SELECT 1/0 -- pgpool_async: the transaction failed above")
+            raise
+        finally:
+            self._busy = False
+            self._clear()
+
+    async def commit(self) -> None:
+        """psycopg2's ``commit()``: COMMIT if a transaction is open, else nothing."""
+        if self.in_transaction:
+            await self.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        """psycopg2's ``rollback()``: ROLLBACK if a transaction is open, else nothing."""
+        if self.in_transaction:
+            await self.execute("ROLLBACK")
+
+    def _begin_text(self) -> bytes:
+        raw = self.raw
+        level, readonly, deferrable = raw.isolation_level, raw.readonly, raw.deferrable
+        if level is None and readonly is None and deferrable is None:
+            return b"BEGIN"
+        text = "BEGIN"
+        if level in _ISOLATION:
+            text += " ISOLATION LEVEL " + _ISOLATION[level]
+        if readonly is not None:
+            text += " READ ONLY" if readonly else " READ WRITE"
+        if deferrable is not None:
+            text += " DEFERRABLE" if deferrable else " NOT DEFERRABLE"
+        return text.encode()
+
+    def _check(self) -> None:
+        if self._pg is None:
+            if self.raw.closed:
+                raise psycopg2.InterfaceError("connection already closed")
+            raise PoolError("this LoopStatementRunner is not entered: call enter() on the event loop first")
+
+    def _clear(self) -> None:
+        for res in (self._last, self._prev):
+            if res is not None:
+                self._lib.PQclear(res)
+        self._last = self._prev = None
+        self._keep_prev = False
+        self._count = self._copy_seen = 0
+        if self._flushing and self._asyncio is not None:
+            self._asyncio.remove_writer(self._fd)  # a statement that ended mid-send
+        self._flushing = self._copy_out = self._io_failed = self._cancelling = False
+        self._io_message = None
+        if self._abort_handle is not None:
+            self._abort_handle.cancel()
+            self._abort_handle = None
+
+    # -- the protocol -----------------------------------------------------------------------
+
+    async def _run(self, query: bytes) -> None:
+        """Send ``query`` and read every result up to the final NULL."""
+        lib, pg = self._lib, self._pg
+        if not lib.PQsendQuery(pg, query):
+            self._io_failed = True  # the connection is gone: PQerrorMessage says why
+            return
+        flushed = lib.PQflush(pg)
+        if flushed < 0:
+            self._io_failed = True
+            return
+        self._flushing = flushed == 1
+        if self._asyncio is not None:
+            if self._reader_off:
+                self._reader_off = False
+                self._asyncio.add_reader(self._fd, self._on_readable)
+            await self._wait_asyncio(self._asyncio)
+        else:
+            await self._wait_trio()
+
+    async def _wait_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
+        fut = _StatementFuture(loop=loop)
+        fut.runner = self
+        self._fut = fut
+        if self._flushing:
+            loop.add_writer(self._fd, self._on_writable)
+        try:
+            await fut
+        finally:
+            self._fut = None
+            fut.runner = None
+
+    def _on_readable(self) -> None:
+        """asyncio's reader: walk the protocol; wake the task only when done."""
+        fut = self._fut
+        if fut is None:
+            # Between statements: a NOTIFY, a parameter change, or a closing
+            # server. Leave it in the socket, where psycopg2 would find it, and
+            # stop watching until the next statement (else the loop would call
+            # us again and again): the next statement reads it first, as
+            # psycopg2's would, and leave() hands NOTIFYs over.
+            self._reader_off = True
+            if self._asyncio is not None:
+                self._asyncio.remove_reader(self._fd)
+            return
+        if self._pump() and not fut.done():
+            fut.set_result(None)
+
+    def _on_writable(self) -> None:
+        fut = self._fut
+        if fut is None or self._pg is None:
+            return
+        if self._pump() and not fut.done():
+            fut.set_result(None)
+
+    async def _wait_trio(self) -> None:
+        import trio
+
+        fd = self._fd
+        try:
+            while not self._pump():
+                if self._flushing:
+                    # The server may be writing to us while we write to it: read now and then.
+                    with trio.move_on_after(0.05):
+                        await trio.lowlevel.wait_writable(fd)
+                else:
+                    await trio.lowlevel.wait_readable(fd)
+        except trio.Cancelled:
+            self._cancel_requested()
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.cancel_grace
+                while self._pg is not None and not self._pump():
+                    await trio.lowlevel.wait_readable(fd)
+            if scope.cancelled_caught:
+                self._close_raw()
+            raise
+
+    def _pump(self) -> bool:
+        """Advance the statement as far as libpq can without waiting; True when done."""
+        lib, pg = self._lib, self._pg
+        if pg is None:
+            return True
+        if not lib.PQconsumeInput(pg):
+            return self._read_failed()
+        if self._flushing:
+            flushed = lib.PQflush(pg)
+            if flushed != 1:
+                self._flushing = False
+                if self._asyncio is not None:
+                    self._asyncio.remove_writer(self._fd)
+                if flushed < 0:
+                    self._io_failed = True
+        if self._ssl:
+            # OpenSSL may hold the rest of a record the socket no longer shows.
+            while lib.PQisBusy(pg) and self._ssl_pending(self._ssl) > 0:
+                if not lib.PQconsumeInput(pg):
+                    return self._read_failed()
+        while True:
+            if self._copy_out and not self._drain_copy_out():
+                return False
+            if lib.PQisBusy(pg):
+                # Busy on a dead connection would wait forever: let _result report it.
+                return self._io_failed or lib.PQstatus(pg) == _CONNECTION_BAD
+            res = lib.PQgetResult(pg)
+            if not res:
+                return True
+            if self._keep_prev:
+                if self._prev is not None:
+                    lib.PQclear(self._prev)
+                self._prev = self._last
+            elif self._last is not None:
+                lib.PQclear(self._last)
+            self._last = res
+            self._count += 1
+            status = lib.PQresultStatus(res)
+            if status in (_PGRES_COPY_IN, _PGRES_COPY_OUT):
+                self._copy_seen = status
+            if status == _PGRES_COPY_IN:
+                # psycopg2 refuses COPY outside copy_*(); end it with an error, keep reading.
+                lib.PQputCopyEnd(pg, b"COPY FROM STDIN is not supported by execute()")
+                lib.PQflush(pg)
+            elif status == _PGRES_COPY_OUT:
+                self._copy_out = True
+            elif status == _PGRES_COPY_BOTH or lib.PQstatus(pg) == _CONNECTION_BAD:
+                return True
+
+    def _read_failed(self) -> bool:
+        """The socket failed: the statement is over. psycopg2 raises
+        OperationalError with libpq's message at this point (``pq_get_result_async``)."""
+        self._io_failed = True
+        self._io_message = self._lib.PQerrorMessage(self._pg)
+        return True
+
+    def _drain_copy_out(self) -> bool:
+        """Discard COPY TO STDOUT data; True when the copy is over."""
+        lib, pg = self._lib, self._pg
+        buf = ctypes.c_char_p()
+        while True:
+            n = lib.PQgetCopyData(pg, ctypes.byref(buf), 1)
+            if n > 0:
+                lib.PQfreemem(buf)
+                continue
+            if n == 0:
+                return False
+            self._copy_out = False
+            return True
+
+    def _cancel_requested(self) -> None:
+        """The caller was cancelled mid-statement: ask the server to stop it, and
+        close the connection if it has not answered within ``cancel_grace``."""
+        if self._cancelling or self._pg is None:
+            return
+        self._cancelling = True
+        nogil = _libpq.libpq()
+        cancel = self._lib.PQgetCancel(self._pg)  # a copy of the keys: no I/O
+        if not cancel or nogil is None:
+            return
+        done: Callable[[], object]
+        sent: Any
+        if self._asyncio is not None:
+            loop = self._asyncio
+            sent = loop.create_future()
+
+            def settle() -> None:
+                if not sent.done():
+                    sent.set_result(None)
+
+            def done() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(settle)
+
+        else:
+            import trio
+
+            sent = trio.Event()
+            token = trio.lowlevel.current_trio_token()
+
+            def done() -> None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(sent.set)
+
+        self._cancel_sent = sent
+        threading.Thread(
+            target=_send_cancel, args=(nogil, cancel, done), name="pgpool-native-cancel", daemon=True
+        ).start()
+        if self._asyncio is not None:
+            self._abort_handle = self._asyncio.call_later(self.cancel_grace, self._abort)
+
+    async def _settle_cancel(self) -> None:
+        """Wait (at most ``cancel_grace``) until the last cancel request has
+        reached the server; if it never does, close the connection: a request
+        landing later would cancel an innocent statement."""
+        # Cleared only once settled: a caller cancelled while waiting here leaves
+        # it for the next statement to wait for.
+        sent = self._cancel_sent
+        if self._asyncio is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(sent), self.cancel_grace)
+                self._cancel_sent = None
+                return
+            except asyncio.TimeoutError:
+                pass
+        else:
+            import trio
+
+            with trio.move_on_after(self.cancel_grace):
+                await sent.wait()
+                self._cancel_sent = None
+                return
+        self._cancel_sent = None
+        self._close_raw()
+        raise psycopg2.OperationalError(
+            "a cancel request did not reach the server in time; the connection was closed"
+        )
+
+    def _abort(self) -> None:
+        """asyncio: the cancelled statement did not end in time: close the connection."""
+        self._abort_handle = None
+        fut = self._fut
+        if fut is None or fut.done():
+            return
+        self._close_raw()
+        fut.set_result(None)
+
+    # -- results ----------------------------------------------------------------------------------
+
+    async def _result(self, cur: PGCursor, expected: int, committed: bool = False) -> Result:
+        lib = self._lib
+        res = self._last
+        if self._pg is None or self.raw.closed:
+            raise psycopg2.OperationalError(
+                "the statement did not end in time after a cancel; the connection was closed"
+            )
+        if self._io_message is not None:
+            failure = psycopg2.OperationalError(_decode(self._io_message, self._codec))
+            self._close_raw()
+            raise failure
+        bad = lib.PQstatus(self._pg) == _CONNECTION_BAD
+        if res is None or bad:
+            error = self._error(res, bad)
+            if bad:
+                self._close_raw()
+            raise error
+        status = lib.PQresultStatus(res)
+        if status in _PGRES_ERRORS and not self._copy_seen:
+            raise self._error(res, False)
+        if self._copy_seen:
+            direction = "FROM" if self._copy_seen == _PGRES_COPY_IN else "TO"
+            method = "copy_from" if self._copy_seen == _PGRES_COPY_IN else "copy_to"
+            raise psycopg2.ProgrammingError(
+                f"can't execute COPY {direction}: use the {method}() method instead"
+            )
+        if status == _PGRES_EMPTY_QUERY or self._count < expected:
+            # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
+            raise psycopg2.ProgrammingError("can't execute an empty query")
+        if committed:
+            res = self._prev  # the COMMIT went through: report the statement
+            assert res is not None
+            status = lib.PQresultStatus(res)
+        codec = self._codec
+        statusmessage = _decode(lib.PQcmdStatus(res), codec)
+        if status == _PGRES_COMMAND_OK:
+            tuples = lib.PQcmdTuples(res)
+            return Result([], int(tuples) if tuples else -1, statusmessage, lib.PQoidValue(res), None)
+        if status != _PGRES_TUPLES_OK:
+            raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
+        nfields = lib.PQnfields(res)
+        fields = [
+            (
+                _decode(lib.PQfname(res, i), codec) or "",
+                lib.PQftype(res, i),
+                lib.PQfsize(res, i),
+                lib.PQfmod(res, i),
+                lib.PQftable(res, i),
+                lib.PQftablecol(res, i),
+            )
+            for i in range(nfields)
+        ]
+        ntuples = lib.PQntuples(res)
+        rows = await self._rows(res, cur, [f[1] for f in fields], ntuples)
+        return Result(rows, ntuples, statusmessage, 0, fields)
+
+    async def _rows(self, res: int, cur: PGCursor, oids: list[int], ntuples: int) -> list[tuple[Any, ...]]:
+        getvalue, getisnull = _cell_functions()
+        res_ptr = ctypes.c_void_p(res)
+        raw = self.raw
+        cursor_types = cur.string_types
+        conn_types = raw.string_types
+        global_types = ext.string_types
+        casts: list[Callable[[bytes, PGCursor], Any]] = []
+        for oid in oids:
+            cast = None
+            if cursor_types:
+                cast = cursor_types.get(oid)
+            if cast is None:
+                cast = conn_types.get(oid) or global_types.get(oid)
+            if cast is None:
+                # psycopg2's default caster is not exposed: cursor.cast() reaches it.
+                cast = _fallback(cur, oid)
+            casts.append(cast)
+        columns = list(enumerate(casts))
+        rows: list[tuple[Any, ...]] = []
+        append = rows.append
+        start = 0
+        budget = self.turn_budget
+        clock = time.perf_counter
+        turn_started = clock()
+        while start < ntuples:
+            stop = min(start + _SLICE_ROWS, ntuples)
+            for r in range(start, stop):
+                append(
+                    tuple(
+                        [
+                            cast(value, cur)
+                            if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
+                            else None
+                            for c, cast in columns
+                        ]
+                    )
+                )
+            start = stop
+            if start < ntuples and clock() - turn_started > budget:
+                await self._yield()
+                if self._pg is None:
+                    raise psycopg2.InterfaceError("connection already closed")
+                turn_started = clock()
+        return rows
+
+    async def _yield(self) -> None:
+        if self._asyncio is not None:
+            await asyncio.sleep(0)
+        else:
+            import trio
+
+            await trio.lowlevel.checkpoint()
+
+    def _error(self, res: int | None, bad: bool, message: bytes | None = None) -> psycopg2.Error:
+        """The exception psycopg2's ``pq_raise`` would build for this result."""
+        lib, codec = self._lib, self._codec
+        code: bytes | None = None
+        if res is not None:
+            message = lib.PQresultErrorMessage(res)
+            code = lib.PQresultErrorField(res, _PG_DIAG_SQLSTATE)
+        if not message:
+            message = lib.PQerrorMessage(self._pg) if self._pg is not None else None
+        if not message:
+            return psycopg2.DatabaseError("error with no message from the libpq")
+        text = _decode(message, codec) or ""
+        sqlstate = _decode(code, codec)
+        cls: type[psycopg2.Error]
+        if sqlstate:
+            cls = _exception_class(sqlstate)
+        else:
+            cls = psycopg2.OperationalError if bad or self._io_failed else psycopg2.DatabaseError
+        exc = cls(_strip_severity(text))
+        exc.__setstate__({"pgerror": text, "pgcode": sqlstate})  # type: ignore[no-untyped-call]
+        if res is not None and _PGRES_OFFSET is not None and res == self._last:
+            # The exception owns the PGresult from now on, as psycopg2's do: its
+            # ``diag`` reads the fields, and it PQclears it when collected.
+            ctypes.c_void_p.from_address(id(exc) + _PGRES_OFFSET).value = res
+            self._last = None
+        return exc
+
+
+def _fallback(cur: PGCursor, oid: int) -> Callable[[bytes, PGCursor], Any]:
+    cast = cur.cast
+
+    def by_cursor(value: bytes, _cur: PGCursor) -> Any:
+        return cast(oid, value)
+
+    return by_cursor
+
+
+@functools.cache
+def _cell_functions() -> tuple[Any, Any]:
+    """PQgetvalue and PQgetisnull without ``argtypes``: the hot path of row
+    conversion, called once per cell. Without argtypes ctypes passes the ints
+    and the ``c_void_p`` result pointer as they are, about a third cheaper."""
+    lib = ctypes.PyDLL(_libpq.libpq_path())
+    getvalue, getisnull = lib["PQgetvalue"], lib["PQgetisnull"]
+    getvalue.restype = ctypes.c_char_p
+    getisnull.restype = ctypes.c_int
+    return getvalue, getisnull
+
+
+def _ssl_pending(lib: Any) -> Callable[[int], int]:
+    """OpenSSL's SSL_pending from libpq's own dependencies."""
+    func = lib.SSL_pending
+    func.argtypes = [ctypes.c_void_p]
+    func.restype = ctypes.c_int
+    return func  # type: ignore[no-any-return]
+
+
+def _psycopg2_joins_transaction(raw: PGConnection) -> None:
+    """In a worker thread: make psycopg2 believe, truly, that it is inside the
+    transaction the loop path opened. Its next statement sends its own BEGIN
+    first; the server only warns ("already a transaction in progress")."""
+    before = len(raw.notices)
+    with raw.cursor() as cur:
+        cur.execute("SELECT 1")
+    # Drop the server's WARNING about our BEGIN: it is noise to the user.
+    for i in range(len(raw.notices) - 1, before - 1, -1):
+        if "there is already a transaction in progress" in raw.notices[i]:
+            del raw.notices[i]
+            break

@@ -1,0 +1,189 @@
+"""AsyncConnectionPool(io="auto"): the facade's statements on the loop-native path.
+
+The same semantics as the thread path (connection() commits on success and
+rolls back on error, run_sync sees the loop path's transaction, savepoints,
+one-hop helpers), checked against a real server on asyncio and trio. The
+guards of conftest stay on: a libpq network wait on the loop fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anyio
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+import pytest
+
+from pgpool_async import AsyncConnectionPool, PoolConfigError
+from pgpool_async._loop.native import unavailable_reason
+
+from .conftest import server_query
+
+pytestmark = pytest.mark.anyio
+
+if unavailable_reason() is not None:  # pragma: no cover - Linux with psycopg2 finds it
+    pytestmark = [pytestmark, pytest.mark.skipif(not os.environ.get("CI"), reason=str(unavailable_reason()))]
+
+
+@pytest.fixture
+def table(dsn: str) -> Any:
+    name = f"t_native_pool_{os.getpid()}"
+    server_query(dsn, f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (x int)")
+    yield name
+    server_query(dsn, f"DROP TABLE IF EXISTS {name}")
+
+
+def rows(dsn: str, table: str) -> list[int]:
+    return [r[0] for r in server_query(dsn, f"SELECT x FROM {table} ORDER BY x")]
+
+
+async def test_io_loop_opens_where_available(dsn: str) -> None:
+    async with AsyncConnectionPool(1, 1, dsn, io="loop") as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+def test_io_option_is_checked() -> None:
+    with pytest.raises(PoolConfigError, match='io must be "auto", "loop" or "thread"'):
+        AsyncConnectionPool(1, 1, "dbname=x", io="fast")
+    assert AsyncConnectionPool(1, 1, "dbname=x").io == "thread"
+    assert "io=auto" in repr(AsyncConnectionPool(1, 1, "dbname=x", io="auto"))
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+async def test_connection_block_semantics_on_the_loop(dsn: str, table: str, autocommit: bool) -> None:
+    async with AsyncConnectionPool(1, 2, dsn, io="auto", autocommit=autocommit) as pool:
+        async with pool.connection() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            assert "io=loop" in repr(conn)
+        assert rows(dsn, table) == [1]
+        with pytest.raises(ValueError):
+            async with pool.connection() as conn:
+                await conn.execute(f"INSERT INTO {table} VALUES (2)")
+                raise ValueError
+        assert rows(dsn, table) == [1] if not autocommit else [1, 2]
+        async with pool.connection() as conn:
+            async with conn.transaction():
+                await conn.execute(f"INSERT INTO {table} VALUES (3)")
+                with pytest.raises(psycopg2.errors.DivisionByZero):
+                    async with conn.transaction():
+                        await conn.execute(f"INSERT INTO {table} VALUES (4)")
+                        await conn.execute("SELECT 1 / 0")
+                assert "io=loop" in repr(conn)
+        assert 3 in rows(dsn, table) and 4 not in rows(dsn, table)
+        assert await pool.fetchval(f"SELECT count(*) FROM {table} WHERE x = 3") == 1
+
+
+async def test_run_sync_sees_and_commits_the_loops_transaction(dsn: str, table: str) -> None:
+    async with AsyncConnectionPool(1, 1, dsn, io="auto") as pool:
+        async with pool.connection() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")
+
+            def in_thread(raw: psycopg2.extensions.connection) -> list[Any]:
+                assert raw.status == psycopg2.extensions.STATUS_BEGIN  # psycopg2 knows
+                with raw.cursor() as cur:
+                    cur.execute(f"INSERT INTO {table} VALUES (2)")
+                    cur.execute(f"SELECT x FROM {table} ORDER BY x")
+                    return cur.fetchall()
+
+            assert await conn.run_sync(in_thread) == [(1,), (2,)]
+            assert rows(dsn, table) == []  # not committed yet
+            # After psycopg2 took the transaction, statements stay on threads until it ends.
+            assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 2
+            assert "io=thread" in repr(conn)
+        assert rows(dsn, table) == [1, 2]
+        async with pool.connection() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (3)")
+            await conn.run_sync(lambda raw: raw.rollback())
+        assert rows(dsn, table) == [1, 2]
+
+
+async def test_one_hop_helpers(dsn: str, table: str) -> None:
+    async with AsyncConnectionPool(1, 2, dsn, io="auto") as pool:
+        assert await pool.execute(f"INSERT INTO {table} SELECT generate_series(1, 3)") == 3
+        assert rows(dsn, table) == [1, 2, 3]
+        assert await pool.fetchval(f"SELECT sum(x) FROM {table}") == 6
+        assert await pool.fetchone(f"SELECT x FROM {table} WHERE x > %s ORDER BY x", (1,)) == (2,)
+        assert await pool.fetchall(f"SELECT x FROM {table} ORDER BY x") == [(1,), (2,), (3,)]
+        assert await pool.fetchval(f"SELECT x FROM {table} WHERE false") is None
+        # As on the thread path: fetch* of a statement without rows raises, and nothing is committed.
+        with pytest.raises(psycopg2.ProgrammingError, match="no results to fetch"):
+            await pool.fetchone(f"INSERT INTO {table} VALUES (9)")
+        assert rows(dsn, table) == [1, 2, 3]
+        with pytest.raises(psycopg2.errors.DuplicateTable):
+            await pool.execute("CREATE TABLE pg_class_copy (x int); CREATE TABLE pg_class_copy (x int)")
+        assert server_query(dsn, "SELECT to_regclass('pg_class_copy') IS NULL") == [(True,)]
+
+
+async def test_cursor_factory_and_cursors_use_threads(dsn: str, table: str) -> None:
+    async with AsyncConnectionPool(
+        1, 1, dsn, io="auto", cursor_factory=psycopg2.extras.RealDictCursor
+    ) as pool:
+        assert await pool.fetchone("SELECT 1 AS a") == {"a": 1}
+        async with pool.connection() as conn:
+            assert await conn.fetchall("SELECT 2 AS b") == [{"b": 2}]
+            assert "io=thread" in repr(conn)
+    async with AsyncConnectionPool(1, 1, dsn, io="auto") as pool:
+        async with pool.connection() as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1)")
+            async with conn.cursor() as cur:
+                await cur.execute(f"SELECT x FROM {table}")
+                assert await cur.fetchall() == [(1,)]
+        assert rows(dsn, table) == [1]
+
+
+async def test_a_cancelled_statement_leaves_a_reusable_pool(dsn: str) -> None:
+    async with AsyncConnectionPool(1, 1, dsn, io="auto") as pool:
+        for _ in range(3):
+            with anyio.move_on_after(0.1) as scope:
+                await pool.fetchval("SELECT pg_sleep(30)")
+            assert scope.cancelled_caught
+            assert await pool.fetchval("SELECT 7") == 7
+
+
+async def test_getconn_putconn_mid_transaction_rolls_back(dsn: str, table: str) -> None:
+    async with AsyncConnectionPool(1, 1, dsn, io="auto") as pool:
+        conn = await pool.getconn()
+        await conn.execute(f"INSERT INTO {table} VALUES (1)")
+        await pool.putconn(conn)
+        assert rows(dsn, table) == []
+        conn = await pool.getconn()
+        with pytest.raises(psycopg2.errors.UndefinedTable):
+            await conn.execute("SELECT * FROM no_such_table_here")
+        await pool.putconn(conn)  # a failed transaction: rolled back on the loop, not handed over
+        assert await pool.fetchval("SELECT 1") == 1
+
+
+async def test_notifications_after_loop_statements(dsn: str) -> None:
+    channel = f"native_pool_{os.getpid()}"
+    async with AsyncConnectionPool(1, 1, dsn, io="auto", autocommit=True) as pool:
+        async with pool.connection() as conn:
+            await conn.listen(channel)
+            await conn.execute("SELECT 1")  # back on the loop path
+            server_query(dsn, f"NOTIFY {channel}, 'hi'")
+            async for note in conn.notifies(timeout=5, stop_after=1):
+                assert note.payload == "hi"
+            await conn.unlisten(channel)
+
+
+async def test_a_connection_dropped_unreturned_is_recovered(dsn: str) -> None:
+    import gc
+
+    async with AsyncConnectionPool(1, 1, dsn, io="auto", leak_threshold=30) as pool:
+        conn = await pool.getconn()
+        await conn.execute("SELECT 1")  # on the loop, and a transaction left open
+        assert "io=loop" in repr(conn)
+        del conn
+        gc.collect()
+        assert await pool.fetchval("SELECT 1", timeout=5) == 1
+        conn = await pool.getconn()
+        await conn.execute("SELECT 1")
+        await conn.commit()  # idle now: the connection itself is reused
+        raw = conn.raw
+        del conn
+        gc.collect()
+        assert await pool.fetchval("SELECT 2", timeout=5) == 2
+        assert not raw.closed
