@@ -73,7 +73,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions as ext
-import sniffio
 
 from .. import _libpq
 from ..errors import PoolError
@@ -170,6 +169,14 @@ def _asyncio_running() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _trio_running() -> bool:
+    try:
+        import trio
+    except ImportError:
+        return False
+    return bool(trio.lowlevel.in_trio_run())
 
 
 def _loaded() -> bool:
@@ -492,7 +499,7 @@ class LoopStatementRunner:
         reason = self.refusal()
         if reason is not None:
             raise NativeUnavailable(f"statements on this connection run in threads: {reason}")
-        library = "asyncio" if _asyncio_running() else sniffio.current_async_library()
+        library = "asyncio" if _asyncio_running() else "trio" if _trio_running() else "neither"
         raw = self.raw
         lib: Any = _libpq.libpq_gil()
         pg = raw.pgconn_ptr
@@ -501,7 +508,7 @@ class LoopStatementRunner:
         elif library == "trio":
             self._trio = True
         else:
-            raise PoolError(f"LoopStatementRunner runs on asyncio or trio, not {library}")
+            raise PoolError("LoopStatementRunner runs on an asyncio or trio event loop: none is running")
         self._lib = lib
         self._codec = ext.encodings[raw.encoding]
         if self._cursor is None:
