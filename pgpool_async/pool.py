@@ -524,7 +524,9 @@ class AsyncConnectionPool:
 
     def _lend(self, slot: Slot) -> AsyncConnection:
         conn = AsyncConnection(self, slot, self._offload)
-        conn.loan.io = self.io
+        # Behind a transaction pooler the thread path keeps its checks (txpooling.py);
+        # the loop path has not been taught them yet.
+        conn.loan.io = "thread" if self.transaction_pooling else self.io
         if self.leak_threshold is not None:
             slot.taken_at = call_site()
         orphans = self._ledger.orphans
