@@ -301,7 +301,7 @@ class AsyncConnectionPool:
 
         Retries failed connects with backoff until ``timeout``, except errors
         that retrying cannot fix (unknown database or role, failed password,
-        unknown host): those are raised at once, as psycopg2 raised them.
+        an unparsable DSN): those are raised at once, as psycopg2 raised them.
 
         :raises PoolTimeout: ``minconn`` connections could not be opened within
             ``timeout``; its ``__cause__`` is the last connect error. The pool is
