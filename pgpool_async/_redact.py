@@ -34,6 +34,12 @@ _KEYWORD = re.compile(
 # Whatever follows "password=" to the end, unless the value is properly quoted:
 # its words are scrubbed from messages too.
 _TAIL = re.compile(r"\bpassword\s*=\s*(?!'(?:[^'\\]|\\.)*'(?:\s|\Z))(?P<value>.*)", re.IGNORECASE | re.DOTALL)
+# Whatever follows "password=" up to the next "keyword=", quoted or not. With an odd
+# number of quotes in it, a quote inside the password closed it early and libpq
+# complains about the rest ("missing = after ..."), which is password too.
+_LOOSE = re.compile(
+    r"\bpassword\s*=\s*(?P<value>.*?)(?=\s+[A-Za-z_]\w*\s*=|\s*\Z)", re.IGNORECASE | re.DOTALL
+)
 # A URI's userinfo: scheme://user:password@ (the last '@' ends it: libpq's own
 # rule is the first '@' before a '/', but a password with an unencoded '/' or
 # '@' must be caught too).
@@ -55,9 +61,11 @@ def secrets_in(text: str) -> list[str]:
     """Every password-looking value in a DSN (as written and decoded), and what
     follows ``password=``; longest first."""
     found: set[str] = set()
-    for pattern in (_KEYWORD, _TAIL, _URI, _URI_PARAM):
+    for pattern in (_KEYWORD, _TAIL, _LOOSE, _URI, _URI_PARAM):
         for match in pattern.finditer(text):
             value = match.group("value")
+            if pattern is _LOOSE and value.replace("\\'", "").count("'") % 2 == 0:
+                continue  # quotes balanced: what follows the quoted password is not part of it
             found.update((value, value.strip().strip("'")))
             with contextlib.suppress(UnicodeDecodeError):
                 found.add(unquote(value, errors="strict"))

@@ -141,12 +141,17 @@ async def test_move_on_after_around_a_blackholed_query_on_trio(lab: NetLab) -> N
 @pytest.mark.parametrize(("probability", "seconds"), [(0.05, 8.0), (0.3, 25.0)], ids=["5%", "30%"])
 async def test_packet_loss_reaches_no_user(lab: NetLab, probability: float, seconds: float) -> None:
     """Random loss of the packets towards the server (the issue's setup: a server
-    namespace dropping on its ingress): no request fails (tcp_user_timeout is long
-    enough not to drop healthy connections)."""
+    namespace dropping on its ingress): tcp_user_timeout (15 s) is long enough not to
+    drop healthy connections. At 5% no request fails. At 30% a segment lost 7 times
+    in a row (0.3**7: about 1 in 4,600 segments) outlasts any timeout under ~25 s, the
+    bound a blackholed query must end within (20 s): at most one request may see it.
+    With the 5 s timeout the issue measured, many would."""
     result = await netfaults.packet_loss(lab, "pgpool_async", probability, seconds)
     d = result.details
     assert result.requests >= 20, result.notes  # the loss really was survivable work
-    assert d["errors_by_type"] == {}, (d["errors_by_type"], result.notes)
+    allowed = 0 if probability < 0.1 else 1
+    assert sum(d["errors_by_type"].values()) <= allowed, (d["errors_by_type"], result.notes)
+    assert set(d["errors_by_type"]) <= {"OperationalError"}, (d["errors_by_type"], result.notes)
     assert d["max_gap"] < MAX_LOOP_GAP, result.notes
 
 

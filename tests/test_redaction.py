@@ -46,6 +46,14 @@ def test_error_elsewhere_is_still_reported() -> None:
     assert "fine9pw" not in _message("host=x password='fine9pw' junk")
 
 
+def test_a_quote_inside_a_quoted_password_leaks_nothing() -> None:
+    """Found by the fuzz below in CI: an unescaped quote ends the quoted password
+    early, and libpq names the rest of it in its complaint."""
+    message = _message("host=h password='aaa000' aaa001' dbname=d")
+    assert "aaa000" not in message and "aaa001" not in message
+    assert 'missing "="' in message  # libpq's reason is still there
+
+
 def test_malformed_password_is_named_not_quoted() -> None:
     message = _message("host=x password=my secret9 dbname=y")
     assert "password is malformed" in message
