@@ -227,7 +227,16 @@ async def test_check_read_write_refuses_a_fenced_server() -> None:
                 await pool.fetchval("SELECT 1")  # and it stays refused
             await _in_thread(run_sql, server.dsn, "ALTER SYSTEM RESET default_transaction_read_only")
             await _in_thread(run_sql, server.dsn, "SELECT pg_reload_conf()")
-            assert await pool.fetchval("SELECT current_setting('transaction_read_only')") == "off"
+            # Lent again once the reload reaches a backend and the check backoff
+            # (which grew while every check failed) lets a new connection open.
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        value = await pool.fetchval("SELECT current_setting('transaction_read_only')")
+                        break
+                    except PoolTimeout:
+                        pass
+            assert value == "off"
     finally:
         await _in_thread(server.destroy)
 
