@@ -47,9 +47,15 @@ from typing import Annotated, Any
 import anyio
 import anyio.lowlevel
 import psycopg2
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
 from psycopg2.extensions import connection as PGConnection
+
+try:
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse
+except ImportError as exc:  # an optional extra: say how to get it
+    raise ImportError(
+        "pgpool_async.fastapi needs FastAPI, an optional extra: pip install 'pgpool_async[fastapi]'"
+    ) from exc
 
 from .connection import AsyncConnection
 from .errors import CommitOutcomeUnknown, PoolClosed, PoolError, PoolTimeout, TooManyRequests
