@@ -25,6 +25,9 @@ __all__ = [
     "with_connect_timeout",
 ]
 
+#: The pool's ``io`` when none is given (``AsyncConnectionPool(io=None)``).
+DEFAULT_IO = "auto"
+
 _CONNECT_ONLY = ("connection_factory", "cursor_factory")
 
 

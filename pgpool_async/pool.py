@@ -38,6 +38,7 @@ import anyio.lowlevel
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
+from . import _config
 from ._config import check_connect_args, check_sizes, check_timeout, describe_target, with_connect_timeout
 from ._libpq import cancel_in_background, shutdown_sockets, was_shut_down, with_network_defaults
 from ._loan import Loan
@@ -142,12 +143,11 @@ class AsyncConnectionPool:
       :class:`TooManyRequests` at once (0: no limit).
     - ``name``: shown in ``repr``, log lines and thread names.
     - ``autocommit``: hand out connections in autocommit mode.
-    - ``io``: how statements run. ``"thread"`` (default for now): in the pool's
-      worker threads. ``"auto"``: ``execute``/``fetch*``/``commit``/``rollback``
+    - ``io``: how statements run. ``"auto"`` (the default): ``execute``/``fetch*``/``commit``/``rollback``
       and the one-hop helpers run on the event loop through psycopg2's own libpq
       (:mod:`pgpool_async._loop.native`) where possible; threads otherwise
       (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
-      ``"loop"``: the same, but ``open()`` raises :class:`PoolConfigError` if
+      ``"thread"``: every call in the pool's worker threads. ``"loop"``: the same, but ``open()`` raises :class:`PoolConfigError` if
       the loop path is not available in this process.
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
@@ -193,7 +193,7 @@ class AsyncConnectionPool:
         max_waiting: int = 0,
         name: str | None = None,
         autocommit: bool = False,
-        io: str = "thread",
+        io: str | None = None,
         check: bool | str | Callable[[PGConnection], Any] | None = None,
         check_idle: float = 1.0,
         configure: Callable[[PGConnection], Any] | None = None,
@@ -216,6 +216,8 @@ class AsyncConnectionPool:
         self.max_waiting = max_waiting
         self.name = name if name is not None else f"pool-{next(_names)}"
         self.autocommit = bool(autocommit)
+        if io is None:
+            io = _config.DEFAULT_IO
         if io not in ("auto", "loop", "thread"):
             raise PoolConfigError(f'io must be "auto", "loop" or "thread", got {io!r}')
         self.io = io

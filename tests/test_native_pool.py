@@ -49,7 +49,7 @@ async def test_io_loop_opens_where_available(dsn: str) -> None:
 def test_io_option_is_checked() -> None:
     with pytest.raises(PoolConfigError, match='io must be "auto", "loop" or "thread"'):
         AsyncConnectionPool(1, 1, "dbname=x", io="fast")
-    assert AsyncConnectionPool(1, 1, "dbname=x").io == "thread"
+    assert AsyncConnectionPool(1, 1, "dbname=x").io == "auto"
     assert "io=auto" in repr(AsyncConnectionPool(1, 1, "dbname=x", io="auto"))
 
 
