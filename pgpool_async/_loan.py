@@ -112,12 +112,16 @@ class Loan:
         "tx_depth",
     )
 
-    def __init__(self, raw: PGConnection, offload: Offloader, io: str = "thread") -> None:
+    def __init__(
+        self, raw: PGConnection, offload: Offloader, io: str = "thread", runner: StatementRunner | None = None
+    ) -> None:
         self.detached = False  # the connection went back to the pool
         self.raw = raw
         self.offload = offload
         self.io = io  # the pool's io option: "thread", or "auto"/"loop" (statements on the loop)
-        self.runner: StatementRunner | None = None
+        # The slot's runner (the pool keeps it entered between loans), or one of
+        # the loan's own, made at the first statement.
+        self.runner: StatementRunner | None = runner
         self.turn = Turn()
         self.tx_depth = 0  # open transaction() blocks
         self.session_changed = False  # set_session() was called: reset on return
@@ -133,8 +137,28 @@ class Loan:
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
-        self.check()
-        async with self.turn:
+        if self.detached:
+            raise ConnectionReleased(RELEASED)
+        turn = self.turn
+        if (
+            not turn._busy
+            and self.io != "thread"
+            and (on_loop := _ON_LOOP.get(func)) is not None
+            and (func is not blocking.run_and_commit or args[0] in _STATEMENTS)
+            and (runner := self._loop_runner()) is not None
+        ):
+            # The common case, without the turn's context manager: a statement
+            # on the loop, nobody else's call in progress on this connection.
+            turn._busy = True
+            try:
+                return await on_loop(runner, *args)  # type: ignore[no-any-return]
+            except psycopg2.Error as exc:
+                if self.fit is not None:
+                    self.fit.saw_error(self.raw, exc)
+                raise
+            finally:
+                turn._release()
+        async with turn:
             try:
                 if self.io != "thread":
                     on_loop = _ON_LOOP.get(func)
@@ -200,14 +224,16 @@ class Loan:
         if runner is not None and runner.entered:
             await runner.leave(to_thread=self.offload.run_anyio)
 
-    def leave_loop_now(self) -> bool:
-        """The return path, without awaiting: give the connection back to psycopg2
-        if nothing is left to do on the loop. False: a call still runs or a
-        transaction is open: :meth:`give_back_loop` must run first."""
+    def loop_idle(self) -> bool:
+        """The return path, without awaiting: True when nothing is left to do on
+        the loop (the runner, if entered, stays entered for the next loan: the
+        pool lets it go before a thread touches the connection). False: a call
+        still runs, a cancel is on its way or a transaction is open:
+        :meth:`give_back_loop` must run first."""
         runner = self.runner
         if runner is None or not runner.entered:
             return True
-        return not self.turn.locked() and runner.try_leave_now()
+        return not self.turn.locked() and runner.idle
 
     async def give_back_loop(self) -> None:
         """The return path, in a pool task, the turn idle: end a transaction left
@@ -243,7 +269,7 @@ class Loan:
 
 
 def _check_rows(result: Result) -> list[Any]:
-    if result.description is None:
+    if not result.returns_rows:
         raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
     return result.rows
 

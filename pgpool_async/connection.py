@@ -52,10 +52,10 @@ class AsyncConnection:
 
     __slots__ = ("__weakref__", "_loan", "_pool", "_slot", "key", "lent_at")
 
-    def __init__(self, pool: Any, slot: Slot, offload: Offloader) -> None:
+    def __init__(self, pool: Any, slot: Slot, offload: Offloader, io: str = "thread") -> None:
         self._pool = pool
         self._slot: Slot | None = slot
-        self._loan: Loan | None = Loan(slot.raw, offload)
+        self._loan: Loan | None = Loan(slot.raw, offload, io, slot.runner)
         self._loan.fit = pool._fit
         self.key: Hashable = slot.key
         self.lent_at = time.monotonic()

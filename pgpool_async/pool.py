@@ -49,7 +49,7 @@ from ._loop.ledger import Ledger, Plan, Slot, SlotState
 from ._loop.opener import Opener
 from ._loop.stats import PoolStats
 from ._loop.upkeep import Upkeep
-from ._loop.waiting import Waiter, WaitQueue
+from ._loop.waiting import Waiter, WaitQueue, current_time
 from ._redact import redact_connect_args
 from ._thread import blocking
 from ._thread.background import BackgroundTasks
@@ -147,8 +147,9 @@ class AsyncConnectionPool:
       and the one-hop helpers run on the event loop through psycopg2's own libpq
       (:mod:`pgpool_async._loop.native`) where possible; threads otherwise
       (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
-      ``"thread"``: every call in the pool's worker threads. ``"loop"``: the same, but ``open()`` raises :class:`PoolConfigError` if
-      the loop path is not available in this process.
+      ``"thread"``: every call in the pool's worker threads. ``"loop"``: as
+      ``"auto"``, but ``open()`` raises :class:`PoolConfigError` if the loop
+      path is not available in this process.
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
@@ -405,19 +406,20 @@ class AsyncConnectionPool:
         try:
             self._tasks.spawn(self._finish_closing, idle, timeout, self._closed_done)
         except PoolClosed:  # the tasks are gone (the loop is ending): close off the loop
-            self._close_off_loop([s.raw for s in [*idle, *self._ledger.close_lent()]])
+            self._close_off_loop(_let_go([*idle, *self._ledger.close_lent()]))
             self._offload.shutdown()
             self._closed_done.set()
 
     async def _finish_closing(self, idle: list[Slot], timeout: float, done: anyio.Event) -> None:
         try:
             if idle:
-                await self._offload.run_return(close_all, [s.raw for s in idle])
+                await self._offload.run_return(close_all, _let_go(idle))
             empty = anyio.Event()
             self._ledger.when_empty(empty.set)
             with anyio.move_on_after(timeout):
                 await empty.wait()
             lent = self._ledger.close_lent()
+            _let_go(lent)  # a statement running on the loop ends now (its connection closed)
             for slot in lent:
                 if not slot.raw.closed:
                     anyio.notify_closing(slot.raw)  # wakes a notifies() waiting on its socket
@@ -461,7 +463,7 @@ class AsyncConnectionPool:
             return
         name, ledger = self.name, self._ledger
         slots = [*ledger.start_closing(), *ledger.close_lent()]
-        self._close_off_loop([s.raw for s in slots])
+        self._close_off_loop(_let_go(slots))
         self._tasks.stop_from_any_thread()
         self._offload.shutdown()
         # Warn last, holding no reference to the pool: where warnings are errors,
@@ -509,26 +511,40 @@ class AsyncConnectionPool:
             conn = held.holder() if held.holder is not None else None
             if conn is not None:
                 return conn  # type: ignore[no-any-return]
-        # Every call is a checkpoint (trio's rule), so a loop of checkouts that
-        # never waits still lets other tasks run, and cancellation is seen here.
-        await anyio.lowlevel.checkpoint()
         deadline = time.monotonic() + wait
         # Bounded: each pass that does not return discards a connection that
         # failed its check, and only connections idle long enough are checked.
         while True:
-            slot, plan = self._ledger.take(key, self._usable) if not len(self._waiting) else (None, Plan())
-            self._apply(plan)
+            slot = None
+            if not len(self._waiting):
+                slot, plan = self._ledger.take(key, self._usable)
+                if plan.close:
+                    self._apply(plan)
             if slot is None:
                 slot = await self._wait(key, deadline, wait)
+            else:
+                await self._checkpoint(slot)
             if not self._health.check_due(slot.idle_since) or await self._passes_check(slot):
                 break
         return self._lend(slot)
 
+    async def _checkpoint(self, slot: Slot) -> None:
+        """Every call is a checkpoint (trio's rule), so a loop of checkouts that
+        never waits still lets other tasks run, and cancellation is seen here;
+        a request cancelled here gives back the (clean) connection it took."""
+        try:
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            self._apply(self._ledger.give_back(slot, self._usable))
+            raise
+
     def _lend(self, slot: Slot) -> AsyncConnection:
-        conn = AsyncConnection(self, slot, self._offload)
         # Behind a transaction pooler the thread path keeps its checks (txpooling.py);
         # the loop path has not been taught them yet.
-        conn.loan.io = "thread" if self.transaction_pooling else self.io
+        io = "thread" if self.transaction_pooling else self.io
+        if io != "thread" and slot.runner is None:
+            slot.runner = native.LoopStatementRunner(slot.raw)  # no I/O; entered at first use
+        conn = AsyncConnection(self, slot, self._offload, io)
         if self.leak_threshold is not None:
             slot.taken_at = call_site()
         orphans = self._ledger.orphans
@@ -561,6 +577,7 @@ class AsyncConnectionPool:
         """Run the check on a connection that sat idle long enough; a failure
         discards it (and backs off reopening). A caller cancelled meanwhile gets
         its cancellation once the check is done, the connection given back."""
+        native.release(slot.raw)  # the check is psycopg2 code, in a thread
         try:
             error = await self._offload.run(
                 self._health.check_in_thread, slot.raw, on_cancel=lambda: cancel_in_background(slot.raw)
@@ -606,10 +623,12 @@ class AsyncConnectionPool:
                 f"connection (max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
             )
         started = time.monotonic()
-        waiter = self._waiting.push(key, anyio.current_time() + max(deadline - started, 0.0), timeout)
+        waiter = self._waiting.push(key, current_time() + max(deadline - started, 0.0), timeout)
         self._stats.requests_queued += 1
         self._apply(self._ledger.assign(self._usable))
         try:
+            if waiter.done:  # handed a connection at once: still a checkpoint
+                await anyio.lowlevel.checkpoint()
             return await waiter.wait()  # or PoolTimeout from the deadlines, PoolClosed from close()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
@@ -704,7 +723,7 @@ class AsyncConnectionPool:
         if (
             not close
             and loan is not None
-            and loan.leave_loop_now()
+            and loan.loop_idle()
             and not loan.turn.locked()
             and not loan.session_changed
             and not loan.listened
@@ -722,7 +741,7 @@ class AsyncConnectionPool:
             self._tasks.spawn(self._finish_return, slot, loan, close, done)
         except PoolClosed:  # no task can run any more: close it off the loop
             self._ledger.discard(slot, self._usable)
-            self._close_off_loop([raw])
+            self._close_off_loop(_let_go([slot]))
             return None
         return done
 
@@ -792,7 +811,7 @@ class AsyncConnectionPool:
     def _apply(self, plan: Plan) -> None:
         """Do the I/O a ledger decision asks for, in the background."""
         if plan.close:
-            raws = [slot.raw for slot in plan.close]
+            raws = _let_go(plan.close)
             try:
                 self._tasks.spawn(self._offload.run_return, close_all, raws)
             except PoolClosed:
@@ -808,7 +827,7 @@ class AsyncConnectionPool:
         closing, plan.close = plan.close, []
         self._apply(plan)
         if closing:
-            await self._offload.run_return(close_all, [slot.raw for slot in closing])
+            await self._offload.run_return(close_all, _let_go(closing))
 
     def _apply_alive(self, plan: Plan) -> bool:
         self._apply(plan)
@@ -845,6 +864,17 @@ class AsyncConnectionPool:
             f"Connections: {ledger.idle_count} idle, {ledger.lent_count} in use, "
             f"{ledger.opening_count} opening, {ledger.returning_count} returning, max {ledger.maxconn}>"
         )
+
+
+def _let_go(slots: list[Slot]) -> list[PGConnection]:
+    """The connections of ``slots``, each let go by its loop-native runner (no
+    longer watched by the loop) before a thread closes it."""
+    raws = []
+    for slot in slots:
+        if slot.runner is not None:
+            native.release(slot.raw)
+        raws.append(slot.raw)
+    return raws
 
 
 async def _back_pressure(done: anyio.Event | None) -> None:

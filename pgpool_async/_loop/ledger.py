@@ -60,6 +60,7 @@ class Slot:
         "leak_reported",
         "lent_at",
         "raw",
+        "runner",
         "state",
         "taken_at",
         "trusted",
@@ -83,6 +84,10 @@ class Slot:
         # A weak reference to the borrower's AsyncConnection while lent: its
         # callback reports a borrower dropped without returning the connection.
         self.holder: Any = None
+        # The loop-native runner (_loop/native.py) of this connection, if the pool
+        # runs statements on the loop: it stays entered while the connection is
+        # idle, and is let go before any thread touches the connection.
+        self.runner: Any = None
 
     def __repr__(self) -> str:
         return f"<Slot {self.state.value} key={self.key!r}>"
@@ -193,18 +198,19 @@ class Ledger:
         what to open: enough for ``minconn``, and one more while requests wait
         and nothing is being opened."""
         plan = Plan()
-        while (waiter := self._waiting.first()) is not None:
+        while self._idle and (waiter := self._waiting.first()) is not None:
             slot, found = self.take(waiter.key, usable)
             plan += found
             if slot is None:
                 break
             self._waiting.hand(waiter, slot)
-        if self.closing:
+        size = self.size
+        if self.closing or size >= self.maxconn:  # (the busy pool's case: nothing to open)
             return plan
-        want = max(0, self.minconn - self.size)
+        want = max(0, self.minconn - size)
         if not want and not self._opening and len(self._waiting):
             want = 1
-        want = min(want, self.maxconn - self.size)
+        want = min(want, self.maxconn - size)
         if want > 0:
             self._opening += want
             plan.open += want

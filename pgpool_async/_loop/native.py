@@ -150,17 +150,35 @@ _entered: dict[int, LoopStatementRunner] = {}
 
 
 def release(raw: PGConnection) -> None:
-    """On the loop thread, for a connection whose owner is gone (garbage-collected
-    unreturned): give it back to psycopg2 without waiting. A transaction open
-    on the loop path can't be handed over without a round trip: the connection
-    is closed then (the pool discards it). No-op if no runner holds it."""
+    """Let psycopg2 have ``raw`` again, without waiting: before a thread touches
+    or closes a connection a pool keeps entered (idle between loans), or whose
+    owner is gone (garbage-collected unreturned). An idle runner just stops
+    watching the socket; one with a statement running or a transaction open
+    can't hand it over without a round trip: the connection is closed then (a
+    statement waiting on it ends with ``OperationalError``) and the pool
+    discards it. No-op if no runner holds it.
+
+    Call it on the loop thread; from another thread (a pool's ``__del__``) it is
+    scheduled on the runner's asyncio loop instead."""
     runner = _entered.get(id(raw))
     if runner is None or runner.raw is not raw:
         return
-    if runner._lib.PQtransactionStatus(runner._pg) != _PQTRANS_IDLE or runner._busy:
+    loop = runner._asyncio
+    if loop is not None and not _on_loop(loop):
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing watches
+            loop.call_soon_threadsafe(release, raw)
+        return
+    if runner._busy or runner._lib.PQtransactionStatus(runner._pg) != _PQTRANS_IDLE:
         runner.close()
     else:
         runner._detach()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def _asyncio_running() -> bool:
@@ -187,12 +205,13 @@ class Result:
     """What one statement returned, as a psycopg2 cursor would show it.
 
     ``rows``: tuples (empty for a statement that returns none), ``rowcount``,
-    ``statusmessage``, ``lastrowid`` (the OID of an inserted row, else 0) and
+    ``statusmessage``, ``lastrowid`` (the OID of an inserted row, else 0),
+    ``returns_rows`` (psycopg2's ``description is not None``) and
     ``description`` (a tuple of psycopg2 ``Column`` objects, or None), built on
-    first access.
+    first access from the libpq result this object keeps (and frees with itself).
     """
 
-    __slots__ = ("_description", "_fields", "lastrowid", "rowcount", "rows", "statusmessage")
+    __slots__ = ("_description", "_res", "lastrowid", "returns_rows", "rowcount", "rows", "statusmessage")
 
     def __init__(
         self,
@@ -200,23 +219,47 @@ class Result:
         rowcount: int,
         statusmessage: str | None,
         lastrowid: int,
-        fields: list[tuple[str, int, int, int, int, int]] | None,
+        res: int | None,
+        codec: str = "utf-8",
     ) -> None:
         self.rows = rows
         self.rowcount = rowcount
         self.statusmessage = statusmessage
         self.lastrowid = lastrowid
-        self._fields = fields
-        self._description: tuple[ext.Column, ...] | None = None
+        self.returns_rows = res is not None
+        self._res = res  # owned: a PGresult outlives its connection, so this is safe
+        self._description: tuple[ext.Column, ...] | str | None = codec
 
     @property
     def description(self) -> tuple[ext.Column, ...] | None:
         """psycopg2's ``cursor.description`` for this result (pqpath.c ``_make_column``)."""
-        if self._fields is None:
+        if not isinstance(self._description, str):
+            return self._description
+        res, codec = self._res, self._description
+        if res is None:
+            self._description = None
             return None
-        if self._description is None:
-            self._description = tuple(_column(*field) for field in self._fields)
+        lib: Any = _libpq.libpq_gil()
+        self._description = tuple(
+            _column(
+                _decode(lib.PQfname(res, i), codec) or "",
+                lib.PQftype(res, i),
+                lib.PQfsize(res, i),
+                lib.PQfmod(res, i),
+                lib.PQftable(res, i),
+                lib.PQftablecol(res, i),
+            )
+            for i in range(lib.PQnfields(res))
+        )
+        self._res = None
+        lib.PQclear(res)
         return self._description
+
+    def __del__(self) -> None:
+        res, self._res = self._res, None
+        if res is not None:
+            with contextlib.suppress(Exception):  # (interpreter shutdown)
+                _libpq.libpq_gil().PQclear(res)
 
     def __repr__(self) -> str:
         return f"<Result {self.statusmessage!r} rowcount={self.rowcount}>"
@@ -354,6 +397,9 @@ class StatementRunner(Protocol):
     @property
     def in_transaction(self) -> bool: ...
 
+    @property
+    def idle(self) -> bool: ...
+
     def refusal(self) -> str | None: ...
 
     def enter(self) -> None: ...
@@ -458,6 +504,7 @@ class LoopStatementRunner:
         # or the late request would cancel that statement instead.
         self._cancel_sent: Any = None
         self._reader_off = False
+        self._pending: Result | None = None  # a large result whose rows are converted in turns
 
     # -- ownership -----------------------------------------------------------------------
 
@@ -608,14 +655,29 @@ class LoopStatementRunner:
             elif self._trio:
                 import trio
 
-                trio.lowlevel.notify_closing(fd)
+                trio.lowlevel.notify_closing(fd)  # a waiting statement wakes (and ends)
             self._pg = None
             self._asyncio = None
             self._trio = False
         # Still non-blocking: PQfinish's goodbye message cannot wait on the network.
         self.raw.close()
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)  # the statement in flight ends: _result reports the close
 
     # -- statements --------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """True when entered with nothing under way: no statement running, no
+        cancel request on its way, no transaction open (what lets a pool keep
+        the runner entered while the connection waits for its next borrower)."""
+        return (
+            self._pg is not None
+            and not self._busy
+            and self._cancel_sent is None
+            and self._lib.PQtransactionStatus(self._pg) == _PQTRANS_IDLE
+        )
 
     @property
     def in_transaction(self) -> bool:
@@ -669,7 +731,10 @@ class LoopStatementRunner:
         self._busy = True
         try:
             await self._run(query)
-            return await self._result(cur, expected, commit)
+            result = self._result(cur, expected, commit)
+            if result.rows is None:  # a large result: converted a slice per loop turn
+                result.rows = await self._rows_in_turns(cur)
+            return result
         except psycopg2.Error:
             if begin and self._pg is not None and self.in_transaction is False:
                 # A statement that does not parse sinks the whole packet, our BEGIN
@@ -740,15 +805,14 @@ class LoopStatementRunner:
             self._io_failed = True
             return
         self._flushing = flushed == 1
-        if self._asyncio is not None:
-            if self._reader_off:
-                self._reader_off = False
-                self._asyncio.add_reader(self._fd, self._on_readable)
-            await self._wait_asyncio(self._asyncio)
-        else:
+        loop = self._asyncio
+        if loop is None:
             await self._wait_trio()
-
-    async def _wait_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
+            return
+        if self._reader_off:
+            self._reader_off = False
+            loop.add_reader(self._fd, self._on_readable)
+        # One future per statement; the reader callback walks the protocol.
         fut = _StatementFuture(loop=loop)
         fut.runner = self
         self._fut = fut
@@ -795,6 +859,8 @@ class LoopStatementRunner:
                         await trio.lowlevel.wait_writable(fd)
                 else:
                     await trio.lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError:
+            return  # closed under us (release()): _result reports it
         except trio.Cancelled:
             self._cancel_requested()
             with trio.CancelScope(shield=True) as scope:
@@ -949,17 +1015,20 @@ class LoopStatementRunner:
         fut = self._fut
         if fut is None or fut.done():
             return
-        self._close_raw()
-        fut.set_result(None)
+        self._close_raw()  # (wakes the statement)
 
     # -- results ----------------------------------------------------------------------------------
 
-    async def _result(self, cur: PGCursor, expected: int, committed: bool = False) -> Result:
+    def _result(self, cur: PGCursor, expected: int, committed: bool = False) -> Result:
+        """The statement's outcome, or the exception psycopg2 would raise. Rows
+        are converted here unless there are many (``rows`` is None then: see
+        :meth:`_rows_in_turns`)."""
         lib = self._lib
         res = self._last
         if self._pg is None or self.raw.closed:
             raise psycopg2.OperationalError(
-                "the statement did not end in time after a cancel; the connection was closed"
+                "the connection was closed while the statement ran (a cancel not answered in "
+                "time, or the pool closing it)"
             )
         if self._io_message is not None:
             failure = psycopg2.OperationalError(_decode(self._io_message, self._codec))
@@ -994,31 +1063,30 @@ class LoopStatementRunner:
             return Result([], int(tuples) if tuples else -1, statusmessage, lib.PQoidValue(res), None)
         if status != _PGRES_TUPLES_OK:
             raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
-        nfields = lib.PQnfields(res)
-        fields = [
-            (
-                _decode(lib.PQfname(res, i), codec) or "",
-                lib.PQftype(res, i),
-                lib.PQfsize(res, i),
-                lib.PQfmod(res, i),
-                lib.PQftable(res, i),
-                lib.PQftablecol(res, i),
-            )
-            for i in range(nfields)
-        ]
         ntuples = lib.PQntuples(res)
-        rows = await self._rows(res, cur, [f[1] for f in fields], ntuples)
-        return Result(rows, ntuples, statusmessage, 0, fields)
+        rows: list[tuple[Any, ...]] | None = None
+        if ntuples <= _SLICE_ROWS:
+            rows = self._convert(res, self._casts(res, cur), cur, 0, ntuples, [])
+        # The Result takes the PGresult (for its description): no longer ours to
+        # clear. (For a large result, _rows_in_turns reads it from the Result.)
+        if res == self._last:
+            self._last = None
+        else:
+            self._prev = None
+        result = Result(rows, ntuples, statusmessage, 0, res, codec)  # type: ignore[arg-type]
+        self._pending = result if rows is None else None
+        return result
 
-    async def _rows(self, res: int, cur: PGCursor, oids: list[int], ntuples: int) -> list[tuple[Any, ...]]:
-        getvalue, getisnull = _cell_functions()
-        res_ptr = ctypes.c_void_p(res)
-        raw = self.raw
+    def _casts(self, res: int, cur: PGCursor) -> list[tuple[int, Callable[[bytes, PGCursor], Any]]]:
+        """Each column's typecaster, looked up as psycopg2 does: cursor,
+        connection, then the global registry."""
+        lib = self._lib
         cursor_types = cur.string_types
-        conn_types = raw.string_types
+        conn_types = self.raw.string_types
         global_types = ext.string_types
-        casts: list[Callable[[bytes, PGCursor], Any]] = []
-        for oid in oids:
+        casts: list[tuple[int, Callable[[bytes, PGCursor], Any]]] = []
+        for column in range(lib.PQnfields(res)):
+            oid = lib.PQftype(res, column)
             cast = None
             if cursor_types:
                 cast = cursor_types.get(oid)
@@ -1027,27 +1095,51 @@ class LoopStatementRunner:
             if cast is None:
                 # psycopg2's default caster is not exposed: cursor.cast() reaches it.
                 cast = _fallback(cur, oid)
-            casts.append(cast)
-        columns = list(enumerate(casts))
-        rows: list[tuple[Any, ...]] = []
+            casts.append((column, cast))
+        return casts
+
+    @staticmethod
+    def _convert(
+        res: int,
+        columns: list[tuple[int, Callable[[bytes, PGCursor], Any]]],
+        cur: PGCursor,
+        start: int,
+        stop: int,
+        rows: list[tuple[Any, ...]],
+    ) -> list[tuple[Any, ...]]:
+        """Rows ``start`` to ``stop`` of ``res``, converted, appended to ``rows``."""
+        getvalue, getisnull = _cell_functions()
+        res_ptr = ctypes.c_void_p(res)
         append = rows.append
+        for r in range(start, stop):
+            append(
+                tuple(
+                    [
+                        cast(value, cur)
+                        if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
+                        else None
+                        for c, cast in columns
+                    ]
+                )
+            )
+        return rows
+
+    async def _rows_in_turns(self, cur: PGCursor) -> list[tuple[Any, ...]]:
+        """The rows of the large result :meth:`_result` left pending, a slice at a
+        time, yielding to the loop whenever a turn took over ``turn_budget``."""
+        result, self._pending = self._pending, None
+        assert result is not None and result._res is not None
+        res = result._res
+        columns = self._casts(res, cur)
+        ntuples = result.rowcount
+        rows: list[tuple[Any, ...]] = []
         start = 0
         budget = self.turn_budget
         clock = time.perf_counter
         turn_started = clock()
         while start < ntuples:
             stop = min(start + _SLICE_ROWS, ntuples)
-            for r in range(start, stop):
-                append(
-                    tuple(
-                        [
-                            cast(value, cur)
-                            if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
-                            else None
-                            for c, cast in columns
-                        ]
-                    )
-                )
+            self._convert(res, columns, cur, start, stop, rows)
             start = stop
             if start < ntuples and clock() - turn_started > budget:
                 await self._yield()

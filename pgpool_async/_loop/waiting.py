@@ -15,6 +15,7 @@ one the task sleeps for wakes it.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import math
 from collections import deque
@@ -24,19 +25,33 @@ import anyio
 
 from .ledger import Slot
 
-__all__ = ["WaitQueue", "Waiter"]
+__all__ = ["WaitQueue", "Waiter", "current_time"]
+
+
+def current_time() -> float:
+    """``anyio.current_time()``, without its library lookup on asyncio (the
+    waiting path calls it once per request)."""
+    loop = asyncio._get_running_loop()
+    return loop.time() if loop is not None else anyio.current_time()
 
 
 class Waiter:
-    """One request queued for a connection."""
+    """One request queued for a connection.
 
-    __slots__ = ("_conn", "_done", "_error", "_event", "deadline", "key", "timeout")
+    Its signal is a bare future of the running asyncio loop (what a hand-off
+    costs is paid once per request, and most requests in a busy pool wait), or
+    an anyio event elsewhere (trio)."""
+
+    __slots__ = ("_conn", "_done", "_error", "_signal", "deadline", "key", "timeout")
 
     def __init__(self, key: Hashable | None, deadline: float = math.inf, timeout: float = math.inf) -> None:
         self.key = key
         self.deadline = deadline  # in anyio.current_time()'s clock
         self.timeout = timeout  # as the caller gave it, for the error message
-        self._event = anyio.Event()
+        loop = asyncio._get_running_loop()
+        self._signal: asyncio.Future[None] | anyio.Event = (
+            loop.create_future() if loop is not None else anyio.Event()
+        )
         self._conn: Slot | None = None
         self._error: BaseException | None = None
         self._done = False
@@ -46,13 +61,21 @@ class Waiter:
         """True once handed a connection or an error, or abandoned."""
         return self._done
 
+    def _wake(self) -> None:
+        signal = self._signal
+        if isinstance(signal, asyncio.Future):
+            if not signal.done():  # (cancelled along with its task: it is leaving)
+                signal.set_result(None)
+        else:
+            signal.set()
+
     def hand(self, conn: Slot) -> bool:
         """Give ``conn`` to this waiter; False if it no longer waits."""
         if self._done:
             return False
         self._done = True
         self._conn = conn
-        self._event.set()
+        self._wake()
         return True
 
     def fail(self, error: BaseException) -> bool:
@@ -61,12 +84,16 @@ class Waiter:
             return False
         self._done = True
         self._error = error
-        self._event.set()
+        self._wake()
         return True
 
     async def wait(self) -> Slot:
         """Wait to be handed a connection, or raise the error handed instead."""
-        await self._event.wait()
+        signal = self._signal
+        if isinstance(signal, asyncio.Future):
+            await signal
+        else:
+            await signal.wait()
         if self._error is not None:
             raise self._error
         assert self._conn is not None
@@ -165,7 +192,7 @@ class WaitQueue:
         """Run forever (a background task): fail each waiter at its deadline with
         ``error(waiter)``, sleeping until the earliest one."""
         while True:
-            now = anyio.current_time()
+            now = current_time()
             self.expire(now, error)
             self._sleeping_until = self.next_deadline()
             self._wake = anyio.Event()
