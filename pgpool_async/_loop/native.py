@@ -258,8 +258,9 @@ class Result:
     def __del__(self) -> None:
         res, self._res = self._res, None
         if res is not None:
+            lib: Any = _libpq.libpq_gil()  # loaded: this result came from it
             with contextlib.suppress(Exception):  # (interpreter shutdown)
-                _libpq.libpq_gil().PQclear(res)
+                lib.PQclear(res)
 
     def __repr__(self) -> str:
         return f"<Result {self.statusmessage!r} rowcount={self.rowcount}>"
