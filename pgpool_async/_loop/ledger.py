@@ -250,6 +250,15 @@ class Ledger:
             return Plan()
         assert slot.state is SlotState.RETURNING
         self._returning.discard(slot)
+        if not self._idle and not self.closing and (waiter := self._waiting.first()) is not None:
+            # The busy pool's common case, decided as _put_idle + assign would:
+            # nothing idle, so the connection goes straight to the first waiter.
+            now = time.monotonic()
+            if not self.retired(slot, now) and self.size < self.maxconn:
+                slot.idle_since = now
+                self._lend(slot, waiter.key)
+                self._waiting.hand(waiter, slot)
+                return self.assign(usable)  # (may open one more for the rest of the queue)
         return self._put_idle(slot, usable)
 
     def _put_idle(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:

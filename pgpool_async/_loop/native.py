@@ -426,7 +426,7 @@ class _StatementFuture(asyncio.Future[None]):
     server has answered (or the connection was closed): asyncio delivers a
     refused cancellation when the future completes."""
 
-    runner: LoopStatementRunner | None = None
+    __slots__ = ("runner",)
 
     def cancel(self, msg: Any = None) -> bool:
         if not self.done() and self.runner is not None:
@@ -815,7 +815,7 @@ class LoopStatementRunner:
             loop.add_reader(self._fd, self._on_readable)
         # One future per statement; the reader callback walks the protocol.
         fut = _StatementFuture(loop=loop)
-        fut.runner = self
+        fut.runner = self  # (cleared below: no cycle outlives the statement)
         self._fut = fut
         if self._flushing:
             loop.add_writer(self._fd, self._on_writable)
