@@ -50,6 +50,7 @@ __all__ = [
     "libpq",
     "shutdown_later",
     "shutdown_socket",
+    "send_cancel_then",
     "shutdown_sockets",
     "was_shut_down",
     "with_network_defaults",
@@ -285,6 +286,32 @@ def cancel_in_background(raw: PGConnection, timeout: float = CANCEL_TIMEOUT) -> 
     pending = PendingCancel(raw)
     threading.Thread(target=pending._send, args=(request, timeout), name="pgpool-cancel", daemon=True).start()
     return pending
+
+
+def send_cancel_then(
+    raw: PGConnection, done: Callable[[bool], object], timeout: float = CANCEL_TIMEOUT
+) -> bool:
+    """Ask the server to cancel ``raw``'s running statement from a daemon thread,
+    then call ``done(delivered)`` in that thread; no I/O here (libpq must be
+    loaded). The request is bounded by ``timeout`` where libpq has
+    ``PQcancelPoll`` (17+), and sent with the GIL released either way.
+    False (nothing started) if the connection is closed or libpq is not loaded."""
+    if raw.closed or not libpq.cache_info().currsize:
+        return False
+    try:
+        request = _Request(raw)
+    except Exception:
+        return False
+
+    def run() -> None:
+        delivered = False
+        try:
+            delivered = request.send(timeout)
+        finally:
+            done(delivered)
+
+    threading.Thread(target=run, name="pgpool-native-cancel", daemon=True).start()
+    return True
 
 
 def _consume_interrupt(raw: PGConnection) -> bool:

@@ -26,9 +26,10 @@ How it stays safe:
   in the middle of such a transaction hands it to psycopg2 (see there); in a
   *failed* one it refuses (:class:`HandOffRefused`): roll back first.
 - Cancellation (a cancelled task, a timeout): the server is asked to cancel the
-  statement from a thread of its own (``PQcancel`` through ctypes releases the
-  GIL), the answer is read to the end, then the cancellation is delivered. If the
-  server has not answered within ``cancel_grace`` seconds, the connection is
+  statement from a thread of its own, GIL released, bounded by ``cancel_grace``
+  (:func:`pgpool_async._libpq.send_cancel_then`: ``PQcancelPoll`` on libpq
+  17+); the answer is read to the end, then the cancellation is delivered. If
+  the server has not answered within ``cancel_grace`` seconds, the connection is
   closed instead. The loop never waits.
 - Large results are converted a slice at a time, yielding to the loop whenever a
   slice took longer than ``turn_budget`` seconds.
@@ -65,7 +66,6 @@ import asyncio
 import contextlib
 import ctypes
 import functools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -427,22 +427,12 @@ class _StatementFuture(asyncio.Future[None]):
     refused cancellation when the future completes."""
 
     __slots__ = ("runner",)
+    runner: LoopStatementRunner | None
 
     def cancel(self, msg: Any = None) -> bool:
         if not self.done() and self.runner is not None:
             self.runner._cancel_requested()
         return False
-
-
-def _send_cancel(lib: ctypes.CDLL, cancel: int, done: Callable[[], object]) -> None:
-    """In a thread of its own: PQcancel opens a connection and waits for it,
-    with the GIL released (ctypes.CDLL); ``done()`` tells the loop."""
-    errbuf = ctypes.create_string_buffer(256)
-    try:
-        lib.PQcancel(cancel, errbuf, len(errbuf))
-    finally:
-        lib.PQfreeCancel(cancel)
-        done()
 
 
 class LoopStatementRunner:
@@ -948,11 +938,7 @@ class LoopStatementRunner:
         if self._cancelling or self._pg is None:
             return
         self._cancelling = True
-        nogil = _libpq.libpq()
-        cancel = self._lib.PQgetCancel(self._pg)  # a copy of the keys: no I/O
-        if not cancel or nogil is None:
-            return
-        done: Callable[[], object]
+        done: Callable[[bool], object]
         sent: Any
         if self._asyncio is not None:
             loop = self._asyncio
@@ -962,7 +948,7 @@ class LoopStatementRunner:
                 if not sent.done():
                     sent.set_result(None)
 
-            def done() -> None:
+            def done(_delivered: bool) -> None:
                 with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                     loop.call_soon_threadsafe(settle)
 
@@ -972,15 +958,15 @@ class LoopStatementRunner:
             sent = trio.Event()
             token = trio.lowlevel.current_trio_token()
 
-            def done() -> None:
+            def done(_delivered: bool) -> None:
                 with contextlib.suppress(trio.RunFinishedError):
                     token.run_sync_soon(sent.set)
 
-        self._cancel_sent = sent
-        threading.Thread(
-            target=_send_cancel, args=(nogil, cancel, done), name="pgpool-native-cancel", daemon=True
-        ).start()
-        if self._asyncio is not None:
+        # Bounded (PQcancelPoll), in a thread of its own, GIL released: the
+        # server may be unreachable, and cancel_grace closes the connection then.
+        if _libpq.send_cancel_then(self.raw, done, timeout=self.cancel_grace):
+            self._cancel_sent = sent
+        if self._asyncio is not None:  # (trio: _wait_trio's shielded scope has the deadline)
             self._abort_handle = self._asyncio.call_later(self.cancel_grace, self._abort)
 
     async def _settle_cancel(self) -> None:
