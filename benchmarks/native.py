@@ -7,11 +7,12 @@ interleaved rounds (each round runs every contender once, the order rotated):
   psycopg2 connections in autocommit, behind a minimal FIFO pool;
 - ``native-runner-tx``: the same without autocommit (BEGIN sent with the
   statement, then COMMIT: two round trips);
-- ``pgpool-ac-loop`` / ``pgpool-loop`` / ``pgpool-fetchval-loop``:
-  ``AsyncConnectionPool(io="auto")``, ``connection()`` + ``fetchval`` in
-  autocommit and in the default (transaction) mode, and ``pool.fetchval``;
-- ``pgpool-ac`` / ``pgpool`` / ``pgpool-fetchval``: the same with
-  ``io="thread"`` (one thread hop per statement), today's default;
+- ``pgpool-ac`` / ``pgpool`` / ``pgpool-fetchval``:
+  ``AsyncConnectionPool`` with its default ``io`` (``"auto"``: statements on
+  the loop), ``connection()`` + ``fetchval`` in autocommit and in the default
+  (transaction) mode, and ``pool.fetchval``;
+- ``pgpool-ac-thread`` / ``pgpool-thread`` / ``pgpool-fetchval-thread``: the
+  same with ``io="thread"`` (one thread hop per statement);
 - ``aiopg``: aiopg's pool, the reference.
 
 Prints, per contender: median ops/s over the rounds, the ratio to aiopg's
@@ -38,12 +39,12 @@ from .run import server
 KEYS = (
     "native-runner",
     "native-runner-tx",
-    "pgpool-ac-loop",
-    "pgpool-loop",
-    "pgpool-fetchval-loop",
     "pgpool-ac",
     "pgpool",
     "pgpool-fetchval",
+    "pgpool-ac-thread",
+    "pgpool-thread",
+    "pgpool-fetchval-thread",
     "aiopg",
 )
 SQL = "SELECT 1"
