@@ -92,7 +92,7 @@ async def main_async(dsn: str, rounds: int, seconds: float, warmup: float, keys:
     )
     print(f"SELECT 1, 50 tasks, 10 connections, {rounds} interleaved rounds of {seconds:g} s", end="")
     print(f" (+{warmup:g} s warmup)")
-    print(f"{'path':20} {'ops/s':>9} {'vs aiopg':>9} {'p99 ms':>8} {'CPU µs/op':>10} {'stall ms':>9}")
+    print(f"{'path':24} {'ops/s':>9} {'vs aiopg':>9} {'p99 ms':>8} {'CPU µs/op':>10} {'stall ms':>9}")
     for key in keys:
         rows = results[key]
         ops = statistics.median(r["ops_per_sec"] for r in rows)
@@ -102,7 +102,7 @@ async def main_async(dsn: str, rounds: int, seconds: float, warmup: float, keys:
         stall = max(r["max_stall_ms"] for r in rows)
         errors = sum(r["errors"] for r in rows)
         extra = f"  ({errors} errors: {rows[0]['first_error']})" if errors else ""
-        print(f"{key:20} {ops:9.0f} {ratio:>9} {p99:8.2f} {cpu:10.1f} {stall:9.1f}{extra}")
+        print(f"{key:24} {ops:9.0f} {ratio:>9} {p99:8.2f} {cpu:10.1f} {stall:9.1f}{extra}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
