@@ -89,7 +89,7 @@ class Contender(ABC):
 
     ``representative`` marks one contender per library: it also runs the
     checkout, spike and memory workloads. ``overload`` marks those that run
-    the overload workload.
+    the overload workload, ``waiters`` those that run the waiters workload.
     """
 
     key: ClassVar[str]
@@ -98,6 +98,7 @@ class Contender(ABC):
     mode: ClassVar[str]
     representative: ClassVar[bool] = False
     overload: ClassVar[bool] = False
+    waiters: ClassVar[bool] = False
     checkout_name: ClassVar[str] = ""
     note: ClassVar[str] = ""
     spike_rounds: ClassVar[int | None] = None
@@ -135,7 +136,7 @@ class AsyncContender(Contender):
 class _PgpoolBase(AsyncContender):
     library = "pgpool_async"
     autocommit: ClassVar[bool] = False
-    io: ClassVar[str] = "thread"
+    io: ClassVar[str | None] = None  # None: the pool's default (``"auto"``)
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -156,13 +157,14 @@ class _PgpoolBase(AsyncContender):
 
 
 class PgpoolConnection(_PgpoolBase):
-    """``async with pool.connection() as c: await c.fetchval(sql)``, default mode."""
+    """``async with pool.connection() as c: await c.fetchval(sql)``, default settings."""
 
     key = "pgpool"
     name = "pgpool_async connection()"
     mode = TX
     representative = True
     overload = True
+    waiters = True
     checkout_name = "pgpool_async connection(): pass"
     checkout_sleep0 = True  # also measured with a sleep(0) after each (an extra yield per checkout)
 
@@ -181,12 +183,13 @@ class PgpoolConnectionAutocommit(PgpoolConnection):
     mode = AUTOCOMMIT
     autocommit = True
     representative = False
+    waiters = False
     checkout_name = ""
     checkout_sleep0 = False
 
 
 class PgpoolFetchval(_PgpoolBase):
-    """``await pool.fetchval(sql)``: checkout, query, commit, return; one thread hop."""
+    """``await pool.fetchval(sql)``: checkout, query, commit, return in one call."""
 
     key = "pgpool-fetchval"
     name = "pgpool_async pool.fetchval"
@@ -206,40 +209,42 @@ class PgpoolFetchvalAutocommit(PgpoolFetchval):
     autocommit = True
 
 
-class PgpoolConnectionLoop(PgpoolConnection):
-    """``connection()`` + ``fetchval`` with ``io="auto"``: statements on the event loop."""
+# The old path, next to the default: one thread hop per statement.
 
-    key = "pgpool-loop"
-    name = 'pgpool_async connection() io="auto"'
-    io = "auto"
+
+class PgpoolConnectionThread(PgpoolConnection):
+    """``connection()`` + ``fetchval`` with ``io="thread"``."""
+
+    key = "pgpool-thread"
+    name = 'pgpool_async connection() io="thread"'
+    io = "thread"
     representative = False
-    overload = False
     checkout_name = ""
     checkout_sleep0 = False
 
 
-class PgpoolConnectionAutocommitLoop(PgpoolConnectionAutocommit):
-    """``connection()`` autocommit with ``io="auto"``."""
+class PgpoolConnectionAutocommitThread(PgpoolConnectionAutocommit):
+    """``connection()`` autocommit with ``io="thread"``."""
 
-    key = "pgpool-ac-loop"
-    name = 'pgpool_async connection() autocommit io="auto"'
-    io = "auto"
-
-
-class PgpoolFetchvalLoop(PgpoolFetchval):
-    """``pool.fetchval`` with ``io="auto"``."""
-
-    key = "pgpool-fetchval-loop"
-    name = 'pgpool_async pool.fetchval io="auto"'
-    io = "auto"
+    key = "pgpool-ac-thread"
+    name = 'pgpool_async connection() autocommit io="thread"'
+    io = "thread"
 
 
-class PgpoolFetchvalAutocommitLoop(PgpoolFetchvalAutocommit):
-    """``pool.fetchval`` autocommit with ``io="auto"``."""
+class PgpoolFetchvalThread(PgpoolFetchval):
+    """``pool.fetchval`` with ``io="thread"``."""
 
-    key = "pgpool-fetchval-ac-loop"
-    name = 'pgpool_async pool.fetchval autocommit io="auto"'
-    io = "auto"
+    key = "pgpool-fetchval-thread"
+    name = 'pgpool_async pool.fetchval io="thread"'
+    io = "thread"
+
+
+class PgpoolFetchvalAutocommitThread(PgpoolFetchvalAutocommit):
+    """``pool.fetchval`` autocommit with ``io="thread"``."""
+
+    key = "pgpool-fetchval-ac-thread"
+    name = 'pgpool_async pool.fetchval autocommit io="thread"'
+    io = "thread"
 
 
 # -- asyncpg ----------------------------------------------------------------------
@@ -254,6 +259,7 @@ class Asyncpg(AsyncContender):
     mode = AUTOCOMMIT
     representative = True
     overload = True
+    waiters = True
     checkout_name = "asyncpg acquire()+release"
     note = "its release runs a reset query (a round trip) by default"
 
@@ -292,6 +298,7 @@ class PsycopgPool(AsyncContender):
     mode = TX
     representative = True
     overload = True
+    waiters = True
     checkout_name = "psycopg_pool connection(): pass"
     autocommit: ClassVar[bool] = False
 
@@ -329,6 +336,7 @@ class PsycopgPoolAutocommit(PsycopgPool):
     autocommit = True
     representative = False
     overload = False
+    waiters = False
     checkout_name = ""
 
 
@@ -344,6 +352,7 @@ class Aiopg(AsyncContender):
     mode = AUTOCOMMIT
     representative = True
     overload = True
+    waiters = True
     checkout_name = "aiopg acquire()+release"
 
     def __init__(self) -> None:
@@ -409,6 +418,7 @@ class NaiveToThread(AsyncContender):
     mode = TX
     representative = True
     overload = True
+    waiters = True
     checkout_name = "naive getconn+putconn (2 hops)"
     note = "4 thread hops per query: getconn, query, commit, putconn"
     spike_rounds = 1  # psycopg2's pool connects under its lock: ~45 x 150 ms, the same every time
@@ -481,7 +491,7 @@ class NativeRunnerPool(AsyncContender):
     def __init__(self) -> None:
         self.raws: list[Any] = []
         self.free: list[Any] = []
-        self.waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.queue: collections.deque[asyncio.Future[Any]] = collections.deque()
 
     async def open(self, spec: PoolSpec) -> None:
         from pgpool_async._loop.native import LoopStatementRunner, preload
@@ -511,22 +521,22 @@ class NativeRunnerPool(AsyncContender):
         self.raws.clear()
 
     async def take(self) -> Any:
-        if self.free and not self.waiters:
+        if self.free and not self.queue:
             return self.free.pop()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        self.queue.append(fut)
         try:
             return await fut
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.give(fut.result())
             else:
-                self.waiters.remove(fut)
+                self.queue.remove(fut)
             raise
 
     def give(self, runner: Any) -> None:
-        while self.waiters:
-            fut = self.waiters.popleft()
+        while self.queue:
+            fut = self.queue.popleft()
             if not fut.done():
                 fut.set_result(runner)
                 return
@@ -636,10 +646,10 @@ CONTENDERS: tuple[ContenderClass, ...] = (
     PgpoolConnectionAutocommit,
     PgpoolFetchval,
     PgpoolFetchvalAutocommit,
-    PgpoolConnectionLoop,
-    PgpoolConnectionAutocommitLoop,
-    PgpoolFetchvalLoop,
-    PgpoolFetchvalAutocommitLoop,
+    PgpoolConnectionThread,
+    PgpoolConnectionAutocommitThread,
+    PgpoolFetchvalThread,
+    PgpoolFetchvalAutocommitThread,
     Asyncpg,
     PsycopgPool,
     PsycopgPoolAutocommit,

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg2
 
-__all__ = ["PACKAGES", "machine_info", "server_info", "source_state"]
+__all__ = ["PACKAGES", "machine_info", "pgpool_io", "server_info", "source_state"]
 
 PACKAGES = (
     "pgpool_async",
@@ -100,5 +100,17 @@ def machine_info() -> dict[str, Any]:
         "event_loop": "asyncio (default loop, no uvloop)",
         "packages": _package_versions(),
         "source": source_state(),
+        "pgpool_io": pgpool_io(),
         "loadavg_at_start": list(os.getloadavg()),
     }
+
+
+def pgpool_io() -> dict[str, Any]:
+    """pgpool_async's default ``io`` and whether the loop-native path loads here
+    (``io="auto"`` falls back to threads where it does not). Reads
+    ``/proc/self/maps``: call it before the event loop starts."""
+    from pgpool_async import _config
+    from pgpool_async._loop import native
+
+    reason = native.preload()
+    return {"default": _config.DEFAULT_IO, "loop_native": "available" if reason is None else reason}

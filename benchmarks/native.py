@@ -7,11 +7,12 @@ interleaved rounds (each round runs every contender once, the order rotated):
   psycopg2 connections in autocommit, behind a minimal FIFO pool;
 - ``native-runner-tx``: the same without autocommit (BEGIN sent with the
   statement, then COMMIT: two round trips);
-- ``pgpool-ac-loop`` / ``pgpool-loop`` / ``pgpool-fetchval-loop``:
-  ``AsyncConnectionPool(io="auto")``, ``connection()`` + ``fetchval`` in
-  autocommit and in the default (transaction) mode, and ``pool.fetchval``;
-- ``pgpool-ac`` / ``pgpool`` / ``pgpool-fetchval``: the same with
-  ``io="thread"`` (one thread hop per statement), today's default;
+- ``pgpool-ac`` / ``pgpool`` / ``pgpool-fetchval``:
+  ``AsyncConnectionPool`` with its default ``io`` (``"auto"``: statements on
+  the loop), ``connection()`` + ``fetchval`` in autocommit and in the default
+  (transaction) mode, and ``pool.fetchval``;
+- ``pgpool-ac-thread`` / ``pgpool-thread`` / ``pgpool-fetchval-thread``: the
+  same with ``io="thread"`` (one thread hop per statement);
 - ``aiopg``: aiopg's pool, the reference.
 
 Prints, per contender: median ops/s over the rounds, the ratio to aiopg's
@@ -38,12 +39,12 @@ from .run import server
 KEYS = (
     "native-runner",
     "native-runner-tx",
-    "pgpool-ac-loop",
-    "pgpool-loop",
-    "pgpool-fetchval-loop",
     "pgpool-ac",
     "pgpool",
     "pgpool-fetchval",
+    "pgpool-ac-thread",
+    "pgpool-thread",
+    "pgpool-fetchval-thread",
     "aiopg",
 )
 SQL = "SELECT 1"
@@ -91,7 +92,7 @@ async def main_async(dsn: str, rounds: int, seconds: float, warmup: float, keys:
     )
     print(f"SELECT 1, 50 tasks, 10 connections, {rounds} interleaved rounds of {seconds:g} s", end="")
     print(f" (+{warmup:g} s warmup)")
-    print(f"{'path':20} {'ops/s':>9} {'vs aiopg':>9} {'p99 ms':>8} {'CPU µs/op':>10} {'stall ms':>9}")
+    print(f"{'path':24} {'ops/s':>9} {'vs aiopg':>9} {'p99 ms':>8} {'CPU µs/op':>10} {'stall ms':>9}")
     for key in keys:
         rows = results[key]
         ops = statistics.median(r["ops_per_sec"] for r in rows)
@@ -101,7 +102,7 @@ async def main_async(dsn: str, rounds: int, seconds: float, warmup: float, keys:
         stall = max(r["max_stall_ms"] for r in rows)
         errors = sum(r["errors"] for r in rows)
         extra = f"  ({errors} errors: {rows[0]['first_error']})" if errors else ""
-        print(f"{key:20} {ops:9.0f} {ratio:>9} {p99:8.2f} {cpu:10.1f} {stall:9.1f}{extra}")
+        print(f"{key:24} {ops:9.0f} {ratio:>9} {p99:8.2f} {cpu:10.1f} {stall:9.1f}{extra}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

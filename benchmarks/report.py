@@ -177,6 +177,14 @@ OVERLOAD_COLUMNS = (
     Column("p99/p50", "p99_over_p50"),
     Column("stall ms", "max_stall_ms"),
 )
+WAITERS_COLUMNS = (
+    Column("ops/s 10 tasks", "ops_per_sec_few", ratio=True),
+    Column("ops/s 2,000 tasks", "ops_per_sec_many", ratio=True),
+    Column("2,000/10", "many_over_few", digits=3),
+    Column("p50 ms 2,000", "p50_ms", digits=1),
+    Column("p99 ms 2,000", "p99_ms", digits=1),
+    Column("stall ms", "max_stall_ms"),
+)
 SPIKE_COLUMNS = (
     Column("opened", "opened", ratio=True, digits=1),
     Column("makespan ms", "makespan_ms", ratio=True, digits=1),
@@ -188,6 +196,7 @@ STALL_COLUMNS = (
     Column("select1", "select1"),
     Column("checkout", "checkout"),
     Column("overload", "overload"),
+    Column("waiters", "waiters"),
     Column("spike", "spike"),
     Column("worst", "worst", ratio=True),
 )
@@ -227,20 +236,40 @@ def _quotient(results: Results, workload: str, key: str, other: str, field: str)
     return None if ratio is None else round(ratio, 3)
 
 
+THREAD_SUFFIX = "-thread"
+WAITERS_TARGET_PEERS = ("asyncpg", "aiopg", "psycopg_pool")
+
+
 def _runs_queries(workload: str) -> bool:
-    """The workloads whose operations include a query (not the checkout ones)."""
-    return not workload.startswith("checkout")
+    """The workloads whose operations include a query, bar the waiters one (its
+    own line): the checkout ones are left out."""
+    return not workload.startswith("checkout") and workload != "waiters"
 
 
-def _pgpool_stalls(results: Results, include: Callable[[str], bool], field: str) -> list[float]:
-    """``field`` (``max_stall_ms``: median round; ``worst_stall_ms``) of every
-    pgpool_async row, in the workloads ``include`` keeps."""
+def _is_default_pgpool(key: str) -> bool:
+    """pgpool_async rows with the default ``io``."""
+    return key.startswith("pgpool") and not key.endswith(THREAD_SUFFIX)
+
+
+def _is_thread_pgpool(key: str) -> bool:
+    """pgpool_async rows with ``io="thread"``."""
+    return key.startswith("pgpool") and key.endswith(THREAD_SUFFIX)
+
+
+def _pgpool_stalls(
+    results: Results,
+    include: Callable[[str], bool],
+    field: str,
+    rows: Callable[[str], bool] = _is_default_pgpool,
+) -> list[float]:
+    """``field`` (``max_stall_ms``: median round; ``worst_stall_ms``) of the
+    pgpool_async rows ``rows`` keeps, in the workloads ``include`` keeps."""
     return [
         fig[field]
         for work, per_key in results.items()
         if include(work)
         for key, fig in per_key.items()
-        if key.startswith("pgpool") and isinstance(fig.get(field), (int, float))
+        if rows(key) and isinstance(fig.get(field), (int, float))
     ]
 
 
@@ -250,83 +279,171 @@ def _ratio_across(results: Results, top: tuple[str, str], bottom: tuple[str, str
     return None if ratio is None else round(ratio, 3)
 
 
-def targets(results: Results) -> list[Figures]:
-    """The ratios the project tracks, pgpool_async's figure first."""
+def _peers(results: Results, workload: str, field: str, keys: Sequence[str]) -> str:
+    """``"asyncpg 0.85 · aiopg 0.75"``: the same figure for peers, for context."""
+    shown = [
+        f"{key} {_num(value, 2)}"
+        for key in keys
+        if (value := _get(results, workload, key, field)) is not None
+    ]
+    return "; " + " · ".join(shown) if shown else ""
+
+
+Target = tuple[str, Any, str, str]
+
+
+def _vs_aiopg(results: Results, name: str, key: str, goal: str, detail: str) -> list[Target]:
+    """A default row against aiopg, then its ``io="thread"`` twin (no goal)."""
     q = _quotient
-    stalls = _pgpool_stalls(results, _runs_queries, "max_stall_ms")
-    worst = _pgpool_stalls(results, _runs_queries, "worst_stall_ms")
-    rows: list[tuple[str, Any, str]] = [
+    return [
+        (name, q(results, "select1", key, "aiopg", "ops_per_sec"), goal, detail),
         (
-            "connection()+SELECT 1 vs aiopg",
-            q(results, "select1", "pgpool", "aiopg", "ops_per_sec"),
-            "ops/s ratio, pgpool tx vs aiopg autocommit",
+            '  the same, io="thread"',
+            q(results, "select1", key + THREAD_SUFFIX, "aiopg", "ops_per_sec"),
+            "",
+            "the thread path, for comparison",
         ),
-        (
+    ]
+
+
+def targets(results: Results) -> list[Figures]:
+    """The ratios the project tracks, pgpool_async's figure first (its default
+    ``io``; the ``io="thread"`` figure on the line below where it differs)."""
+    q = _quotient
+
+    def stall(include: Callable[[str], bool], field: str, rows: Callable[[str], bool]) -> float | None:
+        return max(_pgpool_stalls(results, include, field, rows), default=None)
+
+    rows: list[Target] = [
+        *_vs_aiopg(
+            results,
             "connection() autocommit+SELECT 1 vs aiopg",
-            q(results, "select1", "pgpool-ac", "aiopg", "ops_per_sec"),
+            "pgpool-ac",
+            ">= 1.5",
+            "ops/s ratio, both autocommit (issue 11)",
+        ),
+        *_vs_aiopg(
+            results,
+            "connection() tx+SELECT 1 vs aiopg",
+            "pgpool",
+            ">= 1.0",
+            "ops/s ratio, pgpool tx (default: BEGIN/SELECT/COMMIT) vs aiopg autocommit (its only mode)",
+        ),
+        *_vs_aiopg(
+            results,
+            "pool.fetchval vs aiopg",
+            "pgpool-fetchval",
+            ">= 1.5",
+            "ops/s ratio, pgpool tx (default settings) vs aiopg autocommit",
+        ),
+        *_vs_aiopg(
+            results,
+            "pool.fetchval autocommit vs aiopg",
+            "pgpool-fetchval-ac",
+            "",
             "ops/s ratio, both autocommit",
         ),
         (
             "connection()+SELECT 1 vs naive wrapper",
             q(results, "select1", "pgpool", "naive", "ops_per_sec"),
+            "",
             "ops/s ratio, both tx",
-        ),
-        (
-            "pool.fetchval vs aiopg",
-            q(results, "select1", "pgpool-fetchval", "aiopg", "ops_per_sec"),
-            "ops/s ratio, pgpool tx",
-        ),
-        (
-            "pool.fetchval autocommit vs aiopg",
-            q(results, "select1", "pgpool-fetchval-ac", "aiopg", "ops_per_sec"),
-            "ops/s ratio, both autocommit",
         ),
         (
             "checkout+return vs psycopg_pool",
             q(results, "checkout", "pgpool", "psycopg_pool", "ops_per_sec"),
+            "",
             "ops/s ratio; getconn checkpoints once per checkout",
         ),
         (
             "checkout+return; sleep(0) vs psycopg_pool",
             _ratio_across(results, ("checkout" + SLEEP0, "pgpool"), ("checkout", "psycopg_pool")),
+            "",
             "ops/s ratio, pgpool yielding once per checkout",
         ),
         (
             "overload throughput / ideal",
             _get(results, "overload", "pgpool", "ops_vs_ideal"),
+            "",
             "ideal = 10 conns / 5 ms = 2000 ops/s",
         ),
-        ("overload p99/p50", _get(results, "overload", "pgpool", "p99_over_p50"), "whole operation"),
+        (
+            "overload p99/p50",
+            _get(results, "overload", "pgpool", "p99_over_p50"),
+            "<= 1.1",
+            "whole operation",
+        ),
+        (
+            '  the same, io="thread"',
+            _get(results, "overload", "pgpool-thread", "p99_over_p50"),
+            "",
+            "the thread path, for comparison",
+        ),
+        (
+            "2,000 waiters / 10 tasks",
+            _get(results, "waiters", "pgpool", "many_over_few"),
+            ">= 0.90",
+            "ops/s ratio, SELECT 1 on a pool of 10, pgpool tx"
+            + _peers(results, "waiters", "many_over_few", WAITERS_TARGET_PEERS),
+        ),
+        (
+            '  the same, io="thread"',
+            _get(results, "waiters", "pgpool-thread", "many_over_few"),
+            "",
+            "the thread path, for comparison",
+        ),
         (
             "spike connections opened",
             _get(results, "spike", "pgpool", "opened"),
+            "",
             "50 requests, 150 ms connects",
         ),
-        ("spike makespan ms", _get(results, "spike", "pgpool", "makespan_ms"), ""),
+        ("spike makespan ms", _get(results, "spike", "pgpool", "makespan_ms"), "", ""),
         (
             "max event-loop stall ms",
-            max(stalls, default=None),
-            "median round, worst pgpool row running queries (1-2 ms = none)",
+            stall(_runs_queries, "max_stall_ms", _is_default_pgpool),
+            "not worse",
+            "median round, worst pgpool row (default io) running queries, waiters aside (1-2 ms = none)",
+        ),
+        (
+            '  the same, io="thread"',
+            stall(_runs_queries, "max_stall_ms", _is_thread_pgpool),
+            "",
+            "the thread path, for comparison",
         ),
         (
             "max event-loop stall, worst round ms",
-            max(worst, default=None),
+            stall(_runs_queries, "worst_stall_ms", _is_default_pgpool),
+            "",
             "the same, worst single round (other processes share the 2 cores)",
         ),
         (
+            "event-loop stall with 2,000 waiters ms",
+            stall(lambda work: work == "waiters", "max_stall_ms", _is_default_pgpool),
+            "",
+            "median round, longer of the 10-task and 2,000-task windows",
+        ),
+        (
             "event-loop stall in the checkout loop ms",
-            max(_pgpool_stalls(results, lambda work: work == "checkout", "max_stall_ms"), default=None),
+            stall(lambda work: work == "checkout", "max_stall_ms", _is_default_pgpool),
+            "",
             "longest gap in the checkout-alone loop",
         ),
     ]
-    return [{"target": name, "value": value, "detail": detail} for name, value, detail in rows]
+    return [
+        {"target": name, "value": value, "goal": goal, "detail": detail} for name, value, goal, detail in rows
+    ]
 
 
 def _targets_table(rows: list[Figures]) -> str:
-    lines = ["== Targets (pgpool_async's figures) =="]
+    lines = ["== Targets (pgpool_async's figures; goals from issue 11) =="]
     width = max(len(r["target"]) for r in rows)
+    goal_width = max(len(r["goal"]) for r in rows)
     for row in rows:
-        lines.append(f"{row['target'].ljust(width)}  {_num(row['value'], 3):>8}  {row['detail']}")
+        lines.append(
+            f"{row['target'].ljust(width)}  {_num(row['value'], 3):>8}  "
+            f"{row['goal'].ljust(goal_width)}  {row['detail']}".rstrip()
+        )
     return "\n".join(lines)
 
 
@@ -351,6 +468,13 @@ def render(results: Results, stalls: dict[str, Figures], memory: dict[str, Figur
             "overload",
             OVERLOAD_COLUMNS,
             lambda: results.get("overload", {}),
+        ),
+        (
+            "== 2b. waiters: SELECT 1, 10 tasks then 2,000 tasks on the same pool of 10 "
+            "(2,000/10 = what waiting costs; 1.00 = nothing) ==",
+            "waiters",
+            WAITERS_COLUMNS,
+            lambda: results.get("waiters", {}),
         ),
         (
             "== 3. spike: 50 requests at once, min 5 / max 50, connect +150 ms "

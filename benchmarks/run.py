@@ -36,7 +36,7 @@ from .workloads import Plan, pool_round, spike_round
 
 __all__ = ["Settings", "main", "parse_args"]
 
-WORKLOADS = ("select1", "checkout", "overload", "spike", "memory")
+WORKLOADS = ("select1", "checkout", "overload", "waiters", "spike", "memory")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_ROUNDS = 5
 DEFAULT_SECONDS = 2.0
@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seconds",
         type=float,
-        help=f"seconds per SELECT 1 window; overload half, checkout a quarter (default {DEFAULT_SECONDS})",
+        help="seconds per SELECT 1 window; overload half, checkout and each of the two waiters "
+        f"windows a quarter (default {DEFAULT_SECONDS})",
     )
     parser.add_argument(
         "--quick",
@@ -122,8 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", help="where to write the JSON (default benchmarks/results/latest.json)")
     parser.add_argument(
         "--only",
-        help="comma-separated contender keys: pgpool, pgpool-ac, pgpool-fetchval, "
-        "pgpool-fetchval-ac, asyncpg, psycopg_pool, psycopg_pool-ac, aiopg, naive, threads",
+        help="comma-separated contender keys: pgpool, pgpool-ac, pgpool-fetchval, pgpool-fetchval-ac, "
+        'the same with -thread (io="thread"), asyncpg, psycopg_pool, psycopg_pool-ac, aiopg, naive, '
+        "native-runner, native-runner-tx, threads",
     )
     parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
     return parser
@@ -148,12 +150,15 @@ def progress(message: str) -> None:
     print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
+_BRIEF_FIELDS = frozenset(
+    ("ops_per_sec", "ops_per_sec_few", "ops_per_sec_many", "many_over_few", "p99_ms", "opened", "makespan_ms")
+)
+
+
 def _brief(figures: dict[str, Any]) -> str:
     if "error" in figures:
         return f"ERROR {figures['error']}"
-    parts = [
-        f"{k}={v}" for k, v in figures.items() if k in ("ops_per_sec", "p99_ms", "opened", "makespan_ms")
-    ]
+    parts = [f"{k}={v}" for k, v in figures.items() if k in _BRIEF_FIELDS]
     return " ".join(parts) + (f" errors={figures['errors']}" if figures.get("errors") else "")
 
 
@@ -192,8 +197,8 @@ def _rotated(items: Sequence[ContenderClass], shift: int) -> list[ContenderClass
 async def run_pool_workloads(
     classes: Sequence[ContenderClass], dsn: str, settings: Settings, rounds: Rounds
 ) -> None:
-    """select1, checkout and overload: every round, every contender (rotated order)."""
-    enabled = frozenset(settings.workloads) & {"select1", "checkout", "overload"}
+    """select1, checkout, overload and waiters: every round, every contender (rotated order)."""
+    enabled = frozenset(settings.workloads) & {"select1", "checkout", "overload", "waiters"}
     if not enabled:
         return
     plan = Plan(seconds=settings.seconds, warmup=settings.warmup)
@@ -275,7 +280,7 @@ def header(settings: Settings, machine: dict[str, Any], srv: dict[str, Any], sou
         [
             "pgpool_async benchmarks: python -m benchmarks.run "
             f"(rounds={settings.rounds}, seconds={settings.seconds:g} "
-            f"[overload {settings.seconds / 2:g}, checkout {settings.seconds / 4:g}], "
+            f"[overload {settings.seconds / 2:g}, checkout and waiters {settings.seconds / 4:g}], "
             f"warmup={settings.warmup:g}{', quick' if settings.quick else ''})",
             f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['memory_total']}; "
             f"Python {machine['python']}; {machine['event_loop']}; "
@@ -285,7 +290,10 @@ def header(settings: Settings, machine: dict[str, Any], srv: dict[str, Any], sou
             "packages: " + ", ".join(f"{k} {v}" for k, v in machine["packages"].items() if v),
             f"source: commit {machine['source']['commit']}, pgpool_async files changed since: "
             f"{', '.join(machine['source']['pgpool_async_uncommitted']) or 'none'}",
-            "medians over rounds; /pg = this row / pgpool_async connection() (default mode); "
+            f"pgpool_async io: default {machine['pgpool_io']['default']!r} "
+            f"(loop-native path: {machine['pgpool_io']['loop_native']}); "
+            'io="thread" rows: the same call on the thread path',
+            "medians over rounds; /pg = this row / pgpool_async connection() (default settings); "
             "stall = longest gap of a 1 ms ticker",
         ]
     )

@@ -8,7 +8,10 @@
 4. ``spike``: HikariCP's spike test: behind a proxy that makes each connect take
    150 ms, 50 requests of ``SELECT pg_sleep(0.002)`` at once on a pool of
    min 5 / max 50 warmed with 5; connections opened during the spike (the
-   proxy's accept counter) and the makespan.
+   proxy's accept counter) and the makespan;
+5. ``waiters``: ``SELECT 1`` from 10 tasks, then from 2,000 tasks, on the same
+   warmed pool of 10: ops/s of each and their ratio (what queueing costs per
+   waiter; 1.0 = nothing).
 
 Every workload reports the longest event-loop stall its 1 ms ticker saw.
 Memory lives in :mod:`benchmarks.memory` (it needs fresh processes).
@@ -56,6 +59,11 @@ SPIKE_MIN = 5
 SPIKE_MAX = 50
 SPIKE_CONNECT_DELAY = 0.15
 CHECKOUT_SLEEP0_WORK = "checkout+sleep0"
+WAITERS_FEW = POOL_SIZE
+WAITERS_MANY = 2_000
+# The first loop turn runs every new task's first step (65-100 ms for 2,000 on
+# 2 busy cores): warm up past it, or it counts as a stall and as lost ops/s.
+WAITERS_MANY_WARMUP = 0.3
 OPEN_TIMEOUT = 60.0
 MEASURE_SLACK = 60.0
 
@@ -63,7 +71,14 @@ Contender = AsyncContender | ThreadsContender
 
 
 #: Each workload's measured window, as a fraction of ``--seconds``.
-WINDOW_FRACTION = {"select1": 1.0, "overload": 0.5, "checkout": 0.25, CHECKOUT_SLEEP0_WORK: 0.25}
+#: ``waiters`` measures twice (10 tasks, then 2,000), each for this fraction.
+WINDOW_FRACTION = {
+    "select1": 1.0,
+    "overload": 0.5,
+    "checkout": 0.25,
+    CHECKOUT_SLEEP0_WORK: 0.25,
+    "waiters": 0.25,
+}
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,7 @@ _LOADS = {
     CHECKOUT_SLEEP0_WORK: CHECKOUT_SLEEP0,
     "overload": OVERLOAD,
 }
+WAITERS_LOADS = (Load(SELECT1_SQL, WAITERS_FEW, WAITERS_FEW), Load(SELECT1_SQL, WAITERS_MANY, WAITERS_MANY))
 
 
 async def closed_loop(contender: Contender, load: Load, warmup: float, duration: float) -> Samples:
@@ -180,7 +196,7 @@ async def pool_round(
 ) -> dict[str, dict[str, Any]]:
     """One round of the pool-of-10 workloads on a fresh pool of ``cls``, those in
     ``enabled``: ``select1`` for all, ``checkout`` for representatives, ``overload``
-    for those marked so."""
+    and ``waiters`` for those marked so."""
     wanted = [
         work
         for work, applies in (
@@ -188,6 +204,7 @@ async def pool_round(
             ("checkout", cls.representative),
             (CHECKOUT_SLEEP0_WORK, cls.checkout_sleep0),
             ("overload", cls.overload),
+            ("waiters", cls.waiters and not issubclass(cls, ThreadsContender)),
         )
         if applies and work.split("+")[0] in enabled
     ]
@@ -201,7 +218,10 @@ async def pool_round(
         return {work: {"error": f"open failed: {type(exc).__name__}: {exc}"} for work in wanted}
     try:
         for work in wanted:
-            results[work] = await _measure(contender, _LOADS[work], plan.warmup, plan.window(work))
+            if work == "waiters":
+                results[work] = await _measure_waiters(contender, plan.warmup, plan.window(work))
+            else:
+                results[work] = await _measure(contender, _LOADS[work], plan.warmup, plan.window(work))
         if "ops_per_sec" in results.get("overload", {}):
             results["overload"]["ops_vs_ideal"] = round(
                 results["overload"]["ops_per_sec"] / OVERLOAD_IDEAL, 4
@@ -217,6 +237,32 @@ async def _measure(contender: Contender, load: Load, warmup: float, duration: fl
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     return loop_figures(samples)
+
+
+async def _measure_waiters(contender: Contender, warmup: float, duration: float) -> dict[str, Any]:
+    """Closed-loop ``SELECT 1`` from :data:`WAITERS_FEW` tasks, then :data:`WAITERS_MANY`
+    on the same pool: both ops/s and ``many_over_few``; latency of the many; the
+    longer stall of the two."""
+    few_load, many_load = WAITERS_LOADS
+    try:
+        few = await closed_loop(contender, few_load, warmup, duration)
+        many = await closed_loop(contender, many_load, max(warmup, WAITERS_MANY_WARMUP), duration)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    p50 = percentile(many.latencies, 50)
+    p99 = percentile(many.latencies, 99)
+    figures: dict[str, Any] = {
+        "tasks_few": few_load.tasks,
+        "tasks_many": many_load.tasks,
+        "ops_per_sec_few": round(few.ops_per_sec, 1),
+        "ops_per_sec_many": round(many.ops_per_sec, 1),
+        "many_over_few": round(many.ops_per_sec / few.ops_per_sec, 4) if few.ops_per_sec > 0 else None,
+        "p50_ms": _ms(p50),
+        "p99_ms": _ms(p99),
+        "max_stall_ms": _ms(max(few.max_gap, many.max_gap)),
+    }
+    first_error = few.first_error or many.first_error
+    return _errors(figures, few.errors + many.errors, first_error)
 
 
 async def spike_round(cls: type[Contender], proxy: FaultProxy, dsn: str) -> dict[str, Any]:
