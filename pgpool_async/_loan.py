@@ -301,14 +301,20 @@ async def _rollback(runner: StatementRunner) -> None:
 
 
 async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *args: Any) -> Any:
-    """The one-hop helpers: the statement, then commit. ``BEGIN; statement`` go
-    out together, and for ``execute`` the ``COMMIT`` too (one round trip);
-    fetch* may raise on a statement without rows, and then must not commit."""
+    """The one-hop helpers: ``BEGIN; statement; COMMIT`` in one packet, one
+    round trip. fetch* of a statement without rows then raise, as on the thread
+    path (see ``blocking.run_and_commit``): it ran and was committed."""
+    result = await runner.execute(*args, commit=True)
     if func is blocking.execute:
-        return (await runner.execute(*args, commit=True)).rowcount
-    value = await _ON_LOOP[func](runner, *args)
-    await runner.commit()
-    return value
+        return result.rowcount
+    if not result.returns_rows:
+        raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
+    rows = result.rows
+    if func is blocking.fetchall:
+        return rows
+    if func is blocking.fetchone:
+        return rows[0] if rows else None
+    return rows[0][0] if rows else None
 
 
 _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {

@@ -18,6 +18,7 @@ from psycopg2.extensions import connection as PGConnection
 from .._loop import failover
 
 __all__ = [
+    "NO_ROWS_COMMITTED",
     "Params",
     "close_all",
     "close_quietly",
@@ -76,8 +77,33 @@ def commit_if_open(conn: PGConnection) -> None:
         failover.commit(conn)
 
 
+#: The one-hop fetch helpers' error for a statement that returns no rows.
+NO_ROWS_COMMITTED = (
+    "no results to fetch: the statement returned no rows (it ran and was committed, as "
+    "pool.fetch* commit); use pool.execute() for statements that return none"
+)
+
+
 def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:
-    """``func(conn, *args)``, then commit if it left a transaction open: one thread hop."""
+    """``func(conn, *args)``, then commit if it left a transaction open: one thread hop.
+
+    For the fetch helpers the statement is committed whatever it returned, as
+    on the loop path (where ``BEGIN; statement; COMMIT`` leave in one packet),
+    then a statement without rows raises ``ProgrammingError``
+    (:data:`NO_ROWS_COMMITTED`).
+    """
+    if func in (fetchone, fetchall, fetchval):
+        with conn.cursor() as cur:
+            cur.execute(*args)
+            has_rows = cur.description is not None
+            value = (cur.fetchall() if func is fetchall else cur.fetchone()) if has_rows else None
+        commit_if_open(conn)
+        if not has_rows:
+            raise psycopg2.ProgrammingError(NO_ROWS_COMMITTED)
+        if func is fetchval and value is not None:
+            # RealDictCursor rows are dicts: take the first column either way.
+            value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+        return value  # type: ignore[no-any-return]
     result = func(conn, *args)
     commit_if_open(conn)
     return result
