@@ -112,7 +112,7 @@ async def test_one_hop_helpers(dsn: str, table: str, io: str) -> None:
         assert await pool.fetchval(f"SELECT x FROM {table} WHERE false") is None
         # As on the thread path: fetch* of a statement without rows raises, saying
         # that it ran and was committed (one round trip: BEGIN; statement; COMMIT).
-        with pytest.raises(psycopg2.ProgrammingError, match="no results to fetch.*was committed"):
+        with pytest.raises(psycopg2.ProgrammingError, match=r"no results to fetch.*was committed"):
             await pool.fetchone(f"INSERT INTO {table} VALUES (9)")
         assert rows(dsn, table) == [1, 2, 3, 9]
         with pytest.raises(psycopg2.errors.DuplicateTable):

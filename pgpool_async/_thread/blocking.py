@@ -103,7 +103,7 @@ def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:
         if func is fetchval and value is not None:
             # RealDictCursor rows are dicts: take the first column either way.
             value = next(iter(value.values())) if isinstance(value, dict) else value[0]
-        return value  # type: ignore[no-any-return]
+        return value  # type: ignore[return-value]
     result = func(conn, *args)
     commit_if_open(conn)
     return result
