@@ -22,6 +22,7 @@ import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
 from . import _libpq
+from ._loop import failover
 from ._loop.failover import ServerFit
 from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
 from ._thread import blocking
@@ -293,7 +294,14 @@ async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
 
 
 async def _commit(runner: StatementRunner) -> None:
-    await runner.commit()
+    """``failover.commit`` on the loop: a COMMIT lost with the connection raises
+    :class:`~pgpool_async.errors.CommitOutcomeUnknown`."""
+    try:
+        await runner.commit()
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if runner.raw.closed:
+            raise failover.outcome_unknown(runner.raw, exc) from exc
+        raise
 
 
 async def _rollback(runner: StatementRunner) -> None:
@@ -304,7 +312,13 @@ async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *ar
     """The one-hop helpers: ``BEGIN; statement; COMMIT`` in one packet, one
     round trip. fetch* of a statement without rows then raise, as on the thread
     path (see ``blocking.run_and_commit``): it ran and was committed."""
-    result = await runner.execute(*args, commit=True)
+    try:
+        result = await runner.execute(*args, commit=True)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if runner.raw.closed and not runner.raw.autocommit:
+            # The COMMIT left in the same packet: it may have been done.
+            raise failover.outcome_unknown(runner.raw, exc) from exc
+        raise
     if func is blocking.execute:
         return result.rowcount
     if not result.returns_rows:
@@ -323,6 +337,7 @@ _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
     blocking.fetchall: _fetchall,
     blocking.fetchval: _fetchval,
     blocking.commit_if_open: _commit,
+    failover.commit: _commit,
     PGConnection.commit: _commit,
     PGConnection.rollback: _rollback,
 }

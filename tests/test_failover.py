@@ -293,7 +293,7 @@ def slow_commit_table(dsn: str) -> str:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-@pytest.mark.parametrize("how", ["commit", "transaction"])
+@pytest.mark.parametrize("how", ["commit", "transaction", "pool.execute"])
 async def test_commit_lost_with_the_connection_has_unknown_outcome(
     dsn: str, slow_commit_table: str, app_name: str, how: str
 ) -> None:
@@ -318,6 +318,14 @@ async def test_commit_lost_with_the_connection_has_unknown_outcome(
                     if how == "commit":
                         await conn.execute(f"INSERT INTO {slow_commit_table} VALUES (1)")
                         await conn.commit()
+                    elif how == "pool.execute":
+                        # The one-hop helper's COMMIT leaves with the statement (loop path)
+                        # or after it (thread path): lost either way, outcome unknown.
+                        await pool.putconn(conn)
+                        try:
+                            await pool.execute(f"INSERT INTO {slow_commit_table} VALUES (1)")
+                        finally:
+                            conn = await pool.getconn()
                     else:
                         async with conn.transaction():
                             await conn.execute(f"INSERT INTO {slow_commit_table} VALUES (1)")

@@ -189,7 +189,8 @@ def named_check(check: bool | str | Hook | None) -> bool | Hook | None:
 # -- COMMIT (worker threads) -------------------------------------------------------------
 
 
-def _unknown(raw: PGConnection, exc: psycopg2.Error) -> CommitOutcomeUnknown:
+def outcome_unknown(raw: PGConnection, exc: psycopg2.Error) -> CommitOutcomeUnknown:
+    """The error for a COMMIT lost with ``raw`` (``exc``: psycopg2's), naming the server."""
     where = server_of(raw)
     err = CommitOutcomeUnknown(
         "the connection was lost during COMMIT: the transaction may or may not have been "
@@ -207,7 +208,7 @@ def commit(raw: PGConnection) -> None:
         raw.commit()
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         if raw.closed:
-            raise _unknown(raw, exc) from exc
+            raise outcome_unknown(raw, exc) from exc
         raise
 
 
@@ -218,5 +219,5 @@ def commit_sql(raw: PGConnection, sql: str) -> None:
             cur.execute(sql)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         if raw.closed:
-            raise _unknown(raw, exc) from exc
+            raise outcome_unknown(raw, exc) from exc
         raise

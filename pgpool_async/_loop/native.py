@@ -392,6 +392,8 @@ class StatementRunner(Protocol):
     :meth:`leave` before any psycopg2 code runs (``run_sync``, cursors, COPY,
     notifications, the pool's return)."""
 
+    raw: PGConnection
+
     @property
     def entered(self) -> bool: ...
 
