@@ -567,7 +567,7 @@ class AsyncConnectionPool:
 
     def _usable(self, slot: Slot) -> bool:
         """The ledger's liveness test for an idle connection: no round trip, no wait."""
-        if slot.trusted or looks_alive(slot.raw):
+        if slot.trusted or looks_alive(slot.raw, slot.runner):
             return True
         self._stats.connections_lost += 1
         logger.info("pool %r: discarding a broken idle connection", self.name)

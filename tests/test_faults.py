@@ -204,7 +204,10 @@ async def test_blackholed_network(
     assert d["holders_blocked_at_keepalive_wait"] == 3, (
         "a query ended before the connections were cut: keepalives through the proxy?"
     )
-    assert [r.error for r in d["holders"]] == ["OperationalError"] * 3
+    # pool.fetchval's COMMIT left with the statement on the loop path (one packet):
+    # lost with it, its outcome is unknown (CommitOutcomeUnknown, an OperationalError).
+    lost = {"OperationalError", "CommitOutcomeUnknown"}
+    assert len(d["holders"]) == 3 and all(r.error in lost for r in d["holders"]), d["holders"]
     assert max(d["holder_end_after_sever"]) < 5.0
     assert d["recovery_s"] < 10, "the pool did not recover after the network healed"
     assert [r for r in d["after_records"] if not r.ok] == []

@@ -47,16 +47,20 @@ class HookFailed(Exception):
         self.hook = hook
 
 
-def looks_alive(conn: PGConnection) -> bool:
+def looks_alive(conn: PGConnection, runner: Any = None) -> bool:
     """Tell, without a round trip and without blocking, whether an idle
     connection still looks alive.
 
     A closed connection is not. An idle connection's socket has nothing to read
     unless the server sent something: a NOTIFY or notice (fine), or the error and
-    EOF it sends when the backend is terminated or the server shuts down.
+    EOF it sends when the backend is terminated or the server shuts down. When
+    the loop-native ``runner`` watches the socket and has seen nothing arrive
+    (``runner.quiet``), that is known without a system call.
     """
     if conn.closed:
         return False
+    if runner is not None and runner.quiet:
+        return True
     try:
         readable, _, _ = select.select([conn], [], [], 0)
         if readable and _server_hung_up(conn):

@@ -255,15 +255,22 @@ class Result:
         lib.PQclear(res)
         return self._description
 
+    def __repr__(self) -> str:
+        return f"<Result {self.statusmessage!r} rowcount={self.rowcount}>"
+
+
+class _RowsResult(Result):
+    """A :class:`Result` with rows: it owns its PGresult and frees it with itself
+    (statements without rows keep none, and skip this finalizer)."""
+
+    __slots__ = ()
+
     def __del__(self) -> None:
         res, self._res = self._res, None
         if res is not None:
             lib: Any = _libpq.libpq_gil()  # loaded: this result came from it
             with contextlib.suppress(Exception):  # (interpreter shutdown)
                 lib.PQclear(res)
-
-    def __repr__(self) -> str:
-        return f"<Result {self.statusmessage!r} rowcount={self.rowcount}>"
 
 
 def _column(name: str, oid: int, fsize: int, fmod: int, ftable: int, ftablecol: int) -> ext.Column:
@@ -402,6 +409,9 @@ class StatementRunner(Protocol):
 
     @property
     def idle(self) -> bool: ...
+
+    @property
+    def quiet(self) -> bool: ...
 
     def refusal(self) -> str | None: ...
 
@@ -659,6 +669,13 @@ class LoopStatementRunner:
             fut.set_result(None)  # the statement in flight ends: _result reports the close
 
     # -- statements --------------------------------------------------------------------------
+
+    @property
+    def quiet(self) -> bool:
+        """True when the loop watches this idle connection's socket (asyncio) and
+        nothing has arrived since the last statement: then it is alive as far as
+        a look at the socket could tell, and a pool need not look."""
+        return self._asyncio is not None and not self._reader_off and not self._busy
 
     @property
     def idle(self) -> bool:
@@ -1062,7 +1079,7 @@ class LoopStatementRunner:
             self._last = None
         else:
             self._prev = None
-        result = Result(rows, ntuples, statusmessage, 0, res, codec)  # type: ignore[arg-type]
+        result = _RowsResult(rows, ntuples, statusmessage, 0, res, codec)  # type: ignore[arg-type]
         self._pending = result if rows is None else None
         return result
 
