@@ -293,6 +293,23 @@ async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
     return rows[0][0] if rows else None
 
 
+async def _cursor_execute(runner: StatementRunner, cur: Any, sql: Any, params: Any) -> Result:
+    """An AsyncCursor's statement on the loop: the result, with the query text."""
+    result = await runner.execute(sql, params, cursor=cur)
+    result.query = cur.mogrify(sql, params)
+    return result
+
+
+async def _commit_sql(runner: StatementRunner, sql: str) -> None:
+    """``failover.commit_sql`` on the loop (an explicit COMMIT in autocommit mode)."""
+    try:
+        await runner.execute(sql, None)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if runner.raw.closed:
+            raise failover.outcome_unknown(runner.raw, exc) from exc
+        raise
+
+
 async def _commit(runner: StatementRunner) -> None:
     """``failover.commit`` on the loop: a COMMIT lost with the connection raises
     :class:`~pgpool_async.errors.CommitOutcomeUnknown`."""
@@ -338,6 +355,8 @@ _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
     blocking.fetchval: _fetchval,
     blocking.commit_if_open: _commit,
     failover.commit: _commit,
+    failover.commit_sql: _commit_sql,
+    blocking.cursor_execute: _cursor_execute,
     PGConnection.commit: _commit,
     PGConnection.rollback: _rollback,
 }

@@ -1,9 +1,12 @@
 """Async cursors and transactions on a lent connection.
 
 A client-side cursor holds its whole result in memory once ``execute`` returns,
-so its fetches run on the event loop with no thread hop. A named (server-side)
-cursor fetches from the server: each fetch runs in a worker thread, ``itersize``
-rows at a time when iterated, so memory stays bounded.
+so its fetches run on the event loop with no thread hop. With the pool's
+``io="auto"``, a plain client-side cursor's ``execute``/``executemany`` run on
+the loop too (:mod:`pgpool_async._loop.native`): the result is then held here,
+not in the psycopg2 cursor (``raw``). A named (server-side) cursor fetches from
+the server: each fetch runs in a worker thread, ``itersize`` rows at a time
+when iterated, so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import psycopg2
 from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 
 from ._loan import Loan
 from ._loop import failover
-from ._thread.blocking import Params, execute
+from ._loop.native import Result
+from ._thread.blocking import Params, cursor_execute, execute
 from .errors import PoolError
 
 __all__ = ["AsyncCursor", "Transaction"]
@@ -30,19 +35,25 @@ class AsyncCursor:
 
     Use it as ``async with conn.cursor() as cur``; it must not outlive the
     connection's loan. Attributes psycopg2 users read (``rowcount``,
-    ``description``, ``query``, ``statusmessage``, ``itersize``, ``arraysize``)
-    pass through.
+    ``description``, ``query``, ``statusmessage``, ``rownumber``,
+    ``lastrowid``, ``itersize``, ``arraysize``) pass through, or come from the
+    result of a statement that ran on the loop.
     """
 
-    __slots__ = ("_cur", "_loan")
+    __slots__ = ("_cur", "_loan", "_pos", "_result")
 
     def __init__(self, loan: Loan, cur: PGCursor) -> None:
         self._loan = loan
         self._cur = cur
+        # The last statement's result when it ran on the event loop (else None:
+        # the psycopg2 cursor holds it), and the next row's index in it.
+        self._result: Result | None = None
+        self._pos = 0
 
     @property
     def raw(self) -> PGCursor:
-        """The psycopg2 cursor (use it only in a worker thread)."""
+        """The psycopg2 cursor (use it only in a worker thread). After a
+        statement that ran on the loop it does not hold that result."""
         return self._cur
 
     @property
@@ -51,6 +62,11 @@ class AsyncCursor:
         return self._cur.name is not None
 
     def __getattr__(self, name: str) -> Any:
+        result = self._result
+        if result is not None and name in _FROM_RESULT:
+            if name == "rownumber":
+                return self._pos
+            return getattr(result, name)
         if name in (
             "rowcount",
             "description",
@@ -73,15 +89,51 @@ class AsyncCursor:
             object.__setattr__(self, name, value)
 
     async def _io(self, func: Callable[..., T], *args: Any) -> T:
+        self._result = None  # the psycopg2 cursor holds what comes next
         return await self._loan.call(lambda _raw: func(*args))
 
+    @property
+    def _on_loop_ok(self) -> bool:
+        # Rows of other cursor classes (RealDictCursor...) are built by psycopg2 only.
+        return self._loan.io != "thread" and type(self._cur) is PGCursor and self._cur.name is None
+
     async def execute(self, sql: str, params: Params = None) -> None:
-        """Execute a statement in a worker thread."""
-        await self._io(self._cur.execute, sql, params)
+        """Execute a statement: on the event loop (``io="auto"``, a plain
+        client-side cursor), else in a worker thread."""
+        if not self._on_loop_ok:
+            await self._io(self._cur.execute, sql, params)
+            return
+        if self._cur.closed:
+            raise psycopg2.InterfaceError("cursor already closed")  # psycopg2's words
+        self._result = None
+        self._result = await self._loan.call(cursor_execute, self._cur, sql, params)
+        self._pos = 0
 
     async def executemany(self, sql: str, seq: Iterable[Params]) -> None:
-        """Execute a statement once per parameter set, in one worker-thread call."""
-        await self._io(self._cur.executemany, sql, list(seq))
+        """Execute a statement once per parameter set (one round trip each, as
+        psycopg2 does; ``rowcount`` is their sum): on the event loop
+        (``io="auto"``, a plain client-side cursor), else in one worker-thread call."""
+        if not self._on_loop_ok:
+            await self._io(self._cur.executemany, sql, list(seq))
+            return
+        if self._cur.closed:
+            raise psycopg2.InterfaceError("cursor already closed")
+        self._result = None
+        total = 0
+        last: Result | None = None
+        status: str | None = None
+        for params in seq:
+            # None: it ran in a thread (the loan can't use the loop just now, e.g.
+            # psycopg2 holds a transaction): the psycopg2 cursor has its outcome.
+            last = await self._loan.call(cursor_execute, self._cur, sql, params)
+            count = self._cur.rowcount if last is None else last.rowcount
+            status = self._cur.statusmessage if last is None else last.statusmessage
+            # psycopg2's sum: -1 (unknown) once any statement's count is unknown.
+            total = -1 if count == -1 or total == -1 else total + count
+        # psycopg2: no rows to fetch after executemany; rowcount the sum.
+        self._result = Result([], total, status, 0 if last is None else last.lastrowid, None)
+        self._result.query = self._cur.query if last is None else last.query
+        self._pos = 0
 
     async def callproc(self, name: str, params: Params = None) -> Any:
         """Call a stored procedure or function."""
@@ -92,8 +144,22 @@ class AsyncCursor:
         result: bytes = self._cur.mogrify(sql, params)
         return result
 
+    def _loop_rows(self) -> list[Any]:
+        assert self._result is not None
+        if self._cur.closed:
+            raise psycopg2.InterfaceError("cursor already closed")
+        if not self._result.returns_rows:
+            raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
+        return self._result.rows
+
     async def fetchone(self) -> Any:
         """The next row, or None."""
+        if self._result is not None:
+            rows = self._loop_rows()
+            if self._pos >= len(rows):
+                return None
+            self._pos += 1
+            return rows[self._pos - 1]
         if self.server_side:
             return await self._io(self._cur.fetchone)
         return self._cur.fetchone()
@@ -101,6 +167,10 @@ class AsyncCursor:
     async def fetchmany(self, size: int | None = None) -> list[Any]:
         """The next ``size`` rows (default ``arraysize``)."""
         size = self._cur.arraysize if size is None else size
+        if self._result is not None:
+            rows = self._loop_rows()
+            start, self._pos = self._pos, min(self._pos + size, len(rows))
+            return rows[start : self._pos]
         if self.server_side:
             return await self._io(self._cur.fetchmany, size)
         return self._cur.fetchmany(size)
@@ -108,6 +178,10 @@ class AsyncCursor:
     async def fetchall(self) -> list[Any]:
         """All remaining rows (a server-side cursor: all of them in memory, so
         prefer ``async for``)."""
+        if self._result is not None:
+            rows = self._loop_rows()
+            start, self._pos = self._pos, len(rows)
+            return rows[start:]
         if self.server_side:
             return await self._io(self._cur.fetchall)
         return self._cur.fetchall()
@@ -133,6 +207,9 @@ class AsyncCursor:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+_FROM_RESULT = frozenset(("rowcount", "description", "query", "statusmessage", "rownumber", "lastrowid"))
 
 
 class Transaction:

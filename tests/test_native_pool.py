@@ -137,6 +137,61 @@ async def test_cursor_factory_and_cursors_use_threads(dsn: str, table: str) -> N
         assert rows(dsn, table) == [1]
 
 
+def _cursor_view(cur: Any) -> dict[str, Any]:
+    return {
+        "rowcount": cur.rowcount,
+        "rownumber": cur.rownumber,
+        "statusmessage": cur.statusmessage,
+        "query": cur.query,
+        "description": None if cur.description is None else [(d.name, d.type_code) for d in cur.description],
+    }
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+async def test_plain_cursors_run_on_the_loop_like_psycopg2(dsn: str, table: str, autocommit: bool) -> None:
+    """A plain client-side cursor's execute/executemany run on the loop (no thread
+    hop) and look like psycopg2's cursor afterwards; run_sync code in the same loan
+    sees the same transaction."""
+    seen: dict[str, list[Any]] = {}
+    for io in ("thread", "auto"):
+        server_query(dsn, f"TRUNCATE {table}")
+        views: list[Any] = []
+        async with AsyncConnectionPool(1, 1, dsn, io=io, autocommit=autocommit) as pool:
+            async with pool.connection() as conn, conn.cursor() as cur:
+                await cur.executemany(f"INSERT INTO {table} VALUES (%s)", [(1,), (2,), (3,)])
+                views.append(_cursor_view(cur))
+                with pytest.raises(psycopg2.ProgrammingError, match="no results to fetch"):
+                    await cur.fetchone()
+                await cur.execute(f"SELECT x, x::text AS t FROM {table} WHERE x > %s ORDER BY x", (1,))
+                assert ("io=loop" in repr(conn)) is (io == "auto")
+                views.append(_cursor_view(cur))
+                views.append(await cur.fetchone())
+                views.append(_cursor_view(cur))
+                views.append(await cur.fetchmany(5))
+                views.append(await cur.fetchone())
+                views.append(await cur.fetchall())
+                await cur.execute(f"UPDATE {table} SET x = x + 10 WHERE x < 3")
+                views.append(_cursor_view(cur))
+                # psycopg2 code in the same loan sees (and could commit) the same transaction.
+                views.append(await conn.run_sync(lambda raw: _count(raw, table)))
+                await conn.commit()
+                await cur.execute("SELECT %s::int", (None,))
+                views.append(await cur.fetchall())
+                with pytest.raises(psycopg2.errors.DivisionByZero):
+                    await cur.execute("SELECT 1/0")
+                if not autocommit:
+                    await conn.rollback()
+            assert await pool.fetchval(f"SELECT count(*) FROM {table}") == 3
+        seen[io] = views
+    assert seen["auto"] == seen["thread"]
+
+
+def _count(raw: Any, table: str) -> int:
+    with raw.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table} WHERE x > 10")
+        return int(cur.fetchone()[0])
+
+
 async def test_a_cancelled_statement_leaves_a_reusable_pool(dsn: str) -> None:
     async with AsyncConnectionPool(1, 1, dsn, io="auto") as pool:
         for _ in range(3):

@@ -206,12 +206,22 @@ class Result:
 
     ``rows``: tuples (empty for a statement that returns none), ``rowcount``,
     ``statusmessage``, ``lastrowid`` (the OID of an inserted row, else 0),
+    ``query`` (for a cursor's statement: the text sent, as psycopg2's ``cursor.query``),
     ``returns_rows`` (psycopg2's ``description is not None``) and
     ``description`` (a tuple of psycopg2 ``Column`` objects, or None), built on
     first access from the libpq result this object keeps (and frees with itself).
     """
 
-    __slots__ = ("_description", "_res", "lastrowid", "returns_rows", "rowcount", "rows", "statusmessage")
+    __slots__ = (
+        "_description",
+        "_res",
+        "lastrowid",
+        "query",
+        "returns_rows",
+        "rowcount",
+        "rows",
+        "statusmessage",
+    )
 
     def __init__(
         self,
@@ -227,6 +237,7 @@ class Result:
         self.statusmessage = statusmessage
         self.lastrowid = lastrowid
         self.returns_rows = res is not None
+        self.query: bytes | None = None  # set for a cursor's statement (psycopg2's cursor.query)
         self._res = res  # owned: a PGresult outlives its connection, so this is safe
         self._description: tuple[ext.Column, ...] | str | None = codec
 

@@ -22,6 +22,7 @@ __all__ = [
     "Params",
     "close_all",
     "close_quietly",
+    "cursor_execute",
     "execute",
     "fetchall",
     "fetchone",
@@ -107,6 +108,12 @@ def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:
     result = func(conn, *args)
     commit_if_open(conn)
     return result
+
+
+def cursor_execute(conn: PGConnection, cur: Any, sql: Any, params: Params) -> None:
+    """``cur.execute(sql, params)`` (an AsyncCursor's statement on the thread
+    path; on the loop path the result comes back instead, see ``_loan.py``)."""
+    cur.execute(sql, params)
 
 
 def execute(conn: PGConnection, sql: Any, params: Params) -> int:
