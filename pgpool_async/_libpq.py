@@ -492,7 +492,7 @@ def shutdown_sockets(conns: Any) -> int:
 
 def was_shut_down(raw: PGConnection) -> bool:
     """True if :func:`shutdown_socket` was called on ``raw``: it must not be reused."""
-    return raw in _shut
+    return bool(_shut) and raw in _shut
 
 
 # -- connection parameters ------------------------------------------------------------

@@ -276,20 +276,20 @@ def _check_rows(result: Result) -> list[Any]:
 
 
 async def _execute(runner: StatementRunner, sql: Any, params: Any) -> int:
-    return (await runner.execute(sql, params)).rowcount
+    return (await runner.execute(sql, params, describe=False)).rowcount
 
 
 async def _fetchone(runner: StatementRunner, sql: Any, params: Any) -> Any:
-    rows = _check_rows(await runner.execute(sql, params))
+    rows = _check_rows(await runner.execute(sql, params, describe=False))
     return rows[0] if rows else None
 
 
 async def _fetchall(runner: StatementRunner, sql: Any, params: Any) -> list[Any]:
-    return _check_rows(await runner.execute(sql, params))
+    return _check_rows(await runner.execute(sql, params, describe=False))
 
 
 async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
-    rows = _check_rows(await runner.execute(sql, params))
+    rows = _check_rows(await runner.execute(sql, params, describe=False))
     return rows[0][0] if rows else None
 
 
@@ -330,7 +330,7 @@ async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *ar
     round trip. fetch* of a statement without rows then raise, as on the thread
     path (see ``blocking.run_and_commit``): it ran and was committed."""
     try:
-        result = await runner.execute(*args, commit=True)
+        result = await runner.execute(*args, commit=True, describe=False)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
         if runner.raw.closed and not runner.raw.autocommit:
             # The COMMIT left in the same packet: it may have been done.

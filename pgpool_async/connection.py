@@ -16,7 +16,6 @@ one place where a second way to run a statement can plug in.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,7 +57,7 @@ class AsyncConnection:
         self._loan: Loan | None = Loan(slot.raw, offload, io, slot.runner)
         self._loan.fit = pool._fit
         self.key: Hashable = slot.key
-        self.lent_at = time.monotonic()
+        self.lent_at = slot.lent_at  # (time.monotonic(), set as the ledger lent it)
 
     @property
     def loan(self) -> Loan:

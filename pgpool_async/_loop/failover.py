@@ -112,7 +112,7 @@ class ServerFit:
 
     def unfit(self, raw: PGConnection) -> bool:
         """On return (no I/O): True when ``raw`` must go because its server changed role."""
-        if raw in self._doomed:
+        if self._doomed and raw in self._doomed:  # (emptiness first: the common case is cheap)
             self._doomed.discard(raw)
             return True
         wants = self.wants

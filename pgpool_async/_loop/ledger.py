@@ -16,7 +16,6 @@ are set aside for closing, and new connections are asked for to keep
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import itertools
 import time
@@ -93,12 +92,23 @@ class Slot:
         return f"<Slot {self.state.value} key={self.key!r}>"
 
 
-@dataclasses.dataclass(slots=True)
 class Plan:
-    """The I/O the pool must do after a ledger decision."""
+    """The I/O the pool must do after a ledger decision: ``close``, slots off the
+    books whose connections to close; ``open``, slots reserved for new
+    connections to open in the background. (A plain class: one is made per
+    checkout and return.)"""
 
-    close: list[Slot] = dataclasses.field(default_factory=list)  # off the books: close them
-    open: int = 0  # slots reserved for new connections: open them in the background
+    __slots__ = ("close", "open")
+
+    def __init__(self, close: list[Slot] | None = None, open: int = 0) -> None:
+        self.close: list[Slot] = [] if close is None else close
+        self.open = open
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and (self.close, self.open) == (other.close, other.open)
+
+    def __repr__(self) -> str:
+        return f"Plan(close={self.close!r}, open={self.open})"
 
     def __iadd__(self, other: Plan) -> Plan:
         self.close += other.close

@@ -433,7 +433,13 @@ class StatementRunner(Protocol):
     def try_leave_now(self) -> bool: ...
 
     async def execute(
-        self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
+        self,
+        sql: Any,
+        params: Params = None,
+        *,
+        cursor: PGCursor | None = None,
+        commit: bool = False,
+        describe: bool = True,
     ) -> Result: ...
 
     async def commit(self) -> None: ...
@@ -519,6 +525,8 @@ class LoopStatementRunner:
         self._cancel_sent: Any = None
         self._reader_off = False
         self._pending: Result | None = None  # a large result whose rows are converted in turns
+        self._status = -1  # the last result's ExecStatusType
+        self._ended = False  # the statement's final NULL result was read
 
     # -- ownership -----------------------------------------------------------------------
 
@@ -707,7 +715,13 @@ class LoopStatementRunner:
         return bool(self._lib.PQtransactionStatus(self._pg) != _PQTRANS_IDLE)
 
     async def execute(
-        self, sql: Any, params: Params = None, *, cursor: PGCursor | None = None, commit: bool = False
+        self,
+        sql: Any,
+        params: Params = None,
+        *,
+        cursor: PGCursor | None = None,
+        commit: bool = False,
+        describe: bool = True,
     ) -> Result:
         """Run one statement (``sql`` with psycopg2 placeholders, or a ``psycopg2.sql``
         object) as psycopg2's ``cursor.execute`` would, and return its :class:`Result`.
@@ -720,6 +734,9 @@ class LoopStatementRunner:
         but in the same round trip (``BEGIN; statement; COMMIT`` in one packet on
         a connection without autocommit). If the statement fails the server skips
         the COMMIT: the transaction is left failed, to be rolled back.
+
+        ``describe=False``: the caller will not read ``description`` (it is None
+        then, ``returns_rows`` still tells), which spares keeping the libpq result.
 
         :raises psycopg2.Error: what psycopg2 would raise (same class, ``pgcode``,
             ``pgerror``, ``diag``); after an I/O failure the connection is closed.
@@ -752,7 +769,7 @@ class LoopStatementRunner:
         self._busy = True
         try:
             await self._run(query)
-            result = self._result(cur, expected, commit)
+            result = self._result(cur, expected, commit, describe)
             if result.rows is None:  # a large result: converted a slice per loop turn
                 result.rows = await self._rows_in_turns(cur)
             return result
@@ -799,11 +816,13 @@ class LoopStatementRunner:
             raise PoolError("this LoopStatementRunner is not entered: call enter() on the event loop first")
 
     def _clear(self) -> None:
-        for res in (self._last, self._prev):
-            if res is not None:
-                self._lib.PQclear(res)
-        self._last = self._prev = None
-        self._keep_prev = False
+        if self._last is not None:
+            self._lib.PQclear(self._last)
+            self._last = None
+        if self._prev is not None:
+            self._lib.PQclear(self._prev)
+            self._prev = None
+        self._keep_prev = self._ended = False
         self._count = self._copy_seen = 0
         if self._flushing and self._asyncio is not None:
             self._asyncio.remove_writer(self._fd)  # a statement that ended mid-send
@@ -920,6 +939,7 @@ class LoopStatementRunner:
                 return self._io_failed or lib.PQstatus(pg) == _CONNECTION_BAD
             res = lib.PQgetResult(pg)
             if not res:
+                self._ended = True  # the final NULL: the connection is ready again
                 return True
             if self._keep_prev:
                 if self._prev is not None:
@@ -929,7 +949,9 @@ class LoopStatementRunner:
                 lib.PQclear(self._last)
             self._last = res
             self._count += 1
-            status = lib.PQresultStatus(res)
+            self._status = status = lib.PQresultStatus(res)
+            if status in (_PGRES_TUPLES_OK, _PGRES_COMMAND_OK):
+                continue  # (the common case)
             if status in (_PGRES_COPY_IN, _PGRES_COPY_OUT):
                 self._copy_seen = status
             if status == _PGRES_COPY_IN:
@@ -938,7 +960,9 @@ class LoopStatementRunner:
                 lib.PQflush(pg)
             elif status == _PGRES_COPY_OUT:
                 self._copy_out = True
-            elif status == _PGRES_COPY_BOTH or lib.PQstatus(pg) == _CONNECTION_BAD:
+            elif status == _PGRES_COPY_BOTH or (
+                status in _PGRES_ERRORS and lib.PQstatus(pg) == _CONNECTION_BAD
+            ):
                 return True
 
     def _read_failed(self) -> bool:
@@ -1036,12 +1060,22 @@ class LoopStatementRunner:
 
     # -- results ----------------------------------------------------------------------------------
 
-    def _result(self, cur: PGCursor, expected: int, committed: bool = False) -> Result:
+    def _result(self, cur: PGCursor, expected: int, committed: bool = False, describe: bool = True) -> Result:
         """The statement's outcome, or the exception psycopg2 would raise. Rows
         are converted here unless there are many (``rows`` is None then: see
         :meth:`_rows_in_turns`)."""
         lib = self._lib
         res = self._last
+        last_status = self._status
+        if (
+            self._ended
+            and res is not None
+            and last_status in (_PGRES_TUPLES_OK, _PGRES_COMMAND_OK)
+            and self._count >= expected
+            and not self._copy_seen
+        ):
+            # The common case, decided without asking libpq again.
+            return self._ok_result(cur, res, last_status, committed, describe)
         if self._pg is None or self.raw.closed:
             raise psycopg2.OperationalError(
                 "the connection was closed while the statement ran (a cancel not answered in "
@@ -1069,21 +1103,34 @@ class LoopStatementRunner:
         if status == _PGRES_EMPTY_QUERY or self._count < expected:
             # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
             raise psycopg2.ProgrammingError("can't execute an empty query")
+        if status not in (_PGRES_COMMAND_OK, _PGRES_TUPLES_OK):
+            raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
+        return self._ok_result(cur, res, status, committed, describe)
+
+    def _ok_result(self, cur: PGCursor, res: int, status: int, committed: bool, describe: bool) -> Result:
+        """The Result of a statement that succeeded (``res``/``status``: the last
+        result; with ``committed``, the statement's is the one before COMMIT's)."""
+        lib = self._lib
         if committed:
-            res = self._prev  # the COMMIT went through: report the statement
-            assert res is not None
-            status = lib.PQresultStatus(res)
+            prev = self._prev  # the COMMIT went through: report the statement
+            assert prev is not None
+            res, status = prev, lib.PQresultStatus(prev)
         codec = self._codec
-        statusmessage = _decode(lib.PQcmdStatus(res), codec)
+        statusmessage = _decode(lib.PQcmdStatus(res), codec) if describe else None
         if status == _PGRES_COMMAND_OK:
             tuples = lib.PQcmdTuples(res)
-            return Result([], int(tuples) if tuples else -1, statusmessage, lib.PQoidValue(res), None)
+            lastrowid = lib.PQoidValue(res) if describe else 0
+            return Result([], int(tuples) if tuples else -1, statusmessage, lastrowid, None)
         if status != _PGRES_TUPLES_OK:
             raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
         ntuples = lib.PQntuples(res)
         rows: list[tuple[Any, ...]] | None = None
         if ntuples <= _SLICE_ROWS:
             rows = self._convert(res, self._casts(res, cur), cur, 0, ntuples, [])
+            if not describe:
+                done = Result(rows, ntuples, statusmessage, 0, None)
+                done.returns_rows = True
+                return done  # (the PGresult stays ours: _clear frees it)
         # The Result takes the PGresult (for its description): no longer ours to
         # clear. (For a large result, _rows_in_turns reads it from the Result.)
         if res == self._last:

@@ -50,7 +50,7 @@ class Waiter:
         self.timeout = timeout  # as the caller gave it, for the error message
         loop = asyncio._get_running_loop()
         self._signal: asyncio.Future[None] | anyio.Event = (
-            loop.create_future() if loop is not None else anyio.Event()
+            asyncio.Future(loop=loop) if loop is not None else anyio.Event()
         )
         self._conn: Slot | None = None
         self._error: BaseException | None = None
