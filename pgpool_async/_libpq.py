@@ -457,6 +457,7 @@ def shutdown_later(raw: PGConnection) -> Callable[[], None]:
 # -- shutting sockets down --------------------------------------------------------
 
 _shut: weakref.WeakSet[PGConnection] = weakref.WeakSet()
+_shut_any = False  # shutdown_socket was ever called
 
 
 def shutdown_socket(raw: PGConnection) -> None:
@@ -470,7 +471,9 @@ def shutdown_socket(raw: PGConnection) -> None:
         fd = raw.fileno()
     except Exception:
         return
+    global _shut_any
     _shut.add(raw)
+    _shut_any = True
     sock = socket.socket(fileno=fd)
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -492,7 +495,8 @@ def shutdown_sockets(conns: Any) -> int:
 
 def was_shut_down(raw: PGConnection) -> bool:
     """True if :func:`shutdown_socket` was called on ``raw``: it must not be reused."""
-    return bool(_shut) and raw in _shut
+    # (A WeakSet's len() runs Python: the flag spares the lookup until the first shutdown.)
+    return _shut_any and raw in _shut
 
 
 # -- connection parameters ------------------------------------------------------------

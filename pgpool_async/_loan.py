@@ -50,7 +50,7 @@ class Turn:
 
     def __init__(self) -> None:
         self._busy = False
-        self._waiters: deque[anyio.Event] = deque()
+        self._waiters: deque[anyio.Event] | None = None  # made at the first contention
         self._idle: anyio.Event | None = None
 
     def locked(self) -> bool:
@@ -61,6 +61,8 @@ class Turn:
             self._busy = True
             return
         turn = anyio.Event()
+        if self._waiters is None:
+            self._waiters = deque()
         self._waiters.append(turn)
         try:
             await turn.wait()
@@ -68,7 +70,7 @@ class Turn:
             if turn.is_set():
                 self._release()  # handed the turn while being cancelled
             else:
-                self._waiters.remove(turn)
+                self._waiters.remove(turn)  # (not None: appended above)
             raise
 
     async def __aexit__(self, *exc: object) -> None:
@@ -114,7 +116,12 @@ class Loan:
     )
 
     def __init__(
-        self, raw: PGConnection, offload: Offloader, io: str = "thread", runner: StatementRunner | None = None
+        self,
+        raw: PGConnection,
+        offload: Offloader,
+        io: str = "thread",
+        runner: StatementRunner | None = None,
+        fit: ServerFit | None = None,
     ) -> None:
         self.detached = False  # the connection went back to the pool
         self.raw = raw
@@ -128,7 +135,7 @@ class Loan:
         self.session_changed = False  # set_session() was called: reset on return
         self.listened = False  # LISTEN was sent: UNLISTEN * on return
         # The pool's judge of "this server can no longer serve the pool" (failover.py).
-        self.fit: ServerFit | None = None
+        self.fit = fit
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         """``func(raw, *args)`` in a worker thread, in turn. For calls that never

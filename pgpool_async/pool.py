@@ -732,9 +732,9 @@ class AsyncConnectionPool:
             and not was_shut_down(raw)
             and raw.get_transaction_status() == _STATUS_IDLE
             and not self._ledger.closing
-            and not self._ledger.retired(slot)
         ):
-            self._apply(self._ledger.check_in(slot, self._usable))  # the common case: no I/O, no thread
+            # The common case: no I/O, no thread (a retired slot is closed by check_in).
+            self._apply(self._ledger.check_in(slot, self._usable))
             return None
         done = anyio.Event()
         try:

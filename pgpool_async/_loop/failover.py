@@ -79,13 +79,14 @@ class ServerFit:
     - anything else (``any``): nothing is ever judged unfit.
     """
 
-    __slots__ = ("_doomed", "_first_seen", "wants")
+    __slots__ = ("_any_doomed", "_doomed", "_first_seen", "wants")
 
     def __init__(self, params: dict[str, str]) -> None:
         attrs = params.get("target_session_attrs", "any")
         self.wants = attrs if attrs in _JUDGED else None
         # Lent connections to a server found unfit, judged when they come back.
         self._doomed: weakref.WeakSet[PGConnection] = weakref.WeakSet()
+        self._any_doomed = False  # anything was ever added to _doomed
         # in_hot_standby as first seen on each connection (prefer-standby only).
         self._first_seen: weakref.WeakKeyDictionary[PGConnection, str | None] = weakref.WeakKeyDictionary()
 
@@ -109,10 +110,11 @@ class ServerFit:
             server_wide = hot_standby == "on" or read_only == "on"
         if server_wide:
             self._doomed.add(raw)
+            self._any_doomed = True
 
     def unfit(self, raw: PGConnection) -> bool:
         """On return (no I/O): True when ``raw`` must go because its server changed role."""
-        if self._doomed and raw in self._doomed:  # (emptiness first: the common case is cheap)
+        if self._any_doomed and raw in self._doomed:  # (a flag first: the common case is cheap)
             self._doomed.discard(raw)
             return True
         wants = self.wants

@@ -189,14 +189,14 @@ class Ledger:
                 slot.state = SlotState.CLOSED
                 plan.close.append(slot)
                 continue
-            self._lend(slot, key)
+            self._lend(slot, key, now)
             return slot, plan
         return None, plan
 
-    def _lend(self, slot: Slot, key: Hashable | None) -> None:
+    def _lend(self, slot: Slot, key: Hashable | None, now: float | None = None) -> None:
         slot.state = SlotState.LENT
         slot.key = key if key is not None else next(self._auto_keys)
-        slot.lent_at = time.monotonic()
+        slot.lent_at = time.monotonic() if now is None else now
         slot.leak_reported = False
         slot.trusted = False
         self._lent.add(slot)
@@ -264,11 +264,14 @@ class Ledger:
             # The busy pool's common case, decided as _put_idle + assign would:
             # nothing idle, so the connection goes straight to the first waiter.
             now = time.monotonic()
-            if not self.retired(slot, now) and self.size < self.maxconn:
+            size = self.size
+            if size < self.maxconn and slot.generation == self.generation and now < slot.expires_at:
                 slot.idle_since = now
-                self._lend(slot, waiter.key)
+                self._lend(slot, waiter.key, now)
                 self._waiting.hand(waiter, slot)
-                return self.assign(usable)  # (may open one more for the rest of the queue)
+                if size + 1 >= self.maxconn:  # (full: nothing to open; else as assign decides)
+                    return Plan()
+                return self.assign(usable)
         return self._put_idle(slot, usable)
 
     def _put_idle(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
