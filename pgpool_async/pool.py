@@ -114,7 +114,8 @@ class _ConnectionContext:
                         "closed it (close() timeout passed): its transaction was NOT committed; "
                         "give close() a longer timeout, or finish work before closing"
                     )
-                await loan.turn.wait_idle()  # a call another task started on it ends first
+                if loan.turn.locked():
+                    await loan.turn.wait_idle()  # a call another task started on it ends first
                 raw = loan.raw
                 # A connection its user closed has nothing to commit (psycopg2 and
                 # psycopg_pool skip it too); the return replaces it.
@@ -124,7 +125,8 @@ class _ConnectionContext:
             # On error, cancellation or a failed commit, the return rolls back.
             # Starting it never awaits; waiting for it is back-pressure only.
             done = self._pool._start_return(conn, close=False)
-            await _back_pressure(done)
+            if done is not None:
+                await _back_pressure(done)
 
 
 class AsyncConnectionPool:
@@ -514,6 +516,7 @@ class AsyncConnectionPool:
         deadline = time.monotonic() + wait
         # Bounded: each pass that does not return discards a connection that
         # failed its check, and only connections idle long enough are checked.
+        health = self._health
         while True:
             slot = None
             if not len(self._waiting):
@@ -524,7 +527,11 @@ class AsyncConnectionPool:
                 slot = await self._wait(key, deadline, wait)
             else:
                 await self._checkpoint(slot)
-            if not self._health.check_due(slot.idle_since) or await self._passes_check(slot):
+            if (
+                health.check is None
+                or not health.check_due(slot.idle_since)
+                or await self._passes_check(slot)
+            ):
                 break
         return self._lend(slot)
 
@@ -547,13 +554,9 @@ class AsyncConnectionPool:
         conn = AsyncConnection(self, slot, self._offload, io)
         if self.leak_threshold is not None:
             slot.taken_at = call_site()
-        orphans = self._ledger.orphans
-
-        def dropped(ref: weakref.ref[AsyncConnection]) -> None:
-            # Any thread, any time (garbage collection): only record it.
-            if slot.holder is ref:
-                orphans.append(slot)
-
+        dropped = slot.on_drop
+        if dropped is None:
+            dropped = slot.on_drop = _orphan_recorder(slot, self._ledger.orphans)
         slot.holder = weakref.ref(conn, dropped)
         return conn
 
@@ -864,6 +867,17 @@ class AsyncConnectionPool:
             f"Connections: {ledger.idle_count} idle, {ledger.lent_count} in use, "
             f"{ledger.opening_count} opening, {ledger.returning_count} returning, max {ledger.maxconn}>"
         )
+
+
+def _orphan_recorder(slot: Slot, orphans: list[Slot]) -> Callable[[weakref.ref[Any]], None]:
+    """The callback of the weak reference to ``slot``'s borrower (made once per slot)."""
+
+    def dropped(ref: weakref.ref[Any]) -> None:
+        # Any thread, any time (garbage collection): only record it.
+        if slot.holder is ref:
+            orphans.append(slot)
+
+    return dropped
 
 
 def _let_go(slots: list[Slot]) -> list[PGConnection]:

@@ -58,6 +58,7 @@ class Slot:
         "key",
         "leak_reported",
         "lent_at",
+        "on_drop",
         "raw",
         "runner",
         "state",
@@ -83,6 +84,7 @@ class Slot:
         # A weak reference to the borrower's AsyncConnection while lent: its
         # callback reports a borrower dropped without returning the connection.
         self.holder: Any = None
+        self.on_drop: Any = None  # the weak reference's callback, made once (pool.py)
         # The loop-native runner (_loop/native.py) of this connection, if the pool
         # runs statements on the loop: it stays entered while the connection is
         # idle, and is let go before any thread touches the connection.
