@@ -159,6 +159,9 @@ class Loan:
             # on the loop, nobody else's call in progress on this connection.
             turn._busy = True
             try:
+                extract = _EXTRACT.get(func)
+                if extract is not None:  # a statement: no coroutine in between
+                    return extract(await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
                 return await on_loop(runner, *args)  # type: ignore[no-any-return]
             except psycopg2.Error as exc:
                 if self.fit is not None:
@@ -282,22 +285,47 @@ def _check_rows(result: Result) -> list[Any]:
     return result.rows
 
 
-async def _execute(runner: StatementRunner, sql: Any, params: Any) -> int:
-    return (await runner.execute(sql, params, describe=False)).rowcount
+def _rowcount(result: Result) -> int:
+    return result.rowcount
 
 
-async def _fetchone(runner: StatementRunner, sql: Any, params: Any) -> Any:
-    rows = _check_rows(await runner.execute(sql, params, describe=False))
+def _first_row(result: Result) -> Any:
+    rows = _check_rows(result)
     return rows[0] if rows else None
 
 
+def _first_value(result: Result) -> Any:
+    rows = _check_rows(result)
+    return rows[0][0] if rows else None
+
+
+# What blocking.execute/fetch* return, from a loop-path Result.
+_EXTRACT: dict[Callable[..., Any], Callable[[Result], Any]] = {
+    blocking.execute: _rowcount,
+    blocking.fetchone: _first_row,
+    blocking.fetchall: _check_rows,
+    blocking.fetchval: _first_value,
+}
+
+
+async def _statement(runner: StatementRunner, sql: Any, params: Any, extract: Callable[[Result], Any]) -> Any:
+    return extract(await runner.execute(sql, params, describe=False))
+
+
+async def _execute(runner: StatementRunner, sql: Any, params: Any) -> int:
+    return await _statement(runner, sql, params, _rowcount)  # type: ignore[no-any-return]
+
+
+async def _fetchone(runner: StatementRunner, sql: Any, params: Any) -> Any:
+    return await _statement(runner, sql, params, _first_row)
+
+
 async def _fetchall(runner: StatementRunner, sql: Any, params: Any) -> list[Any]:
-    return _check_rows(await runner.execute(sql, params, describe=False))
+    return await _statement(runner, sql, params, _check_rows)  # type: ignore[no-any-return]
 
 
 async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
-    rows = _check_rows(await runner.execute(sql, params, describe=False))
-    return rows[0][0] if rows else None
+    return await _statement(runner, sql, params, _first_value)
 
 
 async def _cursor_execute(runner: StatementRunner, cur: Any, sql: Any, params: Any) -> Result:
@@ -343,16 +371,9 @@ async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *ar
             # The COMMIT left in the same packet: it may have been done.
             raise failover.outcome_unknown(runner.raw, exc) from exc
         raise
-    if func is blocking.execute:
-        return result.rowcount
-    if not result.returns_rows:
+    if func is not blocking.execute and not result.returns_rows:
         raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
-    rows = result.rows
-    if func is blocking.fetchall:
-        return rows
-    if func is blocking.fetchone:
-        return rows[0] if rows else None
-    return rows[0][0] if rows else None
+    return _EXTRACT[func](result)
 
 
 _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {

@@ -16,7 +16,7 @@ one place where a second way to run a statement can plug in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Coroutine, Hashable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg2.extensions import connection as PGConnection
@@ -114,21 +114,24 @@ class AsyncConnection:
         """
         return await self.loan.call_user(func, *args)
 
-    async def execute(self, sql: str | Composable, params: Params = None) -> int:
-        """Execute a statement; returns the cursor's ``rowcount``."""
-        return await self.loan.call(blocking.execute, sql, params)
+    # The statement methods return the loan's coroutine itself (one coroutine
+    # less per statement); a released connection raises when they are called.
 
-    async def fetchone(self, sql: str | Composable, params: Params = None) -> Any:
-        """Execute a query and return its first row, or None."""
-        return await self.loan.call(blocking.fetchone, sql, params)
+    def execute(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, int]:
+        """Execute a statement (``await`` it); returns the cursor's ``rowcount``."""
+        return self.loan.call(blocking.execute, sql, params)
 
-    async def fetchall(self, sql: str | Composable, params: Params = None) -> list[Any]:
-        """Execute a query and return all its rows."""
-        return await self.loan.call(blocking.fetchall, sql, params)
+    def fetchone(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, Any]:
+        """Execute a query (``await`` it) and return its first row, or None."""
+        return self.loan.call(blocking.fetchone, sql, params)
 
-    async def fetchval(self, sql: str | Composable, params: Params = None) -> Any:
-        """Execute a query and return the first column of its first row, or None."""
-        return await self.loan.call(blocking.fetchval, sql, params)
+    def fetchall(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, list[Any]]:
+        """Execute a query (``await`` it) and return all its rows."""
+        return self.loan.call(blocking.fetchall, sql, params)
+
+    def fetchval(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, Any]:
+        """Execute a query (``await`` it) and return the first column of its first row, or None."""
+        return self.loan.call(blocking.fetchval, sql, params)
 
     def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
         """A cursor for ``async with conn.cursor() as cur``.
