@@ -42,7 +42,7 @@ from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import _loop_guard_off, server_query
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.single_io("the loop-native runner itself, without a pool")]
 
 
 def _missing(what: str) -> None:

@@ -23,6 +23,8 @@ from pgpool_async.testing.throwaway import (
     wheel_bindir,
 )
 
+pytestmark = pytest.mark.single_io("the throwaway server tool itself: no pool")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
 
