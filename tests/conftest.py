@@ -8,7 +8,8 @@
   during async tests.
 - ``pool_io``: every test runs twice, once with the pools' default ``io`` set to
   ``"loop"`` and once to ``"thread"`` (ids end in ``-loop`` / ``-thread``),
-  unless it is marked ``single_io`` (see :func:`pytest_configure`).
+  unless it is marked ``single_io`` (see :func:`pytest_configure`);
+  ``PGPOOL_TEST_IO=loop`` runs one io only.
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 # -- both ways of running statements ------------------------------------------------
 
-#: The values of AsyncConnectionPool(io=...) the whole suite runs with (issue 11).
-IO_PATHS = ("loop", "thread")
+#: The values of AsyncConnectionPool(io=...) the whole suite runs with (issue 11);
+#: ``PGPOOL_TEST_IO=loop`` (or ``thread``) runs one of them, for a quicker local run.
+IO_PATHS = tuple(os.environ.get("PGPOOL_TEST_IO", "loop,thread").replace(" ", "").split(","))
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not IO_PATHS or not set(IO_PATHS) <= {"loop", "thread", "auto"}:
+        raise pytest.UsageError(f"PGPOOL_TEST_IO must list loop, thread or auto, got {IO_PATHS}")
     config.addinivalue_line(
         "markers",
         "single_io(reason): run once, with the pools' default io, not once per io in IO_PATHS "

@@ -71,6 +71,7 @@ async def test_blackhole_mid_query_ends_by_default_and_service_returns(lab: NetL
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("no_wait_callback")  # libpq enforces connect_timeout only without one
+@pytest.mark.single_io("connects only: the same on either io")
 async def test_blackhole_at_connect_times_out_on_schedule_and_grows_back(lab: NetLab) -> None:
     """SYNs dropped: waiters get PoolTimeout on schedule; the pool connects within 2 s
     of the network healing (its connect_timeout ended the attempts in flight)."""
