@@ -18,6 +18,8 @@ from pgpool_async._thread.background import BackgroundTasks
 from pgpool_async._thread.offload import Offloader
 from pgpool_async.errors import PoolClosed, PoolTimeout
 
+pytestmark = pytest.mark.single_io("units of the pool's parts: no statements on a pool")
+
 
 def always(_slot: Slot) -> bool:
     return True

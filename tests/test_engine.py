@@ -21,6 +21,8 @@ from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import backends, server_query, wait_backends_gone
 
+pytestmark = pytest.mark.single_io("the sync engine (psycopg2's pool API): no io option")
+
 
 def test_is_psycopg2_pool_and_error(dsn: str) -> None:
     with ThreadedConnectionPool(1, 2, dsn) as pool:

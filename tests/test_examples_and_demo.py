@@ -9,22 +9,30 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import python_args
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(args: list[str], dsn: str | None) -> str:
+def run(args: list[str], dsn: str | None, io: str | None) -> str:
+    """``python *args`` with the pools' default io set to ``io`` (the test's ``pool_io``)."""
     env = {k: v for k, v in os.environ.items() if k != "PGPOOL_DSN"}
     if dsn:
         env["PGPOOL_DSN"] = dsn
     proc = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, *python_args(args, io)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
-def test_basic_example(dsn: str) -> None:
-    out = run(["examples/basic.py"], dsn)
+def test_basic_example(dsn: str, pool_io: str | None) -> None:
+    out = run(["examples/basic.py"], dsn, pool_io)
     assert "rows after commit: 1" in out
     assert "rows after rollback: 1" in out
     assert "legacy code says: [1]" in out
@@ -33,32 +41,43 @@ def test_basic_example(dsn: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_demo_with_dsn(dsn: str, backend: str) -> None:
-    out = run(["-m", "pgpool_async", "demo", "--tasks", "200", "--pool", "4", "--backend", backend], dsn)
+def test_demo_with_dsn(dsn: str, backend: str, pool_io: str | None) -> None:
+    out = run(
+        ["-m", "pgpool_async", "demo", "--tasks", "200", "--pool", "4", "--backend", backend], dsn, pool_io
+    )
     assert "200 transfers" in out and "money conserved: True" in out
     assert "requests_num=" in out and "pool_max=4" in out
 
 
-def test_demo_starts_its_own_server() -> None:
-    out = run(["-m", "pgpool_async", "demo", "--tasks", "50"], None)
+def test_demo_starts_its_own_server(pool_io: str | None) -> None:
+    out = run(["-m", "pgpool_async", "demo", "--tasks", "50"], None, pool_io)
     assert "starting a throwaway PostgreSQL" in out
     assert "money conserved: True" in out
 
 
-def test_from_psycopg2_example(dsn: str) -> None:
-    out = run(["examples/from_psycopg2.py"], dsn)
+def test_from_psycopg2_example(dsn: str, pool_io: str | None) -> None:
+    out = run(["examples/from_psycopg2.py"], dsn, pool_io)
     assert "Worker 4: 200 records" in out
     assert "same counts both ways: True" in out
 
 
-def test_trio_example(dsn: str) -> None:
-    out = run(["examples/trio_app.py"], dsn)
+def test_trio_example(dsn: str, pool_io: str | None) -> None:
+    out = run(["examples/trio_app.py"], dsn, pool_io)
     assert "total after 200 transfers: 1000" in out
     assert "slow query cancelled: True" in out
     assert "all connections back: True" in out
 
 
-def test_listen_worker_example(dsn: str) -> None:
-    out = run(["examples/listen_worker.py"], dsn)
+def test_listen_worker_example(dsn: str, pool_io: str | None) -> None:
+    out = run(["examples/listen_worker.py"], dsn, pool_io)
     assert "processed 20 jobs, in order: True" in out
     assert "queue empty: True" in out
+
+
+def test_subprocesses_follow_pool_io(tmp_path: Path, pool_io: str | None) -> None:
+    """The examples above really run with the test's io (conftest.python_args)."""
+    script = tmp_path / "show_io.py"
+    script.write_text(
+        "from pgpool_async import AsyncConnectionPool\nprint(AsyncConnectionPool(1, 1, 'dbname=x'))\n"
+    )
+    assert f"io={pool_io or 'auto'}]" in run([str(script)], None, pool_io)

@@ -18,16 +18,16 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import server_query
+from .conftest import python_args, server_query
 from .webserver import serving
 
 APP = "fastapi_app"  # the example's application_name
 
 
 @pytest.fixture(scope="module")
-def server(dsn: str) -> Iterator[str]:
+def server(dsn: str, pool_io: str | None) -> Iterator[str]:
     server_query(dsn, "DROP TABLE IF EXISTS audit, accounts")
-    with serving(sys.executable, ["examples/fastapi_app.py"], dsn) as (base, _):
+    with serving(sys.executable, python_args(["examples/fastapi_app.py"], pool_io), dsn) as (base, _):
         yield base
 
 

@@ -23,6 +23,8 @@ import pytest
 
 from pgpool_async.testing.faultproxy import FaultProxy
 
+pytestmark = pytest.mark.single_io("the fault proxy test tool itself: no pool")
+
 LOCALHOST = "127.0.0.1"
 
 

@@ -227,6 +227,7 @@ async def test_blackholed_network(
         "down. (On a dead network the pool's default tcp_user_timeout bounds the SYN retries.)"
     ),
 )
+@pytest.mark.single_io("connects only: the same on either io")
 async def test_connect_timeout_bounds_connects_with_a_wait_callback(
     running_pg: ThrowawayPostgres, app_name: str
 ) -> None:

@@ -9,6 +9,8 @@ from pgpool_async import ThreadedConnectionPool
 
 from . import conftest
 
+pytestmark = pytest.mark.single_io("the guards themselves, on the sync engine and raw psycopg2")
+
 
 @pytest.mark.anyio
 async def test_sync_engine_on_the_loop_is_caught(dsn: str) -> None:

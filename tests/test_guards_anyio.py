@@ -13,7 +13,7 @@ import pgpool_async
 
 from . import conftest
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.single_io("the guards themselves: no pool")]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

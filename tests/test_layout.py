@@ -6,7 +6,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import pgpool_async
+
+pytestmark = pytest.mark.single_io("the repository layout: no pool")
 
 PACKAGE = Path(pgpool_async.__file__).resolve().parent
 

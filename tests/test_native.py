@@ -12,10 +12,7 @@ import contextlib
 import decimal
 import gc
 import os
-import pwd
 import shutil
-import subprocess
-import tempfile
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -42,7 +39,7 @@ from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import _loop_guard_off, server_query
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.single_io("the loop-native runner itself, without a pool")]
 
 
 def _missing(what: str) -> None:
@@ -703,36 +700,11 @@ async def test_notices_and_notifications_reach_psycopg2_after_leaving(dsn: str) 
 @pytest.fixture(scope="module")
 def ssl_dsn() -> Iterator[str]:
     """A throwaway server with SSL on, its certificate self-signed (openssl)."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
+    if shutil.which("openssl") is None:
         _missing("openssl is not installed (apt-get install openssl)")
-    server = ThrowawayPostgres()
+    server = ThrowawayPostgres(ssl=True)
     server.start()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            key, crt = os.path.join(tmp, "server.key"), os.path.join(tmp, "server.crt")
-            argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
-            argv += ["-subj", "/CN=127.0.0.1", "-keyout", key, "-out", crt]
-            subprocess.run(
-                argv,
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-            for source in (key, crt):
-                target = os.path.join(server.data_dir, os.path.basename(source))
-                shutil.copyfile(source, target)
-                os.chmod(target, 0o600)
-                if server.run_as is not None:
-                    entry = pwd.getpwnam(server.run_as)
-                    os.chown(target, entry.pw_uid, entry.pw_gid)
-        with _loop_guard_off():
-            server_query(server.dsn, "ALTER SYSTEM SET ssl = on")
-            server_query(server.dsn, "SELECT pg_reload_conf()")
-            deadline = time.monotonic() + 10
-            while server_query(server.dsn, "SHOW ssl") != [("on",)]:
-                assert time.monotonic() < deadline, "the server did not turn SSL on"
-                time.sleep(0.05)
         yield f"{server.dsn} sslmode=require"
     finally:
         server.destroy()

@@ -23,7 +23,7 @@ from pgpool_async._loop.native import unavailable_reason
 
 from .conftest import server_query
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.single_io("every pool here passes io= itself")]
 
 if unavailable_reason() is not None:  # pragma: no cover - Linux with psycopg2 finds it
     pytestmark = [pytestmark, pytest.mark.skipif(not os.environ.get("CI"), reason=str(unavailable_reason()))]

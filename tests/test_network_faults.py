@@ -71,6 +71,7 @@ async def test_blackhole_mid_query_ends_by_default_and_service_returns(lab: NetL
 
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("no_wait_callback")  # libpq enforces connect_timeout only without one
+@pytest.mark.single_io("connects only: the same on either io")
 async def test_blackhole_at_connect_times_out_on_schedule_and_grows_back(lab: NetLab) -> None:
     """SYNs dropped: waiters get PoolTimeout on schedule; the pool connects within 2 s
     of the network healing (its connect_timeout ended the attempts in flight)."""
@@ -139,6 +140,8 @@ async def test_move_on_after_around_a_blackholed_query_on_trio(lab: NetLab) -> N
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("probability", "seconds"), [(0.05, 8.0), (0.3, 25.0)], ids=["5%", "30%"])
+# 33 s of load a run: once, with the default io (statements on the loop), to keep CI short.
+@pytest.mark.single_io("a long statistical run: once, with the default io")
 async def test_packet_loss_reaches_no_user(lab: NetLab, probability: float, seconds: float) -> None:
     """Random loss of the packets towards the server (the issue's setup: a server
     namespace dropping on its ingress): tcp_user_timeout (15 s) is long enough not to

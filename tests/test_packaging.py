@@ -26,7 +26,10 @@ import pytest
 
 from .webserver import serving
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.single_io("builds and installs the package in fresh venvs (slow): io does not matter there"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,6 +13,8 @@ import pytest
 from pgpool_async.errors import PoolTimeout, is_permanent_connect_error
 from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
+pytestmark = pytest.mark.single_io("connect errors on raw psycopg2 connections: no pool statements")
+
 
 def connect_error(dsn: str) -> psycopg2.Error:
     with pytest.raises(psycopg2.Error) as info:

@@ -98,6 +98,11 @@ def session_bouncer(backend_server: ThrowawayPostgres) -> Iterator[ThrowawayPgBo
 # -- transaction pooling: nothing session-level leaks ------------------------------------------
 
 
+#: Loans of a transaction_pooling pool run on threads whatever the io (pool.py gives them
+#: io="thread"): running these tests once per io would only repeat them.
+tx_pooling_io = pytest.mark.single_io("transaction_pooling loans run on threads whatever the io")
+
+
 def _run_processes(dsn: str, n: int, seconds: float, *flags: str) -> list[dict[str, Any]]:
     argv = [sys.executable, "-m", "pgpool_async.testing.load", "--dsn", dsn, "--seconds", str(seconds)]
     procs = [subprocess.Popen([*argv, *flags], stdout=subprocess.PIPE) for _ in range(n)]
@@ -118,6 +123,7 @@ def _total(results: list[dict[str, Any]]) -> Counter[str]:
 
 
 @pytest.mark.slow
+@tx_pooling_io
 def test_set_session_does_not_leak_between_processes(tx_bouncer: ThrowawayPgBouncer) -> None:
     """4 processes share 4 server connections; 10% of loans are read-only and
     SERIALIZABLE. With ``transaction_pooling`` no write ever runs read-only or
@@ -140,6 +146,7 @@ def test_set_session_does_not_leak_between_processes(tx_bouncer: ThrowawayPgBoun
 
 
 @pytest.mark.anyio
+@tx_pooling_io
 async def test_session_features_refused_with_reason(tx_bouncer: ThrowawayPgBouncer) -> None:
     async with AsyncConnectionPool(1, 2, tx_bouncer.dsn, timeout=5, transaction_pooling=True) as pool:
         async with pool.connection() as conn:
@@ -170,6 +177,7 @@ async def test_session_features_refused_with_reason(tx_bouncer: ThrowawayPgBounc
 
 
 @pytest.mark.anyio
+@tx_pooling_io
 async def test_read_only_applies_to_the_transaction_only(tx_bouncer: ThrowawayPgBouncer) -> None:
     """set_session(readonly=True) makes this loan's transaction read-only, and
     nothing after it: the next loans, on the same PgBouncer, write."""
@@ -183,6 +191,7 @@ async def test_read_only_applies_to_the_transaction_only(tx_bouncer: ThrowawayPg
 
 
 @pytest.mark.anyio
+@tx_pooling_io
 async def test_nothing_sent_on_return(dsn: str, app_name: str) -> None:
     """With ``transaction_pooling`` the return of a loan that changed its session
     characteristics sends no statement: the backend's last statement stays the
@@ -302,6 +311,7 @@ def _in_thread(func: Any, *args: Any) -> Any:
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@tx_pooling_io
 async def test_pgbouncer_killed_and_restarted_under_load(own_tx_bouncer: ThrowawayPgBouncer) -> None:
     """SIGKILL PgBouncer under 8 tasks, restart it 0.3 s later: only requests in
     flight at the kill fail (at most one per task), none started 0.5 s after the
@@ -333,6 +343,7 @@ async def test_pgbouncer_killed_and_restarted_under_load(own_tx_bouncer: Throwaw
 @pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@tx_pooling_io
 async def test_pgbouncer_pause_resume_under_load(own_tx_bouncer: ThrowawayPgBouncer) -> None:
     """PAUSE for 0.5 s under 8 tasks: requests wait inside PgBouncer (the pool's
     timeout is longer), none fails, and they complete after RESUME."""

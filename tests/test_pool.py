@@ -375,3 +375,13 @@ async def test_served_waiters_do_not_pile_up(dsn: str) -> None:
                     tg.start_soon(use)
         assert pool.get_stats()["requests_queued"] > 500
         assert len(pool._waiting._deadlines) < 200
+
+
+async def test_pools_follow_pool_io(dsn: str, pool_io: str | None) -> None:
+    """conftest runs this module once per io: a pool built without io= really uses it."""
+    assert pool_io in ("loop", "thread")
+    async with AsyncConnectionPool(1, 1, dsn) as pool:
+        assert pool.io == pool_io
+        async with pool.connection() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+            assert conn.loan.on_loop == (pool_io == "loop")

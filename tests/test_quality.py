@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.single_io("linters and type checks: no pool")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

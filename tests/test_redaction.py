@@ -12,6 +12,8 @@ from pgpool_async import AsyncConnectionPool, PoolConfigError
 from pgpool_async._redact import redact, secrets_in
 from pgpool_async.sync import ThreadedConnectionPool
 
+pytestmark = pytest.mark.single_io("connect-time errors and messages: no statement runs")
+
 # The three malformed DSNs of issue 10: libpq's own message quotes the password in each.
 ISSUE_DSNS = [
     ("postgresql://u:PW9secret@[host/db", ["PW9secret"]),  # unclosed bracket: the whole URI quoted

@@ -23,6 +23,8 @@ from pgpool_async.testing.throwaway import (
     wheel_bindir,
 )
 
+pytestmark = pytest.mark.single_io("the throwaway server tool itself: no pool")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = os.geteuid() == 0
 
@@ -188,6 +190,24 @@ def test_stop_start_restart_destroy() -> None:
     pg.destroy()  # safe twice
     with pytest.raises(ThrowawayError, match="destroyed"):
         pg.start()
+
+
+def test_ssl_server_with_a_self_signed_certificate() -> None:
+    with pytest.raises(ThrowawayError, match="without ssl=True"):
+        _ = ThrowawayPostgres().ssl_cert_file
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("openssl is not installed (CI must run this test)")
+        pytest.skip("openssl is not installed (apt-get install openssl)")
+    with ThrowawayPostgres(ssl=True) as pg:
+        key = os.path.join(os.path.dirname(pg.ssl_cert_file), "server.key")
+        assert os.stat(key).st_mode & 0o077 == 0  # the server refuses a key others can read
+        verified = f"{pg.dsn} sslmode=verify-full sslrootcert={pg.ssl_cert_file}"
+        assert query(verified, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == (True,)
+        plain = f"{pg.dsn} sslmode=disable"
+        assert query(plain, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == (False,)
+        pg.restart()  # the same certificate serves again
+        assert query(verified, "SELECT 1") == (1,)
 
 
 def test_embedded_wheel_binaries() -> None:

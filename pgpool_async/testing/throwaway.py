@@ -22,7 +22,12 @@ keeping its relative layout so that relocatable installs and ``$ORIGIN``
 rpaths keep working.  Nothing outside that temporary directory is ever
 chmod-ed or chown-ed.
 
-Only the standard library is used.
+With ``ssl=True`` the server also accepts TLS (``ssl=on``) with a self-signed
+certificate made at the first start by the system's ``openssl`` program
+(:attr:`~ThrowawayPostgres.ssl_cert_file` is the certificate, for
+``sslrootcert``).
+
+Only the standard library is used (and the ``openssl`` program for ``ssl=True``).
 """
 
 from __future__ import annotations
@@ -396,6 +401,11 @@ class ThrowawayPostgres:
             unprivileged user cannot execute the binaries in place; True:
             always; False: never.
         timeout: seconds to wait for ``initdb``, start-up and shut-down.
+        ssl: also accept TLS connections: ``ssl=on`` with a self-signed
+            certificate for ``127.0.0.1`` (subject and IP address), made with
+            ``openssl`` at the first start.  Clients choose with ``sslmode``
+            (libpq's default, ``prefer``, uses TLS).  :meth:`start` raises
+            :class:`ThrowawayError` when ``openssl`` is not installed.
     """
 
     def __init__(
@@ -407,6 +417,7 @@ class ThrowawayPostgres:
         settings: Mapping[str, str] | None = None,
         copy_binaries: bool | None = None,
         timeout: float = 60.0,
+        ssl: bool = False,
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, not {port!r}")
@@ -429,6 +440,7 @@ class ThrowawayPostgres:
         self._settings = merged
         self._copy_binaries = copy_binaries
         self._timeout = float(timeout)
+        self._ssl = bool(ssl)
         self._lock = threading.RLock()
         self._dir: str | None = None
         self._bindir: str | None = None
@@ -501,6 +513,14 @@ class ThrowawayPostgres:
     def log_path(self) -> str:
         """Path of the server log file (``pg_ctl -l``)."""
         return os.path.join(self.directory, "postgres.log")
+
+    @property
+    def ssl_cert_file(self) -> str:
+        """The server's self-signed certificate (``ssl=True``): pass it as libpq's
+        ``sslrootcert`` to verify the server (``sslmode=verify-full``)."""
+        if not self._ssl:
+            raise ThrowawayError("this server was created without ssl=True")
+        return os.path.join(self.directory, "ssl", "server.crt")
 
     @property
     def bindir(self) -> str:
@@ -695,6 +715,8 @@ class ThrowawayPostgres:
             if self._port is None:
                 self._port = _free_port()
             self._initdb()
+            if self._ssl:
+                self._make_certificate()
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             self._dir = self._bindir = self._run_as = None
@@ -746,6 +768,33 @@ class ThrowawayPostgres:
         if code != 0:
             raise ThrowawayError(f"initdb failed (exit {code}) with {self.bindir}:\n{_tail(output)}")
 
+    def _make_certificate(self) -> None:
+        """A self-signed certificate and its key in ``<directory>/ssl``, made by
+        ``openssl`` as the server's user (the server insists on owning a key
+        nobody else can read)."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise ThrowawayError(
+                "ssl=True needs the openssl program to make a certificate: install it "
+                "(e.g. apt-get install openssl) or create the server without ssl=True"
+            )
+        ssl_dir = os.path.join(self.directory, "ssl")
+        os.mkdir(ssl_dir, 0o700)
+        if self._run_as is not None:
+            os.chown(ssl_dir, self._run_as.uid, self._run_as.gid)
+        key = os.path.join(ssl_dir, "server.key")
+        # An EC key: made in milliseconds, where RSA takes up to a second.
+        argv = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        argv += ["-nodes", "-days", "7", "-subj", f"/CN={_HOST}", "-addext", f"subjectAltName=IP:{_HOST}"]
+        argv += ["-keyout", key, "-out", self.ssl_cert_file]
+        try:
+            code, output = self._run(argv, timeout=self._timeout)
+        except OSError as exc:
+            code, output = -1, str(exc)
+        if code != 0:
+            raise ThrowawayError(f"openssl could not make a certificate (exit {code}):\n{_tail(output)}")
+        os.chmod(key, 0o600)
+
     def _server_settings(self) -> dict[str, str]:
         socket_dir = os.path.join(self.directory, "sock")
         too_long = len(os.fsencode(socket_dir + _SOCKET_SUFFIX)) > _MAX_SOCKET_PATH
@@ -754,6 +803,11 @@ class ThrowawayPostgres:
             # A socket path longer than sun_path would be fatal: fall back to TCP only.
             "unix_socket_directories": "" if too_long else socket_dir,
         }
+        if self._ssl:
+            ssl_dir = os.path.join(self.directory, "ssl")
+            settings["ssl"] = "on"
+            settings["ssl_cert_file"] = os.path.join(ssl_dir, "server.crt")
+            settings["ssl_key_file"] = os.path.join(ssl_dir, "server.key")
         settings.update(self._settings)
         settings["port"] = str(self.port)
         return settings
