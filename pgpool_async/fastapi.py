@@ -181,7 +181,7 @@ def connection_dependency(
     pool's); past it the endpoint is not run and :class:`~pgpool_async.PoolTimeout`
     propagates (a 503 with :func:`install_error_handlers`). ``autocommit``: lend
     the connection in autocommit mode (each statement commits on its own: one
-    thread hop per query, no COMMIT at the end); it goes back to the pool in the
+    round trip per query, no COMMIT at the end); it goes back to the pool in the
     pool's own mode.
     """
 

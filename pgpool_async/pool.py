@@ -23,6 +23,7 @@ same holds for :meth:`AsyncConnectionPool.close`.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -465,7 +466,17 @@ class AsyncConnectionPool:
             return
         name, ledger = self.name, self._ledger
         slots = [*ledger.start_closing(), *ledger.close_lent()]
-        self._close_off_loop(_let_go(slots))
+        raws = [s.raw for s in slots]
+        loops = {loop for raw in raws if (loop := native.watching_loop(raw)) is not None}
+        loops.discard(asyncio._get_running_loop())  # (on that loop's thread: done right here)
+        try:
+            # The loop that watches their sockets lets them go, then a thread closes them.
+            for loop in loops:
+                loop.call_soon_threadsafe(_release_then_close, raws)
+        except RuntimeError:  # that loop is closed: nothing watches any more
+            loops = set()
+        if not loops:
+            self._close_off_loop(_let_go(slots))
         self._tasks.stop_from_any_thread()
         self._offload.shutdown()
         # Warn last, holding no reference to the pool: where warnings are errors,
@@ -735,9 +746,9 @@ class AsyncConnectionPool:
             and not was_shut_down(raw)
             and raw.get_transaction_status() == _STATUS_IDLE
             and not self._ledger.closing
+            and not self._ledger.retired(slot)  # (closed in _finish_return: putconn waits for it)
         ):
-            # The common case: no I/O, no thread (a retired slot is closed by check_in).
-            self._apply(self._ledger.check_in(slot, self._usable))
+            self._apply(self._ledger.check_in(slot, self._usable))  # the common case: no I/O, no thread
             return None
         done = anyio.Event()
         try:
@@ -878,6 +889,14 @@ def _orphan_recorder(slot: Slot, orphans: list[Slot]) -> Callable[[weakref.ref[A
             orphans.append(slot)
 
     return dropped
+
+
+def _release_then_close(raws: list[PGConnection]) -> None:
+    """On the loop: let each connection go from its runner, then close them all
+    in a thread (an unclosed pool's ``__del__``, called on another thread)."""
+    for raw in raws:
+        native.release(raw)
+    AsyncConnectionPool._close_off_loop(raws)
 
 
 def _let_go(slots: list[Slot]) -> list[PGConnection]:

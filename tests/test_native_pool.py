@@ -244,3 +244,35 @@ async def test_a_connection_dropped_unreturned_is_recovered(dsn: str) -> None:
         gc.collect()
         assert await pool.fetchval("SELECT 2", timeout=5) == 2
         assert not raw.closed
+
+
+async def test_an_idle_connection_stays_on_the_loop_between_loans(dsn: str, app_name: str) -> None:
+    """The runner stays entered while its connection is idle: the next loan starts on
+    the loop; psycopg2 code in between lets it go first; a backend killed while idle
+    is seen by the loop (no peek needed) and never lent."""
+    async with AsyncConnectionPool(1, 1, dsn, io="auto", application_name=app_name) as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+        async with pool.connection() as conn:
+            assert conn.loan.on_loop  # before any statement of this loan
+            pid = await conn.fetchval("SELECT pg_backend_pid()")
+            # psycopg2 code: the runner lets the connection go (psycopg2 joins the
+            # transaction the loop opened); statements stay in threads until it ends.
+            assert await conn.run_sync(lambda raw: raw.get_backend_pid()) == pid
+            assert not conn.loan.on_loop
+            assert await conn.fetchval("SELECT 2") == 2
+            assert not conn.loan.on_loop
+            await conn.commit()
+            assert await conn.fetchval("SELECT 3") == 3
+            assert conn.loan.on_loop
+        server_query(dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+        with anyio.fail_after(5):
+            while True:  # until the loop has seen the server hang up
+                await anyio.sleep(0.02)
+                slot = pool._ledger._idle[0] if pool._ledger._idle else None
+                if slot is None or not slot.runner.quiet:
+                    break
+        lost = pool.get_stats().get("connections_lost", 0)
+        assert await pool.fetchval("SELECT pg_backend_pid()") != pid  # a new connection
+        assert pool.get_stats()["connections_lost"] == lost + 1
+    # Closing the pool lets every runner go before its connection is closed.
+    assert all(s.runner is None or not s.runner.entered for s in pool._ledger._idle)

@@ -31,6 +31,11 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+#: What a query lost with the network raises: a one-hop helper's COMMIT leaves with its
+#: statement on the loop path, so its outcome is unknown (an OperationalError subclass).
+LOST_QUERY = {"OperationalError", "CommitOutcomeUnknown"}
+
+
 @pytest.fixture(scope="module")
 def netlab() -> Iterator[NetLab]:
     """A throwaway server behind a router namespace (built once for the module)."""
@@ -64,7 +69,9 @@ async def test_blackhole_mid_query_ends_by_default_and_service_returns(lab: NetL
     result = await netfaults.blackhole_mid_query(lab, "pgpool_async", limit=40.0)
     d = result.details
     assert d["query_end_s"] is not None and d["query_end_s"] < 20.0, result.notes
-    assert d["query_error"] == "OperationalError"
+    # A one-hop helper's COMMIT leaves with its statement on the loop path: lost with
+    # it, its outcome is unknown (CommitOutcomeUnknown, an OperationalError).
+    assert d["query_error"] in LOST_QUERY, result.notes
     assert result.recovery_s is not None and result.recovery_s < 3.0, result.notes
     assert d["max_gap"] < MAX_LOOP_GAP, result.notes
 
@@ -110,7 +117,7 @@ async def test_close_during_a_blackhole_is_bounded(lab: NetLab) -> None:
     d = result.details
     assert d["close_s"] < 5.0, result.notes
     assert d["threads_busy"] == [], d["threads_busy"]
-    assert [r.error for r in d["records"]] == ["OperationalError"], result.notes
+    assert len(d["records"]) == 1 and d["records"][0].error in LOST_QUERY, result.notes
     assert d["max_gap"] < MAX_LOOP_GAP, result.notes
 
 

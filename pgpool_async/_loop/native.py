@@ -90,6 +90,7 @@ __all__ = [
     "preload",
     "release",
     "unavailable_reason",
+    "watching_loop",
 ]
 
 Params = Sequence[Any] | dict[str, Any] | None
@@ -172,6 +173,17 @@ def release(raw: PGConnection) -> None:
         runner.close()
     else:
         runner._detach()
+
+
+def watching_loop(raw: PGConnection) -> asyncio.AbstractEventLoop | None:
+    """The asyncio loop whose runner holds ``raw`` now (its socket registered
+    there), or None. Lets code on another thread hand the closing of ``raw`` to
+    that loop: closed first, its file descriptor could be reused by a new
+    socket before the loop stops watching the old number."""
+    runner = _entered.get(id(raw))
+    if runner is None or runner.raw is not raw:
+        return None
+    return runner._asyncio
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
