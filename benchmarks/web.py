@@ -13,9 +13,11 @@ idle while another is measured:
   (anyio's default 40 threads) busy while 64 others measure ``GET /items/{id}``.
 
 Stacks: ``pgpool`` (the README's path: ``Connection(db, autocommit=True)`` for the
-read, ``Connection(db)`` for the transaction), ``pgpool-onehop`` (``db.pool.fetchone``
-and ``db.pool.run_sync``: one thread hop per request), ``psycopg_pool`` (psycopg 3,
-``async with pool.connection()``), ``asyncpg`` (``pool.fetchrow``, ``conn.transaction()``),
+read, ``Connection(db)`` for the transaction: FastAPI dependencies), ``pgpool-direct``
+(the same shape as the asyncpg stack: pool calls in the endpoint, no dependency:
+``db.pool.fetchone``, and ``async with db.pool.connection()`` for the transaction),
+``psycopg_pool`` (psycopg 3, ``async with pool.connection()``), ``asyncpg``
+(``pool.fetchrow``, ``conn.transaction()``),
 ``psycopg2-threadpool`` (psycopg2's ``ThreadedConnectionPool`` inside
 ``run_in_threadpool``, the do-it-yourself route). Rounds are interleaved (each round
 runs every stack once per scenario, in a rotated order); the table gives medians of
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-STACKS = ("pgpool", "pgpool-onehop", "psycopg_pool", "asyncpg", "psycopg2-threadpool")
+STACKS = ("pgpool", "pgpool-direct", "psycopg_pool", "asyncpg", "psycopg2-threadpool")
 SCENARIOS = ("GET", "POST", "mixed")
 ROWS = 1000
 POOL = 10
@@ -69,7 +71,7 @@ def build_app(stack: str, dsn: str) -> Any:
     get_sql = "SELECT id, name, balance FROM web_items WHERE id = %s"
     upd_sql = "UPDATE web_items SET balance = balance + %s WHERE id = %s"
 
-    if stack in ("pgpool", "pgpool-onehop"):
+    if stack in ("pgpool", "pgpool-direct"):
         from pgpool_async.fastapi import AppPool, Connection
 
         db = AppPool(POOL, POOL, dsn, timeout=30)
@@ -92,18 +94,15 @@ def build_app(stack: str, dsn: str) -> Any:
         else:
 
             @app.get("/items/{item}")
-            async def get_item_onehop(item: int) -> dict[str, Any]:
-                row = await db.pool.fetchone(get_sql, (item,))
+            async def get_item_direct(item: int) -> dict[str, Any]:
+                row = await db.pool.fetchone(get_sql, (item,))  # BEGIN; SELECT; COMMIT: one round trip
                 return {"id": row[0], "name": row[1], "balance": row[2]}
 
-            def transfer_sync(raw: Any, steps: list[tuple[int, int]]) -> None:
-                with raw.cursor() as cur:
-                    for account, delta in steps:
-                        cur.execute(upd_sql, (delta, account))
-
             @app.post("/transfer")
-            async def transfer_onehop(t: Transfer) -> dict[str, bool]:
-                await db.pool.run_sync(transfer_sync, ordered(t))  # committed in the same hop
+            async def transfer_direct(t: Transfer) -> dict[str, bool]:
+                async with db.pool.connection() as conn:  # committed on exit, rolled back on error
+                    for account, delta in ordered(t):
+                        await conn.execute(upd_sql, (delta, account))
                 return {"ok": True}
 
     elif stack == "psycopg_pool":
@@ -443,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     """A markdown table: medians per scenario and stack, and ratios to the pgpool stacks."""
     lines = [
-        "| scenario | stack | req/s | p50 ms | p99 ms | errors | pgpool ÷ it | pgpool-onehop ÷ it |",
+        "| scenario | stack | req/s | p50 ms | p99 ms | errors | pgpool ÷ it | pgpool-direct ÷ it |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for scenario in SCENARIOS:
@@ -457,7 +456,7 @@ def report(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
             lines.append(
                 f"| {scenario} | {stack} | {m['rps']:,.0f} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} "
                 f"| {m['errors']:.0f} "
-                f"| {med['pgpool']['rps'] / m['rps']:.2f} | {med['pgpool-onehop']['rps'] / m['rps']:.2f} |"
+                f"| {med['pgpool']['rps'] / m['rps']:.2f} | {med['pgpool-direct']['rps'] / m['rps']:.2f} |"
             )
     return "\n".join(lines)
 
