@@ -856,9 +856,13 @@ class AsyncConnectionPool:
     # -- reporting ----------------------------------------------------------
 
     def get_stats(self) -> dict[str, int]:
-        """Gauges and counters, with psycopg_pool's key names."""
+        """Gauges and counters, with psycopg_pool's key names, and
+        ``pool_on_loop``: connections whose statements run on the event loop now
+        (``io="auto"``; 0 with ``io="thread"``)."""
+        on_loop = sum(1 for s in self._ledger.open_slots() if s.runner is not None and s.runner.entered)
         return {
             **self._ledger.snapshot(),
+            "pool_on_loop": on_loop,
             "requests_waiting": len(self._waiting),
             **self._stats.snapshot(),
         }

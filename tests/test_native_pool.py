@@ -105,6 +105,7 @@ async def test_run_sync_sees_and_commits_the_loops_transaction(dsn: str, table: 
 async def test_one_hop_helpers(dsn: str, table: str, io: str) -> None:
     async with AsyncConnectionPool(1, 2, dsn, io=io) as pool:
         assert await pool.execute(f"INSERT INTO {table} SELECT generate_series(1, 3)") == 3
+        assert pool.get_stats()["pool_on_loop"] == (1 if io == "auto" else 0)
         assert rows(dsn, table) == [1, 2, 3]
         assert await pool.fetchval(f"SELECT sum(x) FROM {table}") == 6
         assert await pool.fetchone(f"SELECT x FROM {table} WHERE x > %s ORDER BY x", (1,)) == (2,)
@@ -252,6 +253,7 @@ async def test_an_idle_connection_stays_on_the_loop_between_loans(dsn: str, app_
     is seen by the loop (no peek needed) and never lent."""
     async with AsyncConnectionPool(1, 1, dsn, io="auto", application_name=app_name) as pool:
         assert await pool.fetchval("SELECT 1") == 1
+        assert pool.get_stats()["pool_on_loop"] == 1
         async with pool.connection() as conn:
             assert conn.loan.on_loop  # before any statement of this loan
             pid = await conn.fetchval("SELECT pg_backend_pid()")

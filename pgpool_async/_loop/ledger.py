@@ -167,6 +167,10 @@ class Ledger:
         """The lent slots (a snapshot)."""
         return iter(list(self._lent))
 
+    def open_slots(self) -> Iterator[Slot]:
+        """The idle and lent slots (a snapshot)."""
+        return iter([*self._idle, *self._lent])
+
     def retired(self, slot: Slot, now: float | None = None) -> bool:
         """Past its lifetime, or from before a drain()."""
         now = time.monotonic() if now is None else now
