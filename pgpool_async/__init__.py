@@ -1,7 +1,9 @@
 """pgpool_async: an asyncio- and trio-friendly PostgreSQL pool built on psycopg2.
 
-psycopg2's ``ThreadedConnectionPool`` is the engine; every blocking call runs in
-the pool's own worker threads, so the event loop never stalls::
+psycopg2's ``ThreadedConnectionPool`` is the engine; statements run on the event
+loop through psycopg2's own libpq in non-blocking mode (``io="auto"``, the
+default), and every other blocking call in the pool's own worker threads, so the
+event loop never stalls::
 
     async with AsyncConnectionPool(1, 10, dsn, timeout=5) as pool:
         async with pool.connection() as conn:

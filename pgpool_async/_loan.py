@@ -3,11 +3,11 @@
 :class:`Loan` is what :mod:`~pgpool_async.connection`,
 :mod:`~pgpool_async.cursor`, :mod:`~pgpool_async.copying` and
 :mod:`~pgpool_async.notifications` use to run calls on a lent psycopg2
-connection: ``raw``, :meth:`Loan.call` (the pool's own calls, in its worker
-threads), :meth:`Loan.call_user` (user code, which may call back into the
-loop), the :class:`Turn` that keeps calls one at a time, and what the loan
-changed that the pool must undo on return. It is the one place where a second
-way to run a statement (on the event loop, through libpq) can plug in.
+connection: ``raw``, :meth:`Loan.call` (the pool's own calls: statements on the
+event loop through the connection's loop-native runner where the pool's ``io``
+allows, the rest in its worker threads), :meth:`Loan.call_user` (user code, in a
+thread, which may call back into the loop), the :class:`Turn` that keeps calls
+one at a time, and what the loan changed that the pool must undo on return.
 """
 
 from __future__ import annotations
@@ -138,10 +138,12 @@ class Loan:
         self.fit = fit
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
-        """``func(raw, *args)`` in a worker thread, in turn. For calls that never
-        call back into the loop. If the caller is cancelled meanwhile, the
-        server is asked to cancel the running statement, the thread is waited
-        for, then the cancellation is raised.
+        """``func(raw, *args)``, in turn: on the event loop when ``func`` is one of
+        the pool's statement functions with a loop version (``_ON_LOOP``) and the
+        runner can take the connection, else in a worker thread (for calls that
+        never call back into the loop). If the caller is cancelled meanwhile, the
+        server is asked to cancel the running statement, the statement (or the
+        thread) is waited for, then the cancellation is raised.
 
         :raises ConnectionReleased: the connection went back to the pool.
         """

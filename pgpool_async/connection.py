@@ -1,17 +1,18 @@
 """The async face of one pooled psycopg2 connection.
 
 An :class:`AsyncConnection` is lent by :class:`~pgpool_async.AsyncConnectionPool`.
-Each database call runs in one of the pool's worker threads, one at a time per
-connection (psycopg2 allows a connection, never a cursor, to move between
-threads). Once the connection is back in the pool the object is cut loose from
-it (asyncpg's detached proxy): every further use raises
+Its statements run on the event loop (the pool's ``io="auto"``, see
+:mod:`pgpool_async._loop.native`), other database calls in one of the pool's
+worker threads, one at a time per connection (psycopg2 allows a connection, never
+a cursor, to move between threads). Once the connection is back in the pool the
+object is cut loose from it (asyncpg's detached proxy): every further use raises
 :class:`~pgpool_async.errors.ConnectionReleased`.
 
 Everything that runs a call on the connection goes through its :class:`Loan`:
 the small interface that :mod:`~pgpool_async.cursor`,
 :mod:`~pgpool_async.copying` and :mod:`~pgpool_async.notifications` use. A loan
-runs a statement by handing a function to the pool's worker threads; it is the
-one place where a second way to run a statement can plug in.
+decides where each call runs: on the loop (the connection's loop-native runner)
+or in the pool's worker threads.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ T = TypeVar("T")
 
 
 class AsyncConnection:
-    """A pooled connection; every call runs off the event loop.
+    """A pooled connection; no call blocks the event loop (statements run on it
+    without blocking, everything else in worker threads).
 
     Calls on one connection run one at a time, in call order. After the
     connection is returned (``putconn`` or the end of ``async with
