@@ -237,16 +237,17 @@ class Loan:
         if runner is not None and runner.entered:
             await runner.leave(to_thread=self.offload.run_anyio)
 
-    def loop_idle(self) -> bool:
-        """The return path, without awaiting: True when nothing is left to do on
+    def loop_settled(self) -> bool:
+        """The return path, without awaiting: True when nothing is under way on
         the loop (the runner, if entered, stays entered for the next loan: the
-        pool lets it go before a thread touches the connection). False: a call
-        still runs, a cancel is on its way or a transaction is open:
-        :meth:`give_back_loop` must run first."""
+        pool lets it go before a thread touches the connection). The caller
+        checks the transaction status itself (a transaction open on the loop:
+        :meth:`give_back_loop` must run first). False: a call still runs or a
+        cancel is on its way."""
         runner = self.runner
         if runner is None or not runner.entered:
             return True
-        return not self.turn.locked() and runner.idle
+        return not self.turn.locked() and runner.settled
 
     async def give_back_loop(self) -> None:
         """The return path, in a pool task, the turn idle: end a transaction left

@@ -727,29 +727,30 @@ class AsyncConnectionPool:
     def _start_return_slot(self, slot: Slot, loan: Loan | None, close: bool) -> anyio.Event | None:
         if slot.state is not SlotState.LENT:  # closed by the pool meanwhile (close timeout)
             return None
-        self._ledger.begin_return(slot)
         raw = slot.raw
         if loan is None:
             native.release(raw)  # an orphan's runner, if any, went with it
         if self._fit.unfit(raw):  # its server changed role (failover.py)
             close = True
             self._retire_server(raw)
+        ledger = self._ledger
         if (
             not close
             and loan is not None
-            and loan.loop_idle()
             and not loan.turn.locked()
+            and loan.loop_settled()
             and not loan.session_changed
             and not loan.listened
             and self._health.reset is None
             and not raw.closed
+            and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
             and not was_shut_down(raw)
-            and raw.get_transaction_status() == _STATUS_IDLE
-            and not self._ledger.closing
-            and not self._ledger.retired(slot)  # (closed in _finish_return: putconn waits for it)
+            and not ledger.closing
+            and not ledger.retired(slot)  # (closed in _finish_return: putconn waits for it)
         ):
-            self._apply(self._ledger.check_in(slot, self._usable))  # the common case: no I/O, no thread
+            self._apply(ledger.return_clean(slot, self._usable))  # the common case: no I/O, no thread
             return None
+        ledger.begin_return(slot)
         done = anyio.Event()
         try:
             self._tasks.spawn(self._finish_return, slot, loan, close, done)

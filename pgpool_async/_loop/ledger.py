@@ -266,6 +266,21 @@ class Ledger:
             return Plan()
         assert slot.state is SlotState.RETURNING
         self._returning.discard(slot)
+        return self._checked_in(slot, usable)
+
+    def return_clean(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+        """:meth:`begin_return` then :meth:`check_in` in one step, for a lent
+        connection that comes back clean (no I/O to do).
+
+        :raises ValueError: the slot is not lent (a bug of the caller).
+        """
+        if slot.state is not SlotState.LENT:
+            raise ValueError(f"{slot!r} is not lent")
+        self._unlend(slot)
+        slot.state = SlotState.RETURNING
+        return self._checked_in(slot, usable)
+
+    def _checked_in(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         if not self._idle and not self.closing and (waiter := self._waiting.first()) is not None:
             # The busy pool's common case, decided as _put_idle + assign would:
             # nothing idle, so the connection goes straight to the first waiter.

@@ -434,6 +434,9 @@ class StatementRunner(Protocol):
     def idle(self) -> bool: ...
 
     @property
+    def settled(self) -> bool: ...
+
+    @property
     def quiet(self) -> bool: ...
 
     def refusal(self) -> str | None: ...
@@ -707,6 +710,13 @@ class LoopStatementRunner:
         nothing has arrived since the last statement: then it is alive as far as
         a look at the socket could tell, and a pool need not look."""
         return self._asyncio is not None and not self._reader_off and not self._busy
+
+    @property
+    def settled(self) -> bool:
+        """:attr:`idle` without the transaction: nothing running, no cancel
+        request on its way (for a caller that reads the transaction status
+        itself: ``raw.get_transaction_status()`` asks the same libpq)."""
+        return self._pg is not None and not self._busy and self._cancel_sent is None
 
     @property
     def idle(self) -> bool:
