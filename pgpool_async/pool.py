@@ -639,7 +639,8 @@ class AsyncConnectionPool:
         started = time.monotonic()
         waiter = self._waiting.push(key, current_time() + max(deadline - started, 0.0), timeout)
         self._stats.requests_queued += 1
-        self._apply(self._ledger.assign(self._usable))
+        if self._ledger.may_assign():  # (a busy, full pool: nothing to hand out or open)
+            self._apply(self._ledger.assign(self._usable))
         try:
             if waiter.done:  # handed a connection at once: still a checkpoint
                 await anyio.lowlevel.checkpoint()

@@ -232,6 +232,11 @@ class Ledger:
             plan.open += want
         return plan
 
+    def may_assign(self) -> bool:
+        """False when :meth:`assign` would do nothing for sure: nothing idle to
+        hand out, and no room to open another connection."""
+        return bool(self._idle) or self.size < self.maxconn
+
     def give_back(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         """A connection handed to a waiter that gave up meanwhile: it is clean,
         so it goes back idle with no I/O."""
