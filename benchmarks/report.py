@@ -292,17 +292,17 @@ def _peers(results: Results, workload: str, field: str, keys: Sequence[str]) -> 
 Target = tuple[str, Any, str, str]
 
 
+def _thread_twin(value: Any) -> Target:
+    """The row under a target: the same figure on the thread path (no goal)."""
+    return ('  the same, io="thread"', value, "", "the thread path, for comparison")
+
+
 def _vs_aiopg(results: Results, name: str, key: str, goal: str, detail: str) -> list[Target]:
     """A default row against aiopg, then its ``io="thread"`` twin (no goal)."""
     q = _quotient
     return [
         (name, q(results, "select1", key, "aiopg", "ops_per_sec"), goal, detail),
-        (
-            '  the same, io="thread"',
-            q(results, "select1", key + THREAD_SUFFIX, "aiopg", "ops_per_sec"),
-            "",
-            "the thread path, for comparison",
-        ),
+        _thread_twin(q(results, "select1", key + THREAD_SUFFIX, "aiopg", "ops_per_sec")),
     ]
 
 
@@ -373,12 +373,7 @@ def targets(results: Results) -> list[Figures]:
             "<= 1.1",
             "whole operation",
         ),
-        (
-            '  the same, io="thread"',
-            _get(results, "overload", "pgpool-thread", "p99_over_p50"),
-            "",
-            "the thread path, for comparison",
-        ),
+        _thread_twin(_get(results, "overload", "pgpool-thread", "p99_over_p50")),
         (
             "2,000 waiters / 10 tasks",
             _get(results, "waiters", "pgpool", "many_over_few"),
@@ -386,12 +381,7 @@ def targets(results: Results) -> list[Figures]:
             "ops/s ratio, SELECT 1 on a pool of 10, pgpool tx"
             + _peers(results, "waiters", "many_over_few", WAITERS_TARGET_PEERS),
         ),
-        (
-            '  the same, io="thread"',
-            _get(results, "waiters", "pgpool-thread", "many_over_few"),
-            "",
-            "the thread path, for comparison",
-        ),
+        _thread_twin(_get(results, "waiters", "pgpool-thread", "many_over_few")),
         (
             "spike connections opened",
             _get(results, "spike", "pgpool", "opened"),
@@ -405,12 +395,7 @@ def targets(results: Results) -> list[Figures]:
             "not worse",
             "median round, worst pgpool row (default io) running queries, waiters aside (1-2 ms = none)",
         ),
-        (
-            '  the same, io="thread"',
-            stall(_runs_queries, "max_stall_ms", _is_thread_pgpool),
-            "",
-            "the thread path, for comparison",
-        ),
+        _thread_twin(stall(_runs_queries, "max_stall_ms", _is_thread_pgpool)),
         (
             "max event-loop stall, worst round ms",
             stall(_runs_queries, "worst_stall_ms", _is_default_pgpool),

@@ -56,6 +56,14 @@ class Turn:
     def locked(self) -> bool:
         return self._busy
 
+    def try_take(self) -> bool:
+        """Take the turn if it is free, without awaiting; False: await
+        ``__aenter__`` to wait in line (then ``_release`` when done)."""
+        if self._busy:
+            return False
+        self._busy = True
+        return True
+
     async def __aenter__(self) -> None:
         if not self._busy:
             self._busy = True
@@ -147,44 +155,29 @@ class Loan:
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
-        if self.detached:
-            raise ConnectionReleased(RELEASED)
+        self.check()
+        loopable = (
+            self.io != "thread"
+            and (func in _EXTRACT or func in _ON_LOOP)
+            and (func is not blocking.run_and_commit or args[0] in _EXTRACT)  # else user code (run_sync)
+        )
         turn = self.turn
-        if (
-            not turn._busy
-            and self.io != "thread"
-            and (on_loop := _ON_LOOP.get(func)) is not None
-            and (func is not blocking.run_and_commit or args[0] in _STATEMENTS)
-            and (runner := self._loop_runner()) is not None
-        ):
-            # The common case, without the turn's context manager: a statement
-            # on the loop, nobody else's call in progress on this connection.
-            turn._busy = True
-            try:
+        if not turn.try_take():
+            await turn.__aenter__()  # in line behind another task's call
+        try:
+            if loopable and (runner := self._loop_runner()) is not None:
                 extract = _EXTRACT.get(func)
                 if extract is not None:  # a statement: no coroutine in between
                     return extract(await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
-                return await on_loop(runner, *args)  # type: ignore[no-any-return]
-            except psycopg2.Error as exc:
-                if self.fit is not None:
-                    self.fit.saw_error(self.raw, exc)
-                raise
-            finally:
-                turn._release()
-        async with turn:
-            try:
-                if self.io != "thread":
-                    on_loop = _ON_LOOP.get(func)
-                    if func is blocking.run_and_commit and args[0] not in _STATEMENTS:
-                        on_loop = None  # user code (pool.run_sync): psycopg2's
-                    if on_loop is not None and (runner := self._loop_runner()) is not None:
-                        return await on_loop(runner, *args)  # type: ignore[no-any-return]
-                    await self.leave_loop()
-                return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
-            except psycopg2.Error as exc:
-                if self.fit is not None:
-                    self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
-                raise
+                return await _ON_LOOP[func](runner, *args)  # type: ignore[no-any-return]
+            await self.leave_loop()  # (psycopg2 code next: it must see the connection)
+            return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+        except psycopg2.Error as exc:
+            if self.fit is not None:
+                self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
+            raise
+        finally:
+            turn._release()
 
     async def call_user(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
@@ -242,12 +235,12 @@ class Loan:
         the loop (the runner, if entered, stays entered for the next loan: the
         pool lets it go before a thread touches the connection). The caller
         checks the transaction status itself (a transaction open on the loop:
-        :meth:`give_back_loop` must run first). False: a call still runs or a
-        cancel is on its way."""
+        :meth:`give_back_loop` must run first). False: a call (on the loop or in
+        a thread) still runs, or a cancel is on its way."""
+        if self.turn.locked():
+            return False
         runner = self.runner
-        if runner is None or not runner.entered:
-            return True
-        return not self.turn.locked() and runner.settled
+        return runner is None or not runner.entered or runner.settled
 
     async def give_back_loop(self) -> None:
         """The return path, in a pool task, the turn idle: end a transaction left
@@ -311,52 +304,22 @@ _EXTRACT: dict[Callable[..., Any], Callable[[Result], Any]] = {
 }
 
 
-async def _statement(runner: StatementRunner, sql: Any, params: Any, extract: Callable[[Result], Any]) -> Any:
-    return extract(await runner.execute(sql, params, describe=False))
-
-
-async def _execute(runner: StatementRunner, sql: Any, params: Any) -> int:
-    return await _statement(runner, sql, params, _rowcount)  # type: ignore[no-any-return]
-
-
-async def _fetchone(runner: StatementRunner, sql: Any, params: Any) -> Any:
-    return await _statement(runner, sql, params, _first_row)
-
-
-async def _fetchall(runner: StatementRunner, sql: Any, params: Any) -> list[Any]:
-    return await _statement(runner, sql, params, _check_rows)  # type: ignore[no-any-return]
-
-
-async def _fetchval(runner: StatementRunner, sql: Any, params: Any) -> Any:
-    return await _statement(runner, sql, params, _first_value)
-
-
 async def _cursor_execute(runner: StatementRunner, cur: Any, sql: Any, params: Any) -> Result:
-    """An AsyncCursor's statement on the loop: the result, with the query text."""
-    result = await runner.execute(sql, params, cursor=cur)
-    result.query = cur.mogrify(sql, params)
-    return result
+    """An AsyncCursor's statement on the loop: the result (``query`` included)."""
+    return await runner.execute(sql, params, cursor=cur)
 
 
 async def _commit_sql(runner: StatementRunner, sql: str) -> None:
     """``failover.commit_sql`` on the loop (an explicit COMMIT in autocommit mode)."""
-    try:
+    with failover.commit_in_flight(runner.raw):
         await runner.execute(sql, None)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if runner.raw.closed:
-            raise failover.outcome_unknown(runner.raw, exc) from exc
-        raise
 
 
 async def _commit(runner: StatementRunner) -> None:
     """``failover.commit`` on the loop: a COMMIT lost with the connection raises
     :class:`~pgpool_async.errors.CommitOutcomeUnknown`."""
-    try:
+    with failover.commit_in_flight(runner.raw):
         await runner.commit()
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if runner.raw.closed:
-            raise failover.outcome_unknown(runner.raw, exc) from exc
-        raise
 
 
 async def _rollback(runner: StatementRunner) -> None:
@@ -367,29 +330,21 @@ async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *ar
     """The one-hop helpers: ``BEGIN; statement; COMMIT`` in one packet, one
     round trip. fetch* of a statement without rows then raise, as on the thread
     path (see ``blocking.run_and_commit``): it ran and was committed."""
-    try:
+    # The COMMIT leaves in the same packet (unless autocommit): it may have been done.
+    with failover.commit_in_flight(runner.raw, when=not runner.raw.autocommit):
         result = await runner.execute(*args, commit=True, describe=False)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if runner.raw.closed and not runner.raw.autocommit:
-            # The COMMIT left in the same packet: it may have been done.
-            raise failover.outcome_unknown(runner.raw, exc) from exc
-        raise
     if func is not blocking.execute and not result.returns_rows:
         raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
     return _EXTRACT[func](result)
 
 
+# The loop versions of the pool's other calls (statements go through _EXTRACT).
 _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
-    blocking.execute: _execute,
-    blocking.fetchone: _fetchone,
-    blocking.fetchall: _fetchall,
-    blocking.fetchval: _fetchval,
     blocking.commit_if_open: _commit,
     failover.commit: _commit,
     failover.commit_sql: _commit_sql,
     blocking.cursor_execute: _cursor_execute,
     PGConnection.commit: _commit,
     PGConnection.rollback: _rollback,
+    blocking.run_and_commit: _run_and_commit,
 }
-_STATEMENTS = (blocking.execute, blocking.fetchone, blocking.fetchall, blocking.fetchval)
-_ON_LOOP[blocking.run_and_commit] = _run_and_commit

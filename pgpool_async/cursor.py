@@ -97,16 +97,24 @@ class AsyncCursor:
         # Rows of other cursor classes (RealDictCursor...) are built by psycopg2 only.
         return self._loan.io != "thread" and type(self._cur) is PGCursor and self._cur.name is None
 
+    def _check_open(self) -> None:
+        if self._cur.closed:
+            raise psycopg2.InterfaceError("cursor already closed")  # psycopg2's words
+
+    async def _loop_execute(self, sql: str, params: Params) -> Result | None:
+        """One statement through the loan: its result when it ran on the loop,
+        None when it ran in a thread (the psycopg2 cursor holds its outcome)."""
+        self._check_open()
+        self._result = None
+        return await self._loan.call(cursor_execute, self._cur, sql, params)
+
     async def execute(self, sql: str, params: Params = None) -> None:
         """Execute a statement: on the event loop (``io="auto"``, a plain
         client-side cursor), else in a worker thread."""
         if not self._on_loop_ok:
             await self._io(self._cur.execute, sql, params)
             return
-        if self._cur.closed:
-            raise psycopg2.InterfaceError("cursor already closed")  # psycopg2's words
-        self._result = None
-        self._result = await self._loan.call(cursor_execute, self._cur, sql, params)
+        self._result = await self._loop_execute(sql, params)
         self._pos = 0
 
     async def executemany(self, sql: str, seq: Iterable[Params]) -> None:
@@ -116,16 +124,14 @@ class AsyncCursor:
         if not self._on_loop_ok:
             await self._io(self._cur.executemany, sql, list(seq))
             return
-        if self._cur.closed:
-            raise psycopg2.InterfaceError("cursor already closed")
-        self._result = None
+        self._check_open()  # (an empty seq too, as psycopg2)
         total = 0
         last: Result | None = None
         status: str | None = None
         for params in seq:
             # None: it ran in a thread (the loan can't use the loop just now, e.g.
             # psycopg2 holds a transaction): the psycopg2 cursor has its outcome.
-            last = await self._loan.call(cursor_execute, self._cur, sql, params)
+            last = await self._loop_execute(sql, params)
             count = self._cur.rowcount if last is None else last.rowcount
             status = self._cur.statusmessage if last is None else last.statusmessage
             # psycopg2's sum: -1 (unknown) once any statement's count is unknown.
@@ -146,8 +152,7 @@ class AsyncCursor:
 
     def _loop_rows(self) -> list[Any]:
         assert self._result is not None
-        if self._cur.closed:
-            raise psycopg2.InterfaceError("cursor already closed")
+        self._check_open()
         if not self._result.returns_rows:
             raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
         return self._result.rows

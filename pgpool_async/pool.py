@@ -24,6 +24,7 @@ same holds for :meth:`AsyncConnectionPool.close`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -466,17 +467,16 @@ class AsyncConnectionPool:
             return
         name, ledger = self.name, self._ledger
         slots = [*ledger.start_closing(), *ledger.close_lent()]
-        raws = [s.raw for s in slots]
-        loops = {loop for raw in raws if (loop := native.watching_loop(raw)) is not None}
-        loops.discard(asyncio._get_running_loop())  # (on that loop's thread: done right here)
-        try:
-            # The loop that watches their sockets lets them go, then a thread closes them.
-            for loop in loops:
-                loop.call_soon_threadsafe(_release_then_close, raws)
-        except RuntimeError:  # that loop is closed: nothing watches any more
-            loops = set()
-        if not loops:
-            self._close_off_loop(_let_go(slots))
+        # From another thread, the loop that watches their sockets (one per pool)
+        # lets them go first, then a thread closes them (see native.watching_loop).
+        loop = next(filter(None, (native.watching_loop(s.raw) for s in slots)), None)
+        handed = False
+        if loop is not None and loop is not asyncio._get_running_loop():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nothing watches
+                loop.call_soon_threadsafe(_close_slots_off_loop, slots)
+                handed = True
+        if not handed:
+            _close_slots_off_loop(slots)
         self._tasks.stop_from_any_thread()
         self._offload.shutdown()
         # Warn last, holding no reference to the pool: where warnings are errors,
@@ -738,8 +738,7 @@ class AsyncConnectionPool:
         if (
             not close
             and loan is not None
-            and not loan.turn.locked()
-            and loan.loop_settled()
+            and loan.loop_settled()  # (no call running: the turn is free)
             and not loan.session_changed
             and not loan.listened
             and self._health.reset is None
@@ -897,12 +896,9 @@ def _orphan_recorder(slot: Slot, orphans: list[Slot]) -> Callable[[weakref.ref[A
     return dropped
 
 
-def _release_then_close(raws: list[PGConnection]) -> None:
-    """On the loop: let each connection go from its runner, then close them all
-    in a thread (an unclosed pool's ``__del__``, called on another thread)."""
-    for raw in raws:
-        native.release(raw)
-    AsyncConnectionPool._close_off_loop(raws)
+def _close_slots_off_loop(slots: list[Slot]) -> None:
+    """Let each connection go from its runner, then close them all in a thread."""
+    AsyncConnectionPool._close_off_loop(_let_go(slots))
 
 
 def _let_go(slots: list[Slot]) -> list[PGConnection]:

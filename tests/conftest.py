@@ -46,11 +46,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "single_io(reason): run once, with the pools' default io, not once per io in IO_PATHS "
         "(the test builds no pool, passes io= itself, or is a slow fault suite run with the default)",
     )
-    config.addinivalue_line(
-        "markers",
-        "loop_differs(reason, raises=AssertionError): on io=loop this test checks a psycopg2 detail "
-        "the loop-native path documents as different (pgpool_async/_loop/native.py): expected to fail",
-    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -58,21 +53,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Module scope: a module's tests run for one io, then for the other, so a
         # module-scoped fixture that asks for pool_io (a server process) starts once per io.
         metafunc.parametrize("pool_io", IO_PATHS, indirect=True, scope="module")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        differs = item.get_closest_marker("loop_differs")
-        callspec = getattr(item, "callspec", None)
-        if differs is None or callspec is None or callspec.params.get("pool_io") != "loop":
-            continue
-        item.add_marker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=differs.kwargs.get("raises", AssertionError),
-                reason=f"io=loop differs from psycopg2 by design: {differs.args[0]}",
-            )
-        )
 
 
 @pytest.fixture(scope="module", autouse=True)

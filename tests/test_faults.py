@@ -43,12 +43,8 @@ MAX_LOOP_GAP = 0.5
 @pytest.fixture(scope="module")
 def fault_pg() -> Iterator[ThrowawayPostgres]:
     """A server these tests may stop, restart and kill backends on."""
-    server = ThrowawayPostgres(settings={"max_connections": "300"})
-    server.start()
-    try:
+    with ThrowawayPostgres(settings={"max_connections": "300"}) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

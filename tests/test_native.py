@@ -702,12 +702,8 @@ def ssl_dsn() -> Iterator[str]:
     """A throwaway server with SSL on, its certificate self-signed (openssl)."""
     if shutil.which("openssl") is None:
         _missing("openssl is not installed (apt-get install openssl)")
-    server = ThrowawayPostgres(ssl=True)
-    server.start()
-    try:
+    with ThrowawayPostgres(ssl=True) as server:
         yield f"{server.dsn} sslmode=require"
-    finally:
-        server.destroy()
 
 
 async def test_over_ssl(ssl_dsn: str) -> None:

@@ -276,5 +276,7 @@ async def test_an_idle_connection_stays_on_the_loop_between_loans(dsn: str, app_
         lost = pool.get_stats().get("connections_lost", 0)
         assert await pool.fetchval("SELECT pg_backend_pid()") != pid  # a new connection
         assert pool.get_stats()["connections_lost"] == lost + 1
+        slots = list(pool._ledger.open_slots())
+        assert [s.runner.entered for s in slots] == [True]
     # Closing the pool lets every runner go before its connection is closed.
-    assert all(s.runner is None or not s.runner.entered for s in pool._ledger._idle)
+    assert [(s.runner.entered, s.raw.closed) for s in slots] == [(False, True)]

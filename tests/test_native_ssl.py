@@ -39,12 +39,8 @@ def ssl_server() -> Iterator[ThrowawayPostgres]:
         _missing(f"the loop-native path is unavailable here: {unavailable_reason()}")
     if shutil.which("openssl") is None:
         _missing("openssl is not installed (apt-get install openssl): no certificate for the server")
-    server = ThrowawayPostgres(ssl=True)
-    server.start()
-    try:
+    with ThrowawayPostgres(ssl=True) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture

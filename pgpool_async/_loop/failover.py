@@ -28,8 +28,9 @@ worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg2
@@ -191,6 +192,20 @@ def named_check(check: bool | str | Hook | None) -> bool | Hook | None:
 # -- COMMIT (worker threads) -------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def commit_in_flight(raw: PGConnection, when: bool = True) -> Iterator[None]:
+    """Around a COMMIT (sent alone or with its statements, from a thread or the
+    loop): losing the connection meanwhile raises :class:`CommitOutcomeUnknown`
+    (an ``OperationalError``) from psycopg2's error. ``when=False``: no COMMIT was
+    in flight after all (autocommit), psycopg2's error stands."""
+    try:
+        yield
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        if when and raw.closed:
+            raise outcome_unknown(raw, exc) from exc
+        raise
+
+
 def outcome_unknown(raw: PGConnection, exc: psycopg2.Error) -> CommitOutcomeUnknown:
     """The error for a COMMIT lost with ``raw`` (``exc``: psycopg2's), naming the server."""
     where = server_of(raw)
@@ -206,20 +221,11 @@ def outcome_unknown(raw: PGConnection, exc: psycopg2.Error) -> CommitOutcomeUnkn
 def commit(raw: PGConnection) -> None:
     """``raw.commit()``; a COMMIT lost with the connection raises
     :class:`CommitOutcomeUnknown` (an ``OperationalError``) from the original error."""
-    try:
+    with commit_in_flight(raw):
         raw.commit()
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if raw.closed:
-            raise outcome_unknown(raw, exc) from exc
-        raise
 
 
 def commit_sql(raw: PGConnection, sql: str) -> None:
     """Run an explicit ``COMMIT`` statement (autocommit connections), with the same rule."""
-    try:
-        with raw.cursor() as cur:
-            cur.execute(sql)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if raw.closed:
-            raise outcome_unknown(raw, exc) from exc
-        raise
+    with commit_in_flight(raw), raw.cursor() as cur:
+        cur.execute(sql)

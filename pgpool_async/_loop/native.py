@@ -225,6 +225,7 @@ class Result:
     """
 
     __slots__ = (
+        "_codec",
         "_description",
         "_res",
         "lastrowid",
@@ -250,18 +251,17 @@ class Result:
         self.lastrowid = lastrowid
         self.returns_rows = res is not None
         self.query: bytes | None = None  # set for a cursor's statement (psycopg2's cursor.query)
-        self._res = res  # owned: a PGresult outlives its connection, so this is safe
-        self._description: tuple[ext.Column, ...] | str | None = codec
+        # Owned until description is built from it (a PGresult outlives its connection).
+        self._res = res
+        self._codec = codec
+        self._description: tuple[ext.Column, ...] | None = None
 
     @property
     def description(self) -> tuple[ext.Column, ...] | None:
         """psycopg2's ``cursor.description`` for this result (pqpath.c ``_make_column``)."""
-        if not isinstance(self._description, str):
+        res, codec = self._res, self._codec
+        if res is None:  # built already, or a statement without rows
             return self._description
-        res, codec = self._res, self._description
-        if res is None:
-            self._description = None
-            return None
         lib: Any = _libpq.libpq_gil()
         self._description = tuple(
             _column(
@@ -431,9 +431,6 @@ class StatementRunner(Protocol):
     def in_transaction(self) -> bool: ...
 
     @property
-    def idle(self) -> bool: ...
-
-    @property
     def settled(self) -> bool: ...
 
     @property
@@ -444,8 +441,6 @@ class StatementRunner(Protocol):
     def enter(self) -> None: ...
 
     async def leave(self, to_thread: Callable[..., Any] | None = None) -> None: ...
-
-    def try_leave_now(self) -> bool: ...
 
     async def execute(
         self,
@@ -650,21 +645,6 @@ class LoopStatementRunner:
                 to_thread = anyio.to_thread.run_sync
             await to_thread(_psycopg2_joins_transaction, self.raw)
 
-    def try_leave_now(self) -> bool:
-        """:meth:`leave` without awaiting, when it needs no round trip: no
-        statement running, no cancel request on its way, no transaction open.
-        False (still entered) otherwise; True once left (or if not entered)."""
-        if self._pg is None:
-            return True
-        if self._busy or self._cancel_sent is not None or self.in_transaction:
-            return False
-        self._detach()
-        try:
-            self.raw.poll()
-        except psycopg2.Error:
-            self.raw.close()
-        return True
-
     def _detach(self) -> None:
         _entered.pop(id(self.raw), None)
         pg, self._pg = self._pg, None
@@ -713,22 +693,12 @@ class LoopStatementRunner:
 
     @property
     def settled(self) -> bool:
-        """:attr:`idle` without the transaction: nothing running, no cancel
-        request on its way (for a caller that reads the transaction status
-        itself: ``raw.get_transaction_status()`` asks the same libpq)."""
-        return self._pg is not None and not self._busy and self._cancel_sent is None
-
-    @property
-    def idle(self) -> bool:
         """True when entered with nothing under way: no statement running, no
-        cancel request on its way, no transaction open (what lets a pool keep
-        the runner entered while the connection waits for its next borrower)."""
-        return (
-            self._pg is not None
-            and not self._busy
-            and self._cancel_sent is None
-            and self._lib.PQtransactionStatus(self._pg) == _PQTRANS_IDLE
-        )
+        cancel request on its way (what lets a pool keep the runner entered while
+        the connection waits for its next borrower; the caller reads the
+        transaction status itself: ``raw.get_transaction_status()`` asks the same
+        libpq)."""
+        return self._pg is not None and not self._busy and self._cancel_sent is None
 
     @property
     def in_transaction(self) -> bool:
@@ -776,6 +746,7 @@ class LoopStatementRunner:
         cur = cursor if cursor is not None else self._cursor
         assert cur is not None
         query: bytes = cur.mogrify(sql, params)
+        statement = query
         if not query:
             raise psycopg2.ProgrammingError("can't execute an empty query")
         begin = not self.raw.autocommit and self._lib.PQtransactionStatus(self._pg) == _PQTRANS_IDLE
@@ -792,6 +763,8 @@ class LoopStatementRunner:
         try:
             await self._run(query)
             result = self._result(cur, expected, commit, describe)
+            if cursor is not None:
+                result.query = statement  # psycopg2's cursor.query: the statement alone
             if result.rows is None:  # a large result: converted a slice per loop turn
                 result.rows = await self._rows_in_turns(cur)
             return result
