@@ -271,7 +271,7 @@ class Ledger:
             return Plan()
         assert slot.state is SlotState.RETURNING
         self._returning.discard(slot)
-        return self._checked_in(slot, usable)
+        return self._put_idle(slot, usable)
 
     def return_clean(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         """:meth:`begin_return` then :meth:`check_in` in one step, for a lent
@@ -282,33 +282,24 @@ class Ledger:
         if slot.state is not SlotState.LENT:
             raise ValueError(f"{slot!r} is not lent")
         self._unlend(slot)
-        slot.state = SlotState.RETURNING
-        return self._checked_in(slot, usable)
-
-    def _checked_in(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
-        if not self._idle and not self.closing and (waiter := self._waiting.first()) is not None:
-            # The busy pool's common case, decided as _put_idle + assign would:
-            # nothing idle, so the connection goes straight to the first waiter.
-            now = time.monotonic()
-            size = self.size
-            if size < self.maxconn and slot.generation == self.generation and now < slot.expires_at:
-                slot.idle_since = now
-                self._lend(slot, waiter.key, now)
-                self._waiting.hand(waiter, slot)
-                if size + 1 >= self.maxconn:  # (full: nothing to open; else as assign decides)
-                    return Plan()
-                return self.assign(usable)
         return self._put_idle(slot, usable)
 
     def _put_idle(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
-        if self.closing or self.retired(slot) or self.size >= self.maxconn:
+        now = time.monotonic()
+        if self.closing or self.retired(slot, now) or self.size >= self.maxconn:
             slot.state = SlotState.CLOSED
             plan = Plan(close=[slot])
             plan += self.assign(usable)
             self._notify_if_empty()
             return plan
+        slot.idle_since = now
+        if not self._idle and (waiter := self._waiting.first()) is not None:
+            # Nothing else idle: it goes straight to the first waiter, as assign
+            # would decide (a busy pool's every return), without the detour.
+            self._lend(slot, waiter.key, now)
+            self._waiting.hand(waiter, slot)
+            return self.assign(usable) if self.may_assign() else Plan()
         slot.state = SlotState.IDLE
-        slot.idle_since = time.monotonic()
         slot.trusted = True
         self._idle.append(slot)
         try:
