@@ -161,7 +161,9 @@ async def test_packet_loss_reaches_no_user(lab: NetLab, probability: float, seco
     assert result.requests >= 20, result.notes  # the loss really was survivable work
     allowed = 0 if probability < 0.1 else 1
     assert sum(d["errors_by_type"].values()) <= allowed, (d["errors_by_type"], result.notes)
-    assert set(d["errors_by_type"]) <= {"OperationalError"}, (d["errors_by_type"], result.notes)
+    # The one request that may fail can be a statement whose COMMIT travelled in its packet
+    # (the one-hop helpers): its outcome is then unknown, which the pool says as such.
+    assert set(d["errors_by_type"]) <= LOST_QUERY, (d["errors_by_type"], result.notes)
     assert d["max_gap"] < MAX_LOOP_GAP, result.notes
 
 
