@@ -26,6 +26,7 @@ import psycopg2.extensions
 import pytest
 
 from pgpool_async import _libpq
+from pgpool_async._loop import native
 from pgpool_async._loop.native import (
     HandOffRefused,
     LoopStatementRunner,
@@ -51,6 +52,37 @@ def _missing(what: str) -> None:
 
 if unavailable_reason() is not None:  # pragma: no cover - Linux with psycopg2 finds it
     pytestmark = [pytestmark, pytest.mark.skipif(not os.environ.get("CI"), reason=str(unavailable_reason()))]
+
+
+@pytest.fixture(autouse=True, params=["c", "ctypes"])
+def libpq_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every runner test twice: the per-statement libpq calls through the C module
+    (``_pqfast``, what installs build) and through ctypes (where it is not built)."""
+    if request.param == "ctypes":
+        monkeypatch.setattr(native, "_accelerator", lambda: None)
+    elif not native.accelerated():
+        _missing("the C module pgpool_async._loop._pqfast was not built (no C compiler at install?)")
+    return str(request.param)
+
+
+async def test_the_runner_takes_the_c_path_where_it_is_built(dsn: str, libpq_calls: str) -> None:
+    """With the C module built (CI builds it), the runner's libpq calls go through
+    it; its rows, NULLs and counts are what the ctypes path gives (every other
+    test here compares both with psycopg2)."""
+    raw = await connect(dsn)
+    runner = LoopStatementRunner(raw)
+    runner.enter()
+    try:
+        assert (runner._fast is not None) == (libpq_calls == "c")
+        result = await runner.execute(
+            "SELECT g, NULL::text, repeat('x', g) FROM generate_series(1, %s) g", (3,)
+        )
+        assert result.rows == [(1, None, "x"), (2, None, "xx"), (3, None, "xxx")]
+        assert result.rowcount == 3
+        assert (await runner.execute("SELECT 1 WHERE false")).rows == []
+    finally:
+        await runner.leave()
+        raw.close()
 
 
 async def connect(dsn: str, *, autocommit: bool = True) -> psycopg2.extensions.connection:

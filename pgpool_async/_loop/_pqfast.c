@@ -1,0 +1,355 @@
+/*
+ * pgpool_async._loop._pqfast: the loop-native runner's per-statement libpq calls in C.
+ *
+ * Optional. Without it (no compiler at install time, another Python) the runner makes
+ * the same calls through ctypes (native.py), each costing a ctypes call: about a fifth
+ * of a SELECT 1's client CPU. Nothing here links against libpq: bind() receives the
+ * addresses of the functions of the libpq psycopg2 loaded (found by _libpq.py), so the
+ * calls go to exactly that library. Every call is non-blocking (the connection is in
+ * non-blocking mode while the runner holds it) and made with the GIL held, as the
+ * ctypes path's PyDLL does.
+ *
+ * What each function does is the ctypes path's code, line for line; native.py falls
+ * back to that code for anything out of the ordinary (COPY, errors, SSL, a send not
+ * yet flushed).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* libpq's enums (libpq-fe.h), as native.py spells them too. */
+#define CONNECTION_BAD 1
+#define PGRES_COMMAND_OK 1
+#define PGRES_TUPLES_OK 2
+
+typedef int (*pg_send_t)(void *, const char *);
+typedef int (*pg_int_t)(void *);
+typedef void *(*pg_result_t)(void *);
+typedef int (*res_int_t)(const void *);
+typedef void (*res_void_t)(void *);
+typedef unsigned int (*res_oid_t)(const void *, int);
+typedef char *(*res_value_t)(const void *, int, int);
+typedef int (*res_cell_t)(const void *, int, int);
+
+static struct {
+    pg_send_t send_query;
+    pg_int_t flush;
+    pg_int_t consume_input;
+    pg_int_t is_busy;
+    pg_result_t get_result;
+    pg_int_t status;
+    res_int_t result_status;
+    res_void_t clear;
+    res_int_t ntuples;
+    res_int_t nfields;
+    res_oid_t ftype;
+    res_value_t getvalue;
+    res_cell_t getlength;
+    res_cell_t getisnull;
+    int bound;
+} pq;
+
+static int
+as_pointer(PyObject *obj, void **out)
+{
+    if (obj == Py_None) {
+        *out = NULL;
+        return 1;
+    }
+    *out = PyLong_AsVoidPtr(obj);
+    return !(*out == NULL && PyErr_Occurred());
+}
+
+static PyObject *
+pointer_or_none(void *ptr)
+{
+    if (ptr == NULL)
+        Py_RETURN_NONE;
+    return PyLong_FromVoidPtr(ptr);
+}
+
+static int
+check_bound(void)
+{
+    if (!pq.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "_pqfast.bind() was not called");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(bind_doc,
+"bind(PQsendQuery, PQflush, PQconsumeInput, PQisBusy, PQgetResult, PQstatus,\n"
+"     PQresultStatus, PQclear, PQntuples, PQnfields, PQftype, PQgetvalue,\n"
+"     PQgetlength, PQgetisnull)\n\n"
+"The addresses of the libpq functions to call (ints, none 0).");
+
+static PyObject *
+fast_bind(PyObject *self, PyObject *args)
+{
+    void *p[14];
+    if (PyTuple_GET_SIZE(args) != 14) {
+        PyErr_SetString(PyExc_TypeError, "bind() takes 14 function addresses");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < 14; i++) {
+        if (!as_pointer(PyTuple_GET_ITEM(args, i), &p[i]))
+            return NULL;
+        if (p[i] == NULL) {
+            PyErr_SetString(PyExc_ValueError, "bind(): a function address is 0");
+            return NULL;
+        }
+    }
+    pq.send_query = (pg_send_t)p[0];
+    pq.flush = (pg_int_t)p[1];
+    pq.consume_input = (pg_int_t)p[2];
+    pq.is_busy = (pg_int_t)p[3];
+    pq.get_result = (pg_result_t)p[4];
+    pq.status = (pg_int_t)p[5];
+    pq.result_status = (res_int_t)p[6];
+    pq.clear = (res_void_t)p[7];
+    pq.ntuples = (res_int_t)p[8];
+    pq.nfields = (res_int_t)p[9];
+    pq.ftype = (res_oid_t)p[10];
+    pq.getvalue = (res_value_t)p[11];
+    pq.getlength = (res_cell_t)p[12];
+    pq.getisnull = (res_cell_t)p[13];
+    pq.bound = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(send_doc,
+"send(pg, query: bytes) -> int\n\n"
+"PQsendQuery then PQflush: PQflush's answer (0 sent, 1 more to send, -1 failed),\n"
+"or -2 when PQsendQuery failed (PQerrorMessage says why).");
+
+static PyObject *
+fast_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *pg;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send() takes 2 arguments");
+        return NULL;
+    }
+    if (!check_bound() || !as_pointer(args[0], &pg))
+        return NULL;
+    if (pg == NULL || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "send(pg, query): a connection pointer and bytes");
+        return NULL;
+    }
+    if (!pq.send_query(pg, PyBytes_AS_STRING(args[1])))
+        return PyLong_FromLong(-2);
+    return PyLong_FromLong(pq.flush(pg));
+}
+
+PyDoc_STRVAR(pump_doc,
+"pump(pg, last, prev, keep_prev: bool) -> (code, last, prev, added, status)\n\n"
+"PQconsumeInput, then every result libpq has complete (PQisBusy before each\n"
+"PQgetResult, so it never waits). Each result becomes ``last``; the one before is\n"
+"cleared, or kept as ``prev`` with ``keep_prev`` (its ``prev`` cleared). ``added``:\n"
+"how many results were read; ``status``: the last one's PQresultStatus.\n"
+"code: 0 busy (more to come), 1 the final NULL was read, 2 a result whose status\n"
+"is not COMMAND_OK or TUPLES_OK was read (the caller handles it, then goes on),\n"
+"3 busy on a dead connection, -1 PQconsumeInput failed.");
+
+static PyObject *
+fast_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *pg, *last, *prev, *res;
+    int code, added = 0, status = -1;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "pump() takes 4 arguments");
+        return NULL;
+    }
+    if (!check_bound() || !as_pointer(args[0], &pg) || !as_pointer(args[1], &last) ||
+        !as_pointer(args[2], &prev))
+        return NULL;
+    if (pg == NULL) {
+        PyErr_SetString(PyExc_ValueError, "pump(): no connection");
+        return NULL;
+    }
+    int keep_prev = PyObject_IsTrue(args[3]);
+    if (keep_prev < 0)
+        return NULL;
+    if (!pq.consume_input(pg)) {
+        code = -1;
+    }
+    else {
+        for (;;) {
+            if (pq.is_busy(pg)) {
+                code = pq.status(pg) == CONNECTION_BAD ? 3 : 0;
+                break;
+            }
+            res = pq.get_result(pg);
+            if (res == NULL) {
+                code = 1;
+                break;
+            }
+            if (keep_prev) {
+                if (prev != NULL)
+                    pq.clear(prev);
+                prev = last;
+            }
+            else if (last != NULL) {
+                pq.clear(last);
+            }
+            last = res;
+            added++;
+            status = pq.result_status(res);
+            if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK) {
+                code = 2;
+                break;
+            }
+        }
+    }
+    PyObject *out = PyTuple_New(5);
+    if (out == NULL)
+        return NULL; /* (the results stay referenced by nobody: only on MemoryError) */
+    PyObject *items[5] = {PyLong_FromLong(code), pointer_or_none(last), pointer_or_none(prev),
+                          PyLong_FromLong(added), PyLong_FromLong(status)};
+    for (int i = 0; i < 5; i++) {
+        if (items[i] == NULL) {
+            Py_DECREF(out);
+            for (int j = i + 1; j < 5; j++)
+                Py_XDECREF(items[j]);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, items[i]);
+    }
+    return out;
+}
+
+PyDoc_STRVAR(shape_doc,
+"shape(res) -> (ntuples, (oid, ...))\n\n"
+"PQntuples, and PQftype of each column.");
+
+static PyObject *
+fast_shape(PyObject *self, PyObject *arg)
+{
+    void *res;
+    if (!check_bound() || !as_pointer(arg, &res))
+        return NULL;
+    if (res == NULL) {
+        PyErr_SetString(PyExc_ValueError, "shape(): no result");
+        return NULL;
+    }
+    int nfields = pq.nfields(res);
+    PyObject *oids = PyTuple_New(nfields);
+    if (oids == NULL)
+        return NULL;
+    for (int i = 0; i < nfields; i++) {
+        PyObject *oid = PyLong_FromUnsignedLong(pq.ftype(res, i));
+        if (oid == NULL) {
+            Py_DECREF(oids);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(oids, i, oid);
+    }
+    return Py_BuildValue("(iN)", pq.ntuples(res), oids);
+}
+
+PyDoc_STRVAR(convert_doc,
+"convert(res, casts, cursor, start, stop, rows: list) -> rows\n\n"
+"Rows ``start`` to ``stop`` of ``res`` appended to ``rows`` as tuples: each cell\n"
+"None when NULL, else ``cast(value_bytes, cursor)`` with the cast of its column\n"
+"(``casts``: a list of ``(column, cast)``).");
+
+static PyObject *
+fast_convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *res;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "convert() takes 6 arguments");
+        return NULL;
+    }
+    if (!check_bound() || !as_pointer(args[0], &res))
+        return NULL;
+    PyObject *casts = args[1], *cur = args[2], *rows = args[5];
+    long start = PyLong_AsLong(args[3]), stop = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (res == NULL || !PyList_Check(casts) || !PyList_Check(rows)) {
+        PyErr_SetString(PyExc_TypeError, "convert(res, casts: list, cursor, start, stop, rows: list)");
+        return NULL;
+    }
+    Py_ssize_t ncols = PyList_GET_SIZE(casts);
+    for (long r = start; r < stop; r++) {
+        PyObject *row = PyTuple_New(ncols);
+        if (row == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < ncols; i++) {
+            PyObject *pair = PyList_GET_ITEM(casts, i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                Py_DECREF(row);
+                PyErr_SetString(PyExc_TypeError, "convert(): casts holds (column, cast) pairs");
+                return NULL;
+            }
+            int column = (int)PyLong_AsLong(PyTuple_GET_ITEM(pair, 0));
+            if (column == -1 && PyErr_Occurred()) {
+                Py_DECREF(row);
+                return NULL;
+            }
+            PyObject *cell;
+            if (pq.getisnull(res, (int)r, column)) {
+                cell = Py_NewRef(Py_None);
+            }
+            else {
+                PyObject *raw = PyBytes_FromStringAndSize(pq.getvalue(res, (int)r, column),
+                                                          pq.getlength(res, (int)r, column));
+                if (raw == NULL) {
+                    Py_DECREF(row);
+                    return NULL;
+                }
+                PyObject *call_args[2] = {raw, cur};
+                cell = PyObject_Vectorcall(PyTuple_GET_ITEM(pair, 1), call_args, 2, NULL);
+                Py_DECREF(raw);
+                if (cell == NULL) {
+                    Py_DECREF(row);
+                    return NULL;
+                }
+            }
+            PyTuple_SET_ITEM(row, i, cell);
+        }
+        int failed = PyList_Append(rows, row);
+        Py_DECREF(row);
+        if (failed)
+            return NULL;
+    }
+    return Py_NewRef(rows);
+}
+
+PyDoc_STRVAR(clear_doc, "clear(res) -> None\n\nPQclear(res); None does nothing.");
+
+static PyObject *
+fast_clear(PyObject *self, PyObject *arg)
+{
+    void *res;
+    if (!check_bound() || !as_pointer(arg, &res))
+        return NULL;
+    if (res != NULL)
+        pq.clear(res);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"bind", fast_bind, METH_VARARGS, bind_doc},
+    {"send", (PyCFunction)(void (*)(void))fast_send, METH_FASTCALL, send_doc},
+    {"pump", (PyCFunction)(void (*)(void))fast_pump, METH_FASTCALL, pump_doc},
+    {"shape", fast_shape, METH_O, shape_doc},
+    {"convert", (PyCFunction)(void (*)(void))fast_convert, METH_FASTCALL, convert_doc},
+    {"clear", fast_clear, METH_O, clear_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "_pqfast",
+    "The loop-native runner's per-statement libpq calls in C (optional; see native.py).",
+    -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__pqfast(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,21 @@
+"""Types of the optional C module (``_pqfast.c``); see its docstrings."""
+
+from collections.abc import Callable
+from typing import Any
+
+def bind(*addresses: int) -> None: ...
+def send(pg: int, query: bytes, /) -> int: ...
+def pump(
+    pg: int, last: int | None, prev: int | None, keep_prev: bool, /
+) -> tuple[int, int | None, int | None, int, int]: ...
+def shape(res: int, /) -> tuple[int, tuple[int, ...]]: ...
+def convert(
+    res: int,
+    casts: list[tuple[int, Callable[[bytes, Any], Any]]],
+    cursor: Any,
+    start: int,
+    stop: int,
+    rows: list[tuple[Any, ...]],
+    /,
+) -> list[tuple[Any, ...]]: ...
+def clear(res: int | None, /) -> None: ...
