@@ -166,9 +166,17 @@ class Loan:
             await turn.__aenter__()  # in line behind another task's call
         try:
             if loopable and (runner := self._loop_runner()) is not None:
+                # The hot calls with no coroutine in between: a statement, a commit,
+                # a one-hop helper's statement and commit.
                 extract = _EXTRACT.get(func)
-                if extract is not None:  # a statement: no coroutine in between
+                if extract is not None:
                     return extract(await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
+                if func is blocking.commit_if_open:
+                    with failover.commit_in_flight(self.raw):
+                        await runner.commit()
+                    return None  # type: ignore[return-value]
+                if func is blocking.run_and_commit:
+                    return await _run_and_commit(runner, *args)  # type: ignore[no-any-return]
                 return await _ON_LOOP[func](runner, *args)  # type: ignore[no-any-return]
             await self.leave_loop()  # (psycopg2 code next: it must see the connection)
             return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
@@ -327,9 +335,11 @@ async def _rollback(runner: StatementRunner) -> None:
 
 
 async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *args: Any) -> Any:
-    """The one-hop helpers: ``BEGIN; statement; COMMIT`` in one packet, one
-    round trip. fetch* of a statement without rows then raise, as on the thread
-    path (see ``blocking.run_and_commit``): it ran and was committed."""
+    """The one-hop helpers: the statement and its commit in one round trip
+    (alone, as one implicit transaction, or ``BEGIN; statement; COMMIT`` in one
+    packet: see ``LoopStatementRunner.execute``). fetch* of a statement without
+    rows then raise, as on the thread path (see ``blocking.run_and_commit``): it
+    ran and was committed."""
     # The COMMIT leaves in the same packet (unless autocommit): it may have been done.
     with failover.commit_in_flight(runner.raw, when=not runner.raw.autocommit):
         result = await runner.execute(*args, commit=True, describe=False)

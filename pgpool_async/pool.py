@@ -687,12 +687,13 @@ class AsyncConnectionPool:
         timeout: float | None,
     ) -> T:
         """Borrow, run ``func`` then commit in one worker-thread call, return."""
-        conn = await self.getconn(timeout=timeout)
+        conn = await self.getconn(None, timeout)
         try:
             return await runner(conn.loan, run_and_commit, func, *args)
         finally:
             done = self._start_return(conn, close=False)
-            await _back_pressure(done)
+            if done is not None:
+                await _back_pressure(done)
 
     # -- returning --------------------------------------------------------------
 

@@ -112,13 +112,53 @@ async def test_one_hop_helpers(dsn: str, table: str, io: str) -> None:
         assert await pool.fetchall(f"SELECT x FROM {table} ORDER BY x") == [(1,), (2,), (3,)]
         assert await pool.fetchval(f"SELECT x FROM {table} WHERE false") is None
         # As on the thread path: fetch* of a statement without rows raises, saying
-        # that it ran and was committed (one round trip: BEGIN; statement; COMMIT).
+        # that it ran and was committed (one round trip: one implicit transaction).
         with pytest.raises(psycopg2.ProgrammingError, match=r"no results to fetch.*was committed"):
             await pool.fetchone(f"INSERT INTO {table} VALUES (9)")
         assert rows(dsn, table) == [1, 2, 3, 9]
         with pytest.raises(psycopg2.errors.DuplicateTable):
             await pool.execute("CREATE TABLE pg_class_copy (x int); CREATE TABLE pg_class_copy (x int)")
         assert server_query(dsn, "SELECT to_regclass('pg_class_copy') IS NULL") == [(True,)]
+
+
+@pytest.mark.parametrize("io", ["auto", "thread"])
+async def test_one_hop_helpers_commit_as_one_implicit_transaction(dsn: str, table: str, io: str) -> None:
+    """With psycopg2's default session characteristics the helpers send the statement
+    alone (asyncpg's way): the server commits the whole string as one transaction.
+    Set characteristics still open it with psycopg2's BEGIN text, on both paths."""
+    async with AsyncConnectionPool(1, 1, dsn, io=io) as pool:
+        # The statement string is one transaction: the second INSERT's failure undoes the first.
+        with pytest.raises(psycopg2.errors.UniqueViolation):
+            await pool.execute(
+                f"CREATE UNIQUE INDEX ON {table} (x); INSERT INTO {table} VALUES (1); "
+                f"INSERT INTO {table} VALUES (1)"
+            )
+        assert rows(dsn, table) == []
+        assert server_query(dsn, f"SELECT count(*) FROM pg_indexes WHERE tablename = '{table}'") == [(0,)]
+        # Nothing was left open by the failure, and psycopg2's view is unchanged.
+        async with pool.connection() as conn:
+            assert await conn.run_sync(lambda raw: (raw.autocommit, raw.get_transaction_status())) == (
+                False,
+                psycopg2.extensions.TRANSACTION_STATUS_IDLE,
+            )
+            await conn.fetchval("SELECT 1")  # a block still opens a transaction
+            assert await conn.run_sync(lambda raw: raw.get_transaction_status()) == (
+                psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+            )
+        # No transaction block: a statement that refuses one runs, as with asyncpg.
+        await pool.execute(f"VACUUM {table}")
+    assert pool.get_stats().get("returns_bad", 0) == 0
+
+    def serializable(raw: psycopg2.extensions.connection) -> None:
+        raw.set_session(isolation_level="SERIALIZABLE", readonly=True)
+
+    async with AsyncConnectionPool(1, 1, dsn, io=io, configure=serializable) as pool:
+        assert await pool.fetchval("SHOW transaction_isolation") == "serializable"
+        with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+            await pool.execute(f"INSERT INTO {table} VALUES (2)")
+        with pytest.raises(psycopg2.errors.ActiveSqlTransaction):
+            await pool.execute(f"VACUUM {table}")  # inside psycopg2's BEGIN, as before
+    assert rows(dsn, table) == []
 
 
 async def test_cursor_factory_and_cursors_use_threads(dsn: str, table: str) -> None:

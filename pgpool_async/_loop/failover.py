@@ -28,9 +28,8 @@ worker threads.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -192,18 +191,30 @@ def named_check(check: bool | str | Hook | None) -> bool | Hook | None:
 # -- COMMIT (worker threads) -------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def commit_in_flight(raw: PGConnection, when: bool = True) -> Iterator[None]:
-    """Around a COMMIT (sent alone or with its statements, from a thread or the
-    loop): losing the connection meanwhile raises :class:`CommitOutcomeUnknown`
-    (an ``OperationalError``) from psycopg2's error. ``when=False``: no COMMIT was
-    in flight after all (autocommit), psycopg2's error stands."""
-    try:
-        yield
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-        if when and raw.closed:
-            raise outcome_unknown(raw, exc) from exc
-        raise
+class commit_in_flight:  # (lower case: called like a function, as contextlib.suppress is)
+    """``with commit_in_flight(raw):`` around a COMMIT (sent alone or with its
+    statements, from a thread or the loop): losing the connection meanwhile raises
+    :class:`CommitOutcomeUnknown` (an ``OperationalError``) from psycopg2's error.
+    ``when=False``: no COMMIT was in flight after all (autocommit), psycopg2's
+    error stands. (A class, not a generator: it is on every commit's path.)"""
+
+    __slots__ = ("raw", "when")
+
+    def __init__(self, raw: PGConnection, when: bool = True) -> None:
+        self.raw = raw
+        self.when = when
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if (
+            exc is not None
+            and self.when
+            and isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            and self.raw.closed
+        ):
+            raise outcome_unknown(self.raw, exc) from exc
 
 
 def outcome_unknown(raw: PGConnection, exc: psycopg2.Error) -> CommitOutcomeUnknown:

@@ -742,7 +742,9 @@ class LoopStatementRunner:
     def in_transaction(self) -> bool:
         """True when the server has a transaction open (or failed) on this connection."""
         self._check()
-        return bool(self._lib.PQtransactionStatus(self._pg) != _PQTRANS_IDLE)
+        # psycopg2's method asks the same libpq (PQtransactionStatus), no I/O, no
+        # lock: a C call, cheaper than one through ctypes.
+        return bool(self.raw.get_transaction_status() != _PQTRANS_IDLE)
 
     async def execute(
         self,
@@ -761,9 +763,14 @@ class LoopStatementRunner:
         of it is used or changed.
 
         ``commit``: then commit, as ``execute`` followed by :meth:`commit` would,
-        but in the same round trip (``BEGIN; statement; COMMIT`` in one packet on
-        a connection without autocommit). If the statement fails the server skips
-        the COMMIT: the transaction is left failed, to be rolled back.
+        but in the same round trip, on a connection without autocommit. Outside a
+        transaction, with psycopg2's default session characteristics, the statement
+        goes alone: the server runs a query string as one implicit transaction and
+        commits it as it ends (several statements included), the outcome of
+        ``BEGIN; statement; COMMIT`` without their two statements; a failed
+        statement leaves no transaction then. Otherwise ``BEGIN; statement;
+        COMMIT`` go in one packet, and if the statement fails the server skips the
+        COMMIT: the transaction is left failed, to be rolled back.
 
         ``describe=False``: the caller will not read ``description`` (it is None
         then, ``returns_rows`` still tells), which spares keeping the libpq result.
@@ -787,12 +794,17 @@ class LoopStatementRunner:
         statement = query
         if not query:
             raise psycopg2.ProgrammingError("can't execute an empty query")
-        begin = not self.raw.autocommit and self._lib.PQtransactionStatus(self._pg) == _PQTRANS_IDLE
+        raw = self.raw
+        begin = not raw.autocommit and raw.get_transaction_status() == _PQTRANS_IDLE
         expected = 1
+        commit = commit and not raw.autocommit
         if begin:
-            query = self._begin_text() + b";" + query
-            expected += 1
-        commit = commit and not self.raw.autocommit
+            text = self._begin_text()
+            if commit and text == b"BEGIN":
+                begin = commit = False  # one implicit transaction (see above)
+            else:
+                query = text + b";" + query
+                expected += 1
         if commit:
             query += b";COMMIT"
             expected += 1
@@ -821,12 +833,12 @@ class LoopStatementRunner:
     async def commit(self) -> None:
         """psycopg2's ``commit()``: COMMIT if a transaction is open, else nothing."""
         if self.in_transaction:
-            await self.execute("COMMIT")
+            await self.execute(b"COMMIT", describe=False)
 
     async def rollback(self) -> None:
         """psycopg2's ``rollback()``: ROLLBACK if a transaction is open, else nothing."""
         if self.in_transaction:
-            await self.execute("ROLLBACK")
+            await self.execute(b"ROLLBACK", describe=False)
 
     def _begin_text(self) -> bytes:
         raw = self.raw

@@ -92,7 +92,22 @@ def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:
     on the loop path (where ``BEGIN; statement; COMMIT`` leave in one packet),
     then a statement without rows raises ``ProgrammingError``
     (:data:`NO_ROWS_COMMITTED`).
+
+    The pool's statement helpers on a connection with psycopg2's default session
+    characteristics and no transaction open send the statement alone, as the loop
+    path does: the server runs it as one implicit transaction and commits it as
+    it ends (one round trip instead of three; see ``LoopStatementRunner.execute``).
     """
+    if func in _STATEMENTS and _implicit_transaction(conn):
+        conn.autocommit = True  # (psycopg2 sends nothing for this)
+        try:
+            # The statement's end commits it: losing the connection meanwhile
+            # leaves the outcome unknown (CommitOutcomeUnknown).
+            with failover.commit_in_flight(conn):
+                return run_and_commit(conn, func, *args)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
     if func in (fetchone, fetchall, fetchval):
         with conn.cursor() as cur:
             cur.execute(*args)
@@ -108,6 +123,18 @@ def run_and_commit(conn: PGConnection, func: Callable[..., T], *args: Any) -> T:
     result = func(conn, *args)
     commit_if_open(conn)
     return result
+
+
+def _implicit_transaction(conn: PGConnection) -> bool:
+    """A statement sent alone on ``conn`` now is committed as it ends, as
+    ``BEGIN; statement; COMMIT`` would be."""
+    return (
+        not conn.autocommit
+        and conn.isolation_level is None
+        and conn.readonly is None
+        and conn.deferrable is None
+        and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    )
 
 
 def cursor_execute(conn: PGConnection, cur: Any, sql: Any, params: Params) -> None:
@@ -145,6 +172,10 @@ def fetchval(conn: PGConnection, sql: Any, params: Params) -> Any:
         return None
     # RealDictCursor rows are dicts: take the first column either way.
     return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+#: The pool's statement helpers (``pool.execute/fetch*`` through :func:`run_and_commit`).
+_STATEMENTS = (execute, fetchone, fetchall, fetchval)
 
 
 def liveness_check(conn: PGConnection) -> None:
