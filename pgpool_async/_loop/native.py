@@ -833,12 +833,35 @@ class LoopStatementRunner:
     async def commit(self) -> None:
         """psycopg2's ``commit()``: COMMIT if a transaction is open, else nothing."""
         if self.in_transaction:
-            await self.execute(b"COMMIT", describe=False)
+            await self._command(b"COMMIT")
 
     async def rollback(self) -> None:
         """psycopg2's ``rollback()``: ROLLBACK if a transaction is open, else nothing."""
         if self.in_transaction:
-            await self.execute(b"ROLLBACK", describe=False)
+            await self._command(b"ROLLBACK")
+
+    async def _command(self, query: bytes) -> None:
+        """COMMIT or ROLLBACK inside a transaction: :meth:`execute` without its
+        Result (nobody reads it), its errors the same."""
+        if self._busy or self._cancel_sent is not None:
+            await self.execute(query, describe=False)  # (it raises or waits as it should)
+            return
+        self._busy = True
+        try:
+            await self._run(query)
+            if not (
+                self._ended
+                and self._status == _PGRES_COMMAND_OK
+                and self._count == 1
+                and self._last is not None
+                and not self._copy_seen
+            ):
+                cur = self._cursor
+                assert cur is not None
+                self._result(cur, 1, describe=False)  # raises what psycopg2 would
+        finally:
+            self._busy = False
+            self._clear()
 
     def _begin_text(self) -> bytes:
         raw = self.raw
