@@ -162,10 +162,15 @@ class Loan:
             and (func is not blocking.run_and_commit or args[0] in _EXTRACT)  # else user code (run_sync)
         )
         turn = self.turn
-        if not turn.try_take():
+        if turn._busy:
             await turn.__aenter__()  # in line behind another task's call
+        else:
+            turn._busy = True  # (try_take(), inlined: every statement runs it)
         try:
-            if loopable and (runner := self._loop_runner()) is not None:
+            runner = self.runner
+            if loopable and (runner is None or not runner.entered):
+                runner = self._loop_runner()  # (entered at the first statement, or None)
+            if loopable and runner is not None:
                 # The hot calls with no coroutine in between: a statement, a commit,
                 # a one-hop helper's statement and commit.
                 extract = _EXTRACT.get(func)
@@ -185,7 +190,10 @@ class Loan:
                 self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
             raise
         finally:
-            turn._release()
+            if turn._waiters or turn._idle is not None:
+                turn._release()
+            else:
+                turn._busy = False  # (_release() with nobody to tell, inlined)
 
     async def call_user(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
@@ -245,10 +253,10 @@ class Loan:
         checks the transaction status itself (a transaction open on the loop:
         :meth:`give_back_loop` must run first). False: a call (on the loop or in
         a thread) still runs, or a cancel is on its way."""
-        if self.turn.locked():
+        if self.turn._busy:  # (locked(), inlined: every return runs this)
             return False
         runner = self.runner
-        return runner is None or not runner.entered or runner.settled
+        return runner is None or runner.settled_or_out
 
     async def give_back_loop(self) -> None:
         """The return path, in a pool task, the turn idle: end a transaction left

@@ -470,6 +470,9 @@ class StatementRunner(Protocol):
     def settled(self) -> bool: ...
 
     @property
+    def settled_or_out(self) -> bool: ...
+
+    @property
     def quiet(self) -> bool: ...
 
     def refusal(self) -> str | None: ...
@@ -739,6 +742,11 @@ class LoopStatementRunner:
         return self._pg is not None and not self._busy and self._cancel_sent is None
 
     @property
+    def settled_or_out(self) -> bool:
+        """``not entered or settled``, in one look (every return asks)."""
+        return self._pg is None or (not self._busy and self._cancel_sent is None)
+
+    @property
     def in_transaction(self) -> bool:
         """True when the server has a transaction open (or failed) on this connection."""
         self._check()
@@ -779,7 +787,8 @@ class LoopStatementRunner:
             ``pgerror``, ``diag``); after an I/O failure the connection is closed.
         :raises PoolError: not entered, or another statement is running.
         """
-        self._check()
+        if self._pg is None:
+            self._check()  # (raises)
         if self._busy:
             raise PoolError("another statement is running on this connection: await it first")
         if self._cancel_sent is not None:
