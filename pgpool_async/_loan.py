@@ -155,12 +155,12 @@ class Loan:
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
-        self.check()
-        loopable = (
-            self.io != "thread"
-            and (func in _EXTRACT or func in _ON_LOOP)
-            and (func is not blocking.run_and_commit or args[0] in _EXTRACT)  # else user code (run_sync)
-        )
+        if self.detached:
+            raise ConnectionReleased(RELEASED)
+        if func is blocking.run_and_commit:
+            loopable = self.io != "thread" and args[0] in _EXTRACT  # else user code (run_sync)
+        else:
+            loopable = self.io != "thread" and (func in _EXTRACT or func in _ON_LOOP)
         turn = self.turn
         if turn._busy:
             await turn.__aenter__()  # in line behind another task's call
@@ -180,8 +180,14 @@ class Loan:
                     with failover.commit_in_flight(self.raw):
                         await runner.commit()
                     return None  # type: ignore[return-value]
-                if func is blocking.run_and_commit:
-                    return await _run_and_commit(runner, *args)  # type: ignore[no-any-return]
+                if func is blocking.run_and_commit:  # (_run_and_commit, inlined)
+                    helper, raw = args[0], self.raw
+                    # The commit travels with the statement (unless autocommit): it may have been done.
+                    with failover.commit_in_flight(raw, when=not raw.autocommit):
+                        result = await runner.execute(args[1], args[2], commit=True, describe=False)
+                    if helper is not blocking.execute and not result.returns_rows:
+                        raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
+                    return _EXTRACT[helper](result)  # type: ignore[no-any-return]
                 return await _ON_LOOP[func](runner, *args)  # type: ignore[no-any-return]
             await self.leave_loop()  # (psycopg2 code next: it must see the connection)
             return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
@@ -342,21 +348,8 @@ async def _rollback(runner: StatementRunner) -> None:
     await runner.rollback()
 
 
-async def _run_and_commit(runner: StatementRunner, func: Callable[..., Any], *args: Any) -> Any:
-    """The one-hop helpers: the statement and its commit in one round trip
-    (alone, as one implicit transaction, or ``BEGIN; statement; COMMIT`` in one
-    packet: see ``LoopStatementRunner.execute``). fetch* of a statement without
-    rows then raise, as on the thread path (see ``blocking.run_and_commit``): it
-    ran and was committed."""
-    # The COMMIT leaves in the same packet (unless autocommit): it may have been done.
-    with failover.commit_in_flight(runner.raw, when=not runner.raw.autocommit):
-        result = await runner.execute(*args, commit=True, describe=False)
-    if func is not blocking.execute and not result.returns_rows:
-        raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
-    return _EXTRACT[func](result)
-
-
-# The loop versions of the pool's other calls (statements go through _EXTRACT).
+# The loop versions of the pool's other calls (statements go through _EXTRACT; the
+# commit and the one-hop helpers' run_and_commit are handled in Loan.call itself).
 _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
     blocking.commit_if_open: _commit,
     failover.commit: _commit,
@@ -364,5 +357,4 @@ _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
     blocking.cursor_execute: _cursor_execute,
     PGConnection.commit: _commit,
     PGConnection.rollback: _rollback,
-    blocking.run_and_commit: _run_and_commit,
 }

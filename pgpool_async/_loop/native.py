@@ -799,7 +799,11 @@ class LoopStatementRunner:
                 self._busy = False
         cur = cursor if cursor is not None else self._cursor
         assert cur is not None
-        query: bytes = cur.mogrify(sql, params)
+        # Without parameters psycopg2's mogrify only encodes a str (no % handling).
+        if params is None and type(sql) is str:
+            query: bytes = sql.encode(self._codec)
+        else:
+            query = cur.mogrify(sql, params)
         statement = query
         if not query:
             raise psycopg2.ProgrammingError("can't execute an empty query")
