@@ -498,18 +498,15 @@ class StatementRunner(Protocol):
     def close(self) -> None: ...
 
 
-class _StatementFuture(asyncio.Future[None]):
-    """A statement's future on asyncio: ``cancel()`` is refused and starts the
-    cancel procedure instead, so the task gets its cancellation only once the
-    server has answered (or the connection was closed): asyncio delivers a
-    refused cancellation when the future completes."""
+class _Uncancellable(asyncio.Future[None]):
+    """The wait for a cancelled statement to end: ``cancel()`` is refused, so a
+    cancellation arriving meanwhile (anyio re-delivers one every loop turn) does
+    not wake the task until the statement is over: asyncio delivers a refused
+    cancellation when the future completes."""
 
-    __slots__ = ("runner",)
-    runner: LoopStatementRunner | None
+    __slots__ = ()
 
     def cancel(self, msg: Any = None) -> bool:
-        if not self.done() and self.runner is not None:
-            self.runner._cancel_requested()
         return False
 
 
@@ -557,7 +554,7 @@ class LoopStatementRunner:
         self._ssl_pending: Any = None
         self._busy = False
         # the statement in flight
-        self._fut: _StatementFuture | None = None
+        self._fut: asyncio.Future[None] | None = None
         self._last: int | None = None  # the last PGresult, kept (psycopg2 keeps the last)
         self._count = 0
         # With commit=True the statement's result is the one before COMMIT's.
@@ -942,17 +939,34 @@ class LoopStatementRunner:
         if self._reader_off:
             self._reader_off = False
             loop.add_reader(self._fd, self._on_readable)
-        # One future per statement; the reader callback walks the protocol.
-        fut = _StatementFuture(loop=loop)
-        fut.runner = self  # (cleared below: no cycle outlives the statement)
+        # One plain future per statement (the task awaits it on asyncio's fast
+        # path); the reader callback walks the protocol and sets it when done.
+        fut = loop.create_future()
         self._fut = fut
         if self._flushing:
             loop.add_writer(self._fd, self._on_writable)
         try:
             await fut
+        except asyncio.CancelledError:
+            # The task was cancelled: the cancellation is delivered only once the
+            # statement is over (cancelled on the server, or the connection closed).
+            if self._pg is not None and not self._pump():
+                await self._drain_cancelled(loop)
+            raise
         finally:
             self._fut = None
-            fut.runner = None
+
+    async def _drain_cancelled(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ask the server to cancel the statement, then wait (at most
+        ``cancel_grace``: :meth:`_abort` closes the connection then) until it is
+        over; further cancellations meanwhile are folded into the one the caller
+        raises next."""
+        self._cancel_requested()
+        while self._pg is not None and not self._pump():  # (_pump is idempotent once over)
+            fut = _Uncancellable(loop=loop)
+            self._fut = fut
+            with contextlib.suppress(asyncio.CancelledError):  # (raised by the caller next)
+                await fut
 
     def _on_readable(self) -> None:
         """asyncio's reader: walk the protocol; wake the task only when done."""
