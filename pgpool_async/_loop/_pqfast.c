@@ -317,6 +317,119 @@ fast_convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_NewRef(rows);
 }
 
+static PyObject *
+lookup_cast(PyObject *types, PyObject *oid)
+{
+    /* A borrowed reference, NULL if absent (or on error: the caller checks). */
+    if (types == NULL || !PyDict_Check(types) || PyDict_GET_SIZE(types) == 0)
+        return NULL;
+    return PyDict_GetItemWithError(types, oid);
+}
+
+PyDoc_STRVAR(rows_doc,
+"rows(res, cursor, cursor_types, conn_types, global_types, fallback, limit) -> list | None\n\n"
+"Every row of ``res`` as tuples, converted as psycopg2 converts them: each column's\n"
+"typecaster looked up in ``cursor_types``, then ``conn_types``, then ``global_types``\n"
+"(dicts by type OID), else ``fallback(cursor, oid)``; a NULL is None, any other\n"
+"value ``cast(value_bytes, cursor)``. None when ``res`` has more than ``limit`` rows\n"
+"(the caller converts those a slice at a time).");
+
+static PyObject *
+fast_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *res;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "rows() takes 7 arguments");
+        return NULL;
+    }
+    if (!check_bound() || !as_pointer(args[0], &res))
+        return NULL;
+    if (res == NULL) {
+        PyErr_SetString(PyExc_ValueError, "rows(): no result");
+        return NULL;
+    }
+    PyObject *cur = args[1], *fallback = args[5];
+    long limit = PyLong_AsLong(args[6]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    int ntuples = pq.ntuples(res);
+    if (ntuples > limit)
+        Py_RETURN_NONE;
+    int nfields = pq.nfields(res);
+    PyObject *casts = PyList_New(0);
+    if (casts == NULL)
+        return NULL;
+    for (int column = 0; column < nfields; column++) {
+        PyObject *oid = PyLong_FromUnsignedLong(pq.ftype(res, column));
+        if (oid == NULL)
+            goto failed_casts;
+        PyObject *cast = lookup_cast(args[2], oid);
+        if (cast == NULL && !PyErr_Occurred())
+            cast = lookup_cast(args[3], oid);
+        if (cast == NULL && !PyErr_Occurred())
+            cast = lookup_cast(args[4], oid);
+        if (PyErr_Occurred()) {
+            Py_DECREF(oid);
+            goto failed_casts;
+        }
+        if (cast != NULL) {
+            Py_INCREF(cast);
+        }
+        else {
+            PyObject *call_args[2] = {cur, oid};
+            cast = PyObject_Vectorcall(fallback, call_args, 2, NULL);
+        }
+        Py_DECREF(oid);
+        if (cast == NULL)
+            goto failed_casts;
+        int failed = PyList_Append(casts, cast);
+        Py_DECREF(cast);
+        if (failed)
+            goto failed_casts;
+    }
+    PyObject *rows = PyList_New(0);
+    if (rows == NULL)
+        goto failed_casts;
+    for (int r = 0; r < ntuples; r++) {
+        PyObject *row = PyTuple_New(nfields);
+        if (row == NULL)
+            goto failed_rows;
+        for (int column = 0; column < nfields; column++) {
+            PyObject *cell;
+            if (pq.getisnull(res, r, column)) {
+                cell = Py_NewRef(Py_None);
+            }
+            else {
+                PyObject *raw = PyBytes_FromStringAndSize(pq.getvalue(res, r, column),
+                                                          pq.getlength(res, r, column));
+                if (raw == NULL) {
+                    Py_DECREF(row);
+                    goto failed_rows;
+                }
+                PyObject *call_args[2] = {raw, cur};
+                cell = PyObject_Vectorcall(PyList_GET_ITEM(casts, column), call_args, 2, NULL);
+                Py_DECREF(raw);
+                if (cell == NULL) {
+                    Py_DECREF(row);
+                    goto failed_rows;
+                }
+            }
+            PyTuple_SET_ITEM(row, column, cell);
+        }
+        int failed = PyList_Append(rows, row);
+        Py_DECREF(row);
+        if (failed)
+            goto failed_rows;
+    }
+    Py_DECREF(casts);
+    return rows;
+failed_rows:
+    Py_DECREF(rows);
+failed_casts:
+    Py_DECREF(casts);
+    return NULL;
+}
+
 PyDoc_STRVAR(clear_doc, "clear(res) -> None\n\nPQclear(res); None does nothing.");
 
 static PyObject *
@@ -336,6 +449,7 @@ static PyMethodDef methods[] = {
     {"pump", (PyCFunction)(void (*)(void))fast_pump, METH_FASTCALL, pump_doc},
     {"shape", fast_shape, METH_O, shape_doc},
     {"convert", (PyCFunction)(void (*)(void))fast_convert, METH_FASTCALL, convert_doc},
+    {"rows", (PyCFunction)(void (*)(void))fast_rows, METH_FASTCALL, rows_doc},
     {"clear", fast_clear, METH_O, clear_doc},
     {NULL, NULL, 0, NULL},
 };

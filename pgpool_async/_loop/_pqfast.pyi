@@ -18,4 +18,14 @@ def convert(
     rows: list[tuple[Any, ...]],
     /,
 ) -> list[tuple[Any, ...]]: ...
+def rows(
+    res: int,
+    cursor: Any,
+    cursor_types: dict[int, Any] | None,
+    conn_types: dict[int, Any] | None,
+    global_types: dict[int, Any] | None,
+    fallback: Callable[[Any, int], Callable[[bytes, Any], Any]],
+    limit: int,
+    /,
+) -> list[tuple[Any, ...]] | None: ...
 def clear(res: int | None, /) -> None: ...

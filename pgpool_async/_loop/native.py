@@ -842,7 +842,9 @@ class LoopStatementRunner:
 
     async def commit(self) -> None:
         """psycopg2's ``commit()``: COMMIT if a transaction is open, else nothing."""
-        if self.in_transaction:
+        if self._pg is None:
+            self._check()  # (raises)
+        if self.raw.get_transaction_status() != _PQTRANS_IDLE:  # (in_transaction, inlined)
             await self._command(b"COMMIT")
 
     async def rollback(self) -> None:
@@ -1255,17 +1257,21 @@ class LoopStatementRunner:
         if status != _PGRES_TUPLES_OK:
             raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
         fast = self._fast
-        if fast is not None:
-            ntuples, oids = fast.shape(res)
-        else:
-            ntuples, oids = lib.PQntuples(res), None
         rows: list[tuple[Any, ...]] | None = None
-        if ntuples <= _SLICE_ROWS:
-            rows = self._convert(res, self._casts(res, cur, oids), cur, 0, ntuples, [])
-            if not describe:
-                done = Result(rows, ntuples, statusmessage, 0, None)
-                done.returns_rows = True
-                return done  # (the PGresult stays ours: _clear frees it)
+        if fast is not None:
+            # The typecasters looked up and every row converted in one C call (None: large).
+            rows = fast.rows(
+                res, cur, cur.string_types, self.raw.string_types, ext.string_types, _fallback, _SLICE_ROWS
+            )
+            ntuples = len(rows) if rows is not None else fast.shape(res)[0]
+        else:
+            ntuples = lib.PQntuples(res)
+            if ntuples <= _SLICE_ROWS:
+                rows = self._convert(res, self._casts(res, cur), cur, 0, ntuples, [])
+        if rows is not None and not describe:
+            done = Result(rows, ntuples, statusmessage, 0, None)
+            done.returns_rows = True
+            return done  # (the PGresult stays ours: _clear frees it)
         # The Result takes the PGresult (for its description): no longer ours to
         # clear. (For a large result, _rows_in_turns reads it from the Result.)
         if res == self._last:
@@ -1276,15 +1282,11 @@ class LoopStatementRunner:
         self._pending = result if rows is None else None
         return result
 
-    def _casts(
-        self, res: int, cur: PGCursor, oids: Sequence[int] | None = None
-    ) -> list[tuple[int, Callable[[bytes, PGCursor], Any]]]:
+    def _casts(self, res: int, cur: PGCursor) -> list[tuple[int, Callable[[bytes, PGCursor], Any]]]:
         """Each column's typecaster, looked up as psycopg2 does: cursor,
-        connection, then the global registry (``oids``: the columns' types, if
-        already read)."""
-        if oids is None:
-            lib = self._lib
-            oids = [lib.PQftype(res, column) for column in range(lib.PQnfields(res))]
+        connection, then the global registry (the C module's ``rows`` does the same)."""
+        lib = self._lib
+        oids = [lib.PQftype(res, column) for column in range(lib.PQnfields(res))]
         cursor_types = cur.string_types
         conn_types = self.raw.string_types
         global_types = ext.string_types
