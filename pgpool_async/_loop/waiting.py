@@ -42,7 +42,7 @@ class Waiter:
     costs is paid once per request, and most requests in a busy pool wait), or
     an anyio event elsewhere (trio)."""
 
-    __slots__ = ("_conn", "_done", "_error", "_signal", "deadline", "key", "timeout")
+    __slots__ = ("_conn", "_done", "_error", "_signal", "deadline", "in_order", "key", "timeout")
 
     def __init__(self, key: Hashable | None, deadline: float = math.inf, timeout: float = math.inf) -> None:
         self.key = key
@@ -55,6 +55,9 @@ class Waiter:
         self._conn: Slot | None = None
         self._error: BaseException | None = None
         self._done = False
+        # Its deadline is no earlier than any before it in the queue (the usual
+        # case: one timeout for all), so the queue's order is its deadline's.
+        self.in_order = False
 
     @property
     def done(self) -> bool:
@@ -119,12 +122,19 @@ class Waiter:
 
 class WaitQueue:
     """Waiters in arrival order. Abandoned waiters are skipped lazily, so
-    leaving the queue costs O(1); ``len()`` counts only live ones."""
+    leaving the queue costs O(1); ``len()`` counts only live ones.
+
+    Deadlines: a waiter whose deadline is no earlier than every one pushed
+    before it (all waiters with the same timeout) is ``in_order``: the queue's
+    own order is its deadline order, so it costs no heap entry (and no object
+    for the garbage collector to follow while it waits). Only a waiter with an
+    earlier deadline than one ahead of it goes into a heap."""
 
     def __init__(self) -> None:
         self._waiters: deque[Waiter] = deque()
         self._live = 0
-        self._deadlines: list[tuple[float, int, Waiter]] = []
+        self._deadlines: list[tuple[float, int, Waiter]] = []  # the waiters out of order
+        self._last_deadline = -math.inf  # the latest deadline of an in-order waiter
         self._pushed = 0
         self._sleeping_until = math.inf
         self._wake: anyio.Event | None = None
@@ -135,9 +145,16 @@ class WaitQueue:
     def push(self, key: Hashable | None, deadline: float = math.inf, timeout: float = math.inf) -> Waiter:
         """Queue a new waiter at the back."""
         waiter = Waiter(key, deadline, timeout)
+        if not self._live:
+            self._last_deadline = -math.inf  # (every waiter still queued is done)
         self._waiters.append(waiter)
         self._live += 1
-        if deadline != math.inf:
+        if deadline != math.inf and deadline >= self._last_deadline:
+            waiter.in_order = True
+            self._last_deadline = deadline
+            if deadline < self._sleeping_until and self._wake is not None:
+                self._wake.set()  # (only the first in-order waiter can be earliest)
+        elif deadline != math.inf:
             self._pushed += 1
             heap = self._deadlines
             if len(heap) > 2 * self._live + 64:
@@ -155,7 +172,18 @@ class WaitQueue:
         heap = self._deadlines
         while heap and heap[0][2].done:
             heapq.heappop(heap)
-        return heap[0][0] if heap else math.inf
+        earliest = heap[0][0] if heap else math.inf
+        first = self._first_in_order()
+        if first is not None and first.deadline < earliest:
+            return first.deadline
+        return earliest
+
+    def _first_in_order(self) -> Waiter | None:
+        """The live in-order waiter nearest the front (the earliest of them)."""
+        for waiter in self._waiters:
+            if waiter.in_order and not waiter.done:
+                return waiter
+        return None
 
     def expire(self, now: float, error: Callable[[Waiter], BaseException]) -> int:
         """Fail every live waiter whose deadline is past with ``error(waiter)``;
@@ -168,6 +196,15 @@ class WaitQueue:
                 self._live -= 1
                 waiter.fail(error(waiter))
                 expired += 1
+        # In-order waiters: front to back, until one whose deadline is ahead.
+        for waiter in self._waiters:  # (failing a waiter leaves it queued: no mutation)
+            if waiter.done or not waiter.in_order:
+                continue
+            if waiter.deadline > now:
+                break
+            self._live -= 1
+            waiter.fail(error(waiter))
+            expired += 1
         return expired
 
     def first(self) -> Waiter | None:
