@@ -160,23 +160,22 @@ class Loan:
         if func is blocking.run_and_commit:
             loopable = self.io != "thread" and args[0] in _EXTRACT  # else user code (run_sync)
         else:
-            loopable = self.io != "thread" and (func in _EXTRACT or func in _ON_LOOP)
+            loopable = self.io != "thread" and (func in _EXTRACT or func in _COMMITS or func in _ON_LOOP)
         turn = self.turn
-        if turn._busy:
+        if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
-        else:
-            turn._busy = True  # (try_take(), inlined: every statement runs it)
         try:
             runner = self.runner
             if loopable and (runner is None or not runner.entered):
                 runner = self._loop_runner()  # (entered at the first statement, or None)
             if loopable and runner is not None:
-                # The hot calls with no coroutine in between: a statement, a commit,
-                # a one-hop helper's statement and commit.
+                # The hot calls with no coroutine in between: a statement, a commit
+                # (a COMMIT lost with the connection raises CommitOutcomeUnknown), a
+                # one-hop helper's statement and commit.
                 extract = _EXTRACT.get(func)
                 if extract is not None:
                     return extract(await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
-                if func is blocking.commit_if_open:
+                if func in _COMMITS:
                     with failover.commit_in_flight(self.raw):
                         await runner.commit()
                     return None  # type: ignore[return-value]
@@ -196,10 +195,7 @@ class Loan:
                 self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
             raise
         finally:
-            if turn._waiters or turn._idle is not None:
-                turn._release()
-            else:
-                turn._busy = False  # (_release() with nobody to tell, inlined)
+            turn._release()
 
     async def call_user(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
@@ -259,10 +255,10 @@ class Loan:
         checks the transaction status itself (a transaction open on the loop:
         :meth:`give_back_loop` must run first). False: a call (on the loop or in
         a thread) still runs, or a cancel is on its way."""
-        if self.turn._busy:  # (locked(), inlined: every return runs this)
+        if self.turn.locked():
             return False
         runner = self.runner
-        return runner is None or runner.settled_or_out
+        return runner is None or runner.settled
 
     async def give_back_loop(self) -> None:
         """The return path, in a pool task, the turn idle: end a transaction left
@@ -337,24 +333,18 @@ async def _commit_sql(runner: StatementRunner, sql: str) -> None:
         await runner.execute(sql, None)
 
 
-async def _commit(runner: StatementRunner) -> None:
-    """``failover.commit`` on the loop: a COMMIT lost with the connection raises
-    :class:`~pgpool_async.errors.CommitOutcomeUnknown`."""
-    with failover.commit_in_flight(runner.raw):
-        await runner.commit()
-
-
 async def _rollback(runner: StatementRunner) -> None:
     await runner.rollback()
 
 
-# The loop versions of the pool's other calls (statements go through _EXTRACT; the
-# commit and the one-hop helpers' run_and_commit are handled in Loan.call itself).
+# The calls that commit (Loan.call runs them on the loop as the runner's commit()).
+_COMMITS = frozenset({blocking.commit_if_open, failover.commit, PGConnection.commit})
+
+# The loop versions of the pool's other calls (statements go through _EXTRACT,
+# commits through _COMMITS; the one-hop helpers' run_and_commit is handled in
+# Loan.call itself).
 _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
-    blocking.commit_if_open: _commit,
-    failover.commit: _commit,
     failover.commit_sql: _commit_sql,
     blocking.cursor_execute: _cursor_execute,
-    PGConnection.commit: _commit,
     PGConnection.rollback: _rollback,
 }

@@ -517,8 +517,7 @@ class AsyncConnectionPool:
         :raises PoolClosed: the pool is closed or closing.
         :raises PoolError: the pool was never opened.
         """
-        if not self._opened or self._ledger.closing or self._never_opened_closed:
-            self._check_serving()  # (raises; the check inlined: every request runs it)
+        self._check_serving()
         wait = self.timeout if timeout is None else check_timeout("timeout", timeout)
         self._stats.requests_num += 1
         if key is not None and (held := self._ledger.lent_under(key)) is not None:
@@ -645,13 +644,7 @@ class AsyncConnectionPool:
         try:
             if waiter.done:  # handed a connection at once: still a checkpoint
                 await anyio.lowlevel.checkpoint()
-            # (waiter.wait() without its coroutine: every request of a busy pool waits)
-            signal = waiter.signal
-            if isinstance(signal, asyncio.Future):
-                await signal
-            else:
-                await signal.wait()
-            return waiter.result()  # or PoolTimeout from the deadlines, PoolClosed from close()
+            return await waiter.wait()  # or PoolTimeout from the deadlines, PoolClosed from close()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled: it is clean

@@ -15,8 +15,8 @@ import os
 import shutil
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -39,6 +39,8 @@ from pgpool_async.testing.faultproxy import FaultProxy
 from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import _loop_guard_off, server_query
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.anyio, pytest.mark.single_io("the loop-native runner itself, without a pool")]
 
@@ -83,6 +85,18 @@ async def test_the_runner_takes_the_c_path_where_it_is_built(dsn: str, libpq_cal
     finally:
         await runner.leave()
         raw.close()
+
+
+async def traced(awaitable: Awaitable[T]) -> tuple[T, int, int]:
+    """Await with tracemalloc on: the result, then the bytes Python's allocations
+    still hold and the most they held meanwhile."""
+    tracemalloc.start()
+    try:
+        result = await awaitable
+        retained, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, retained, peak
 
 
 async def connect(dsn: str, *, autocommit: bool = True) -> psycopg2.extensions.connection:
@@ -663,12 +677,7 @@ async def test_a_large_result_never_stalls_the_loop_and_holds_no_extra_copies(ds
         assert ticker.max_wall < 0.5, ticker.max_wall
         del result
         # Memory: while converting, Python holds the rows being built and little else.
-        tracemalloc.start()
-        try:
-            result = await runner.execute(sql)
-            retained, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        result, retained, peak = await traced(runner.execute(sql))
         assert len(result.rows) == 200_000
         assert peak < retained * 1.2, (peak, retained)
 

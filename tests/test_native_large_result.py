@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import os
-import tracemalloc
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from pgpool_async import AsyncConnectionPool
 from pgpool_async._loop.native import unavailable_reason
 
-from .test_native import ticking
+from .test_native import ticking, traced
 
 pytestmark = [pytest.mark.anyio, pytest.mark.single_io("every pool here passes io='loop' itself")]
 
@@ -88,12 +87,7 @@ async def test_a_large_fetchall_holds_no_extra_copies(dsn: str, record_property:
             del rows
             gc.collect()
             # ... then Python's allocations, the rows' size among them.
-            tracemalloc.start()
-            try:
-                rows = await conn.fetchall(SQL)
-                retained, peak = tracemalloc.get_traced_memory()
-            finally:
-                tracemalloc.stop()
+            rows, retained, peak = await traced(conn.fetchall(SQL))
             assert conn.loan.on_loop
             _check(rows)
     growth = (rss_peak - rss_before) * 1024

@@ -77,6 +77,24 @@ check_bound(void)
     return 1;
 }
 
+/* Every function but bind(): check the argument count, that bind() ran, and
+ * take the first argument, a PGconn * or PGresult * (not NULL). */
+static int
+unpack(const char *name, Py_ssize_t nargs, Py_ssize_t expected, PyObject *first, void **out)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, expected, nargs);
+        return 0;
+    }
+    if (!check_bound() || !as_pointer(first, out))
+        return 0;
+    if (*out == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s(): a NULL pointer", name);
+        return 0;
+    }
+    return 1;
+}
+
 PyDoc_STRVAR(bind_doc,
 "bind(PQsendQuery, PQflush, PQconsumeInput, PQisBusy, PQgetResult, PQstatus,\n"
 "     PQresultStatus, PQclear, PQntuples, PQnfields, PQftype, PQgetvalue,\n"
@@ -126,14 +144,10 @@ static PyObject *
 fast_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     void *pg;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "send() takes 2 arguments");
+    if (!unpack("send", nargs, 2, args[0], &pg))
         return NULL;
-    }
-    if (!check_bound() || !as_pointer(args[0], &pg))
-        return NULL;
-    if (pg == NULL || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "send(pg, query): a connection pointer and bytes");
+    if (!PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "send(pg, query): query must be bytes");
         return NULL;
     }
     if (!pq.send_query(pg, PyBytes_AS_STRING(args[1])))
@@ -156,17 +170,9 @@ fast_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     void *pg, *last, *prev, *res;
     int code, added = 0, status = -1;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "pump() takes 4 arguments");
-        return NULL;
-    }
-    if (!check_bound() || !as_pointer(args[0], &pg) || !as_pointer(args[1], &last) ||
+    if (!unpack("pump", nargs, 4, args[0], &pg) || !as_pointer(args[1], &last) ||
         !as_pointer(args[2], &prev))
         return NULL;
-    if (pg == NULL) {
-        PyErr_SetString(PyExc_ValueError, "pump(): no connection");
-        return NULL;
-    }
     int keep_prev = PyObject_IsTrue(args[3]);
     if (keep_prev < 0)
         return NULL;
@@ -218,102 +224,67 @@ fast_pump(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return out;
 }
 
-PyDoc_STRVAR(shape_doc,
-"shape(res) -> (ntuples, (oid, ...))\n\n"
-"PQntuples, and PQftype of each column.");
-
-static PyObject *
-fast_shape(PyObject *self, PyObject *arg)
+/* Rows start to stop of res appended to rows (a list) as tuples: NULL cells are
+ * None, the others cast(value_bytes, cur) with casts[column]. 0, or -1 on error. */
+static int
+append_rows(void *res, PyObject *casts, PyObject *cur, long start, long stop, PyObject *rows)
 {
-    void *res;
-    if (!check_bound() || !as_pointer(arg, &res))
-        return NULL;
-    if (res == NULL) {
-        PyErr_SetString(PyExc_ValueError, "shape(): no result");
-        return NULL;
-    }
-    int nfields = pq.nfields(res);
-    PyObject *oids = PyTuple_New(nfields);
-    if (oids == NULL)
-        return NULL;
-    for (int i = 0; i < nfields; i++) {
-        PyObject *oid = PyLong_FromUnsignedLong(pq.ftype(res, i));
-        if (oid == NULL) {
-            Py_DECREF(oids);
-            return NULL;
+    Py_ssize_t ncols = PyList_GET_SIZE(casts);
+    for (long r = start; r < stop; r++) {
+        PyObject *row = PyTuple_New(ncols);
+        if (row == NULL)
+            return -1;
+        for (Py_ssize_t column = 0; column < ncols; column++) {
+            PyObject *cell;
+            if (pq.getisnull(res, (int)r, (int)column)) {
+                cell = Py_NewRef(Py_None);
+            }
+            else {
+                PyObject *raw = PyBytes_FromStringAndSize(pq.getvalue(res, (int)r, (int)column),
+                                                          pq.getlength(res, (int)r, (int)column));
+                if (raw == NULL) {
+                    Py_DECREF(row);
+                    return -1;
+                }
+                PyObject *call_args[2] = {raw, cur};
+                cell = PyObject_Vectorcall(PyList_GET_ITEM(casts, column), call_args, 2, NULL);
+                Py_DECREF(raw);
+                if (cell == NULL) {
+                    Py_DECREF(row);
+                    return -1;
+                }
+            }
+            PyTuple_SET_ITEM(row, column, cell);
         }
-        PyTuple_SET_ITEM(oids, i, oid);
+        int failed = PyList_Append(rows, row);
+        Py_DECREF(row);
+        if (failed)
+            return -1;
     }
-    return Py_BuildValue("(iN)", pq.ntuples(res), oids);
+    return 0;
 }
 
 PyDoc_STRVAR(convert_doc,
-"convert(res, casts, cursor, start, stop, rows: list) -> rows\n\n"
+"convert(res, casts: list, cursor, start, stop, rows: list) -> rows\n\n"
 "Rows ``start`` to ``stop`` of ``res`` appended to ``rows`` as tuples: each cell\n"
-"None when NULL, else ``cast(value_bytes, cursor)`` with the cast of its column\n"
-"(``casts``: a list of ``(column, cast)``).");
+"None when NULL, else ``casts[column](value_bytes, cursor)``.");
 
 static PyObject *
 fast_convert(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     void *res;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "convert() takes 6 arguments");
+    if (!unpack("convert", nargs, 6, args[0], &res))
         return NULL;
-    }
-    if (!check_bound() || !as_pointer(args[0], &res))
-        return NULL;
-    PyObject *casts = args[1], *cur = args[2], *rows = args[5];
+    PyObject *casts = args[1], *rows = args[5];
     long start = PyLong_AsLong(args[3]), stop = PyLong_AsLong(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    if (res == NULL || !PyList_Check(casts) || !PyList_Check(rows)) {
-        PyErr_SetString(PyExc_TypeError, "convert(res, casts: list, cursor, start, stop, rows: list)");
+    if (!PyList_Check(casts) || !PyList_Check(rows) || PyList_GET_SIZE(casts) != pq.nfields(res)) {
+        PyErr_SetString(PyExc_TypeError, "convert(res, casts: one per column, cursor, start, stop, rows: list)");
         return NULL;
     }
-    Py_ssize_t ncols = PyList_GET_SIZE(casts);
-    for (long r = start; r < stop; r++) {
-        PyObject *row = PyTuple_New(ncols);
-        if (row == NULL)
-            return NULL;
-        for (Py_ssize_t i = 0; i < ncols; i++) {
-            PyObject *pair = PyList_GET_ITEM(casts, i);
-            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-                Py_DECREF(row);
-                PyErr_SetString(PyExc_TypeError, "convert(): casts holds (column, cast) pairs");
-                return NULL;
-            }
-            int column = (int)PyLong_AsLong(PyTuple_GET_ITEM(pair, 0));
-            if (column == -1 && PyErr_Occurred()) {
-                Py_DECREF(row);
-                return NULL;
-            }
-            PyObject *cell;
-            if (pq.getisnull(res, (int)r, column)) {
-                cell = Py_NewRef(Py_None);
-            }
-            else {
-                PyObject *raw = PyBytes_FromStringAndSize(pq.getvalue(res, (int)r, column),
-                                                          pq.getlength(res, (int)r, column));
-                if (raw == NULL) {
-                    Py_DECREF(row);
-                    return NULL;
-                }
-                PyObject *call_args[2] = {raw, cur};
-                cell = PyObject_Vectorcall(PyTuple_GET_ITEM(pair, 1), call_args, 2, NULL);
-                Py_DECREF(raw);
-                if (cell == NULL) {
-                    Py_DECREF(row);
-                    return NULL;
-                }
-            }
-            PyTuple_SET_ITEM(row, i, cell);
-        }
-        int failed = PyList_Append(rows, row);
-        Py_DECREF(row);
-        if (failed)
-            return NULL;
-    }
+    if (append_rows(res, casts, args[2], start, stop, rows) < 0)
+        return NULL;
     return Py_NewRef(rows);
 }
 
@@ -330,24 +301,16 @@ PyDoc_STRVAR(rows_doc,
 "rows(res, cursor, cursor_types, conn_types, global_types, fallback, limit) -> list | None\n\n"
 "Every row of ``res`` as tuples, converted as psycopg2 converts them: each column's\n"
 "typecaster looked up in ``cursor_types``, then ``conn_types``, then ``global_types``\n"
-"(dicts by type OID), else ``fallback(cursor, oid)``; a NULL is None, any other\n"
-"value ``cast(value_bytes, cursor)``. None when ``res`` has more than ``limit`` rows\n"
-"(the caller converts those a slice at a time).");
+"(dicts by type OID), else ``fallback(cursor, oid)``; then as :func:`convert`.\n"
+"None when ``res`` has more than ``limit`` rows (the caller converts those a slice\n"
+"at a time).");
 
 static PyObject *
 fast_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     void *res;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "rows() takes 7 arguments");
+    if (!unpack("rows", nargs, 7, args[0], &res))
         return NULL;
-    }
-    if (!check_bound() || !as_pointer(args[0], &res))
-        return NULL;
-    if (res == NULL) {
-        PyErr_SetString(PyExc_ValueError, "rows(): no result");
-        return NULL;
-    }
     PyObject *cur = args[1], *fallback = args[5];
     long limit = PyLong_AsLong(args[6]);
     if (limit == -1 && PyErr_Occurred())
@@ -356,76 +319,37 @@ fast_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (ntuples > limit)
         Py_RETURN_NONE;
     int nfields = pq.nfields(res);
-    PyObject *casts = PyList_New(0);
+    PyObject *casts = PyList_New(nfields), *rows = NULL;
     if (casts == NULL)
         return NULL;
     for (int column = 0; column < nfields; column++) {
         PyObject *oid = PyLong_FromUnsignedLong(pq.ftype(res, column));
         if (oid == NULL)
-            goto failed_casts;
+            goto failed;
         PyObject *cast = lookup_cast(args[2], oid);
         if (cast == NULL && !PyErr_Occurred())
             cast = lookup_cast(args[3], oid);
         if (cast == NULL && !PyErr_Occurred())
             cast = lookup_cast(args[4], oid);
-        if (PyErr_Occurred()) {
-            Py_DECREF(oid);
-            goto failed_casts;
-        }
         if (cast != NULL) {
             Py_INCREF(cast);
         }
-        else {
+        else if (!PyErr_Occurred()) {
             PyObject *call_args[2] = {cur, oid};
             cast = PyObject_Vectorcall(fallback, call_args, 2, NULL);
         }
         Py_DECREF(oid);
         if (cast == NULL)
-            goto failed_casts;
-        int failed = PyList_Append(casts, cast);
-        Py_DECREF(cast);
-        if (failed)
-            goto failed_casts;
+            goto failed;
+        PyList_SET_ITEM(casts, column, cast);
     }
-    PyObject *rows = PyList_New(0);
-    if (rows == NULL)
-        goto failed_casts;
-    for (int r = 0; r < ntuples; r++) {
-        PyObject *row = PyTuple_New(nfields);
-        if (row == NULL)
-            goto failed_rows;
-        for (int column = 0; column < nfields; column++) {
-            PyObject *cell;
-            if (pq.getisnull(res, r, column)) {
-                cell = Py_NewRef(Py_None);
-            }
-            else {
-                PyObject *raw = PyBytes_FromStringAndSize(pq.getvalue(res, r, column),
-                                                          pq.getlength(res, r, column));
-                if (raw == NULL) {
-                    Py_DECREF(row);
-                    goto failed_rows;
-                }
-                PyObject *call_args[2] = {raw, cur};
-                cell = PyObject_Vectorcall(PyList_GET_ITEM(casts, column), call_args, 2, NULL);
-                Py_DECREF(raw);
-                if (cell == NULL) {
-                    Py_DECREF(row);
-                    goto failed_rows;
-                }
-            }
-            PyTuple_SET_ITEM(row, column, cell);
-        }
-        int failed = PyList_Append(rows, row);
-        Py_DECREF(row);
-        if (failed)
-            goto failed_rows;
-    }
+    rows = PyList_New(0);
+    if (rows == NULL || append_rows(res, casts, cur, 0, ntuples, rows) < 0)
+        goto failed;
     Py_DECREF(casts);
     return rows;
-failed_rows:
-    Py_DECREF(rows);
-failed_casts:
+failed:
+    Py_XDECREF(rows);
     Py_DECREF(casts);
     return NULL;
 }
@@ -447,7 +371,6 @@ static PyMethodDef methods[] = {
     {"bind", fast_bind, METH_VARARGS, bind_doc},
     {"send", (PyCFunction)(void (*)(void))fast_send, METH_FASTCALL, send_doc},
     {"pump", (PyCFunction)(void (*)(void))fast_pump, METH_FASTCALL, pump_doc},
-    {"shape", fast_shape, METH_O, shape_doc},
     {"convert", (PyCFunction)(void (*)(void))fast_convert, METH_FASTCALL, convert_doc},
     {"rows", (PyCFunction)(void (*)(void))fast_rows, METH_FASTCALL, rows_doc},
     {"clear", fast_clear, METH_O, clear_doc},

@@ -8,10 +8,9 @@ def send(pg: int, query: bytes, /) -> int: ...
 def pump(
     pg: int, last: int | None, prev: int | None, keep_prev: bool, /
 ) -> tuple[int, int | None, int | None, int, int]: ...
-def shape(res: int, /) -> tuple[int, tuple[int, ...]]: ...
 def convert(
     res: int,
-    casts: list[tuple[int, Callable[[bytes, Any], Any]]],
+    casts: list[Callable[[bytes, Any], Any]],
     cursor: Any,
     start: int,
     stop: int,

@@ -235,8 +235,7 @@ class Ledger:
     def may_assign(self) -> bool:
         """False when :meth:`assign` would do nothing for sure: nothing idle to
         hand out, and no room to open another connection."""
-        # (size, inlined: this runs on every wait and return of a busy pool)
-        return bool(self._idle) or len(self._lent) + len(self._returning) + self._opening < self.maxconn
+        return bool(self._idle) or self.size < self.maxconn
 
     def give_back(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         """A connection handed to a waiter that gave up meanwhile: it is clean,
@@ -287,12 +286,7 @@ class Ledger:
 
     def _put_idle(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         now = time.monotonic()
-        if (
-            self.closing
-            or slot.generation != self.generation  # (retired(), inlined: every return runs this)
-            or now >= slot.expires_at
-            or len(self._idle) + len(self._lent) + len(self._returning) + self._opening >= self.maxconn
-        ):
+        if self.closing or self.retired(slot, now) or self.size >= self.maxconn:
             slot.state = SlotState.CLOSED
             plan = Plan(close=[slot])
             plan += self.assign(usable)

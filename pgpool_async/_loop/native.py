@@ -88,6 +88,7 @@ __all__ = [
     "NativeUnavailable",
     "Result",
     "StatementRunner",
+    "begin_text",
     "preload",
     "release",
     "unavailable_reason",
@@ -171,6 +172,22 @@ def accelerated() -> bool:
     """True when the runner's per-statement libpq calls go through the C module
     (after :func:`preload`); False: through ctypes."""
     return _accelerator.cache_info().currsize > 0 and _accelerator() is not None
+
+
+def begin_text(raw: PGConnection) -> bytes:
+    """The ``BEGIN`` psycopg2 sends on ``raw``, with its session characteristics
+    (``set_session``): plain ``b"BEGIN"`` when none is set."""
+    level, readonly, deferrable = raw.isolation_level, raw.readonly, raw.deferrable
+    if level is None and readonly is None and deferrable is None:
+        return b"BEGIN"
+    text = "BEGIN"
+    if level in _ISOLATION:
+        text += " ISOLATION LEVEL " + _ISOLATION[level]
+    if readonly is not None:
+        text += " READ ONLY" if readonly else " READ WRITE"
+    if deferrable is not None:
+        text += " DEFERRABLE" if deferrable else " NOT DEFERRABLE"
+    return text.encode()
 
 
 def unavailable_reason() -> str | None:
@@ -470,9 +487,6 @@ class StatementRunner(Protocol):
     def settled(self) -> bool: ...
 
     @property
-    def settled_or_out(self) -> bool: ...
-
-    @property
     def quiet(self) -> bool: ...
 
     def refusal(self) -> str | None: ...
@@ -731,16 +745,11 @@ class LoopStatementRunner:
 
     @property
     def settled(self) -> bool:
-        """True when entered with nothing under way: no statement running, no
-        cancel request on its way (what lets a pool keep the runner entered while
-        the connection waits for its next borrower; the caller reads the
-        transaction status itself: ``raw.get_transaction_status()`` asks the same
-        libpq)."""
-        return self._pg is not None and not self._busy and self._cancel_sent is None
-
-    @property
-    def settled_or_out(self) -> bool:
-        """``not entered or settled``, in one look (every return asks)."""
+        """True when nothing is under way: not entered, or entered with no
+        statement running and no cancel request on its way (what lets a pool keep
+        the runner entered while the connection waits for its next borrower; the
+        caller reads the transaction status itself: ``raw.get_transaction_status()``
+        asks the same libpq)."""
         return self._pg is None or (not self._busy and self._cancel_sent is None)
 
     @property
@@ -809,7 +818,7 @@ class LoopStatementRunner:
         expected = 1
         commit = commit and not raw.autocommit
         if begin:
-            text = self._begin_text()
+            text = begin_text(raw)
             if commit and text == b"BEGIN":
                 begin = commit = False  # one implicit transaction (see above)
             else:
@@ -842,9 +851,7 @@ class LoopStatementRunner:
 
     async def commit(self) -> None:
         """psycopg2's ``commit()``: COMMIT if a transaction is open, else nothing."""
-        if self._pg is None:
-            self._check()  # (raises)
-        if self.raw.get_transaction_status() != _PQTRANS_IDLE:  # (in_transaction, inlined)
+        if self.in_transaction:
             await self._command(b"COMMIT")
 
     async def rollback(self) -> None:
@@ -875,20 +882,6 @@ class LoopStatementRunner:
             self._busy = False
             self._clear()
 
-    def _begin_text(self) -> bytes:
-        raw = self.raw
-        level, readonly, deferrable = raw.isolation_level, raw.readonly, raw.deferrable
-        if level is None and readonly is None and deferrable is None:
-            return b"BEGIN"
-        text = "BEGIN"
-        if level in _ISOLATION:
-            text += " ISOLATION LEVEL " + _ISOLATION[level]
-        if readonly is not None:
-            text += " READ ONLY" if readonly else " READ WRITE"
-        if deferrable is not None:
-            text += " DEFERRABLE" if deferrable else " NOT DEFERRABLE"
-        return text.encode()
-
     def _check(self) -> None:
         if self._pg is None:
             if self.raw.closed:
@@ -896,15 +889,12 @@ class LoopStatementRunner:
             raise PoolError("this LoopStatementRunner is not entered: call enter() on the event loop first")
 
     def _clear(self) -> None:
-        if self._last is not None:
-            if self._fast is not None:
-                self._fast.clear(self._last)
-            else:
-                self._lib.PQclear(self._last)
-            self._last = None
-        if self._prev is not None:
-            self._lib.PQclear(self._prev)
-            self._prev = None
+        if self._last is not None or self._prev is not None:
+            clear = self._fast.clear if self._fast is not None else self._lib.PQclear
+            for res in (self._last, self._prev):
+                if res is not None:
+                    clear(res)
+            self._last = self._prev = None
         self._keep_prev = self._ended = False
         self._count = self._copy_seen = 0
         if self._flushing and self._asyncio is not None:
@@ -1236,9 +1226,7 @@ class LoopStatementRunner:
         if status == _PGRES_EMPTY_QUERY or self._count < expected:
             # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
             raise psycopg2.ProgrammingError("can't execute an empty query")
-        if status not in (_PGRES_COMMAND_OK, _PGRES_TUPLES_OK):
-            raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
-        return self._ok_result(cur, res, status, committed, describe)
+        return self._ok_result(cur, res, status, committed, describe)  # (it refuses other statuses)
 
     def _ok_result(self, cur: PGCursor, res: int, status: int, committed: bool, describe: bool) -> Result:
         """The Result of a statement that succeeded (``res``/``status``: the last
@@ -1263,7 +1251,7 @@ class LoopStatementRunner:
             rows = fast.rows(
                 res, cur, cur.string_types, self.raw.string_types, ext.string_types, _fallback, _SLICE_ROWS
             )
-            ntuples = len(rows) if rows is not None else fast.shape(res)[0]
+            ntuples = len(rows) if rows is not None else lib.PQntuples(res)
         else:
             ntuples = lib.PQntuples(res)
             if ntuples <= _SLICE_ROWS:
@@ -1282,16 +1270,16 @@ class LoopStatementRunner:
         self._pending = result if rows is None else None
         return result
 
-    def _casts(self, res: int, cur: PGCursor) -> list[tuple[int, Callable[[bytes, PGCursor], Any]]]:
+    def _casts(self, res: int, cur: PGCursor) -> list[Callable[[bytes, PGCursor], Any]]:
         """Each column's typecaster, looked up as psycopg2 does: cursor,
         connection, then the global registry (the C module's ``rows`` does the same)."""
         lib = self._lib
-        oids = [lib.PQftype(res, column) for column in range(lib.PQnfields(res))]
         cursor_types = cur.string_types
         conn_types = self.raw.string_types
         global_types = ext.string_types
-        casts: list[tuple[int, Callable[[bytes, PGCursor], Any]]] = []
-        for column, oid in enumerate(oids):
+        casts: list[Callable[[bytes, PGCursor], Any]] = []
+        for column in range(lib.PQnfields(res)):
+            oid = lib.PQftype(res, column)
             cast = None
             if cursor_types:
                 cast = cursor_types.get(oid)
@@ -1300,13 +1288,13 @@ class LoopStatementRunner:
             if cast is None:
                 # psycopg2's default caster is not exposed: cursor.cast() reaches it.
                 cast = _fallback(cur, oid)
-            casts.append((column, cast))
+            casts.append(cast)
         return casts
 
     def _convert(
         self,
         res: int,
-        columns: list[tuple[int, Callable[[bytes, PGCursor], Any]]],
+        columns: list[Callable[[bytes, PGCursor], Any]],
         cur: PGCursor,
         start: int,
         stop: int,
@@ -1325,7 +1313,7 @@ class LoopStatementRunner:
                         cast(value, cur)
                         if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
                         else None
-                        for c, cast in columns
+                        for c, cast in enumerate(columns)
                     ]
                 )
             )

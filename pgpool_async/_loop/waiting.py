@@ -99,12 +99,6 @@ class Waiter:
             await signal.wait()
         return self.result()
 
-    @property
-    def signal(self) -> asyncio.Future[None] | anyio.Event:
-        """What :meth:`wait` awaits (a caller on the hot path may await it
-        itself, then call :meth:`result`)."""
-        return self._signal
-
     def result(self) -> Slot:
         """Once signalled: the connection handed, or raise the error handed instead."""
         if self._error is not None:

@@ -15,7 +15,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
-from .._loop import failover
+from .._loop import failover, native
 
 __all__ = [
     "NO_ROWS_COMMITTED",
@@ -130,9 +130,7 @@ def _implicit_transaction(conn: PGConnection) -> bool:
     ``BEGIN; statement; COMMIT`` would be."""
     return (
         not conn.autocommit
-        and conn.isolation_level is None
-        and conn.readonly is None
-        and conn.deferrable is None
+        and native.begin_text(conn) == b"BEGIN"  # (no session characteristics set)
         and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     )
 
