@@ -1,4 +1,4 @@
-"""End to end: the same small FastAPI app on five database stacks, under wrk.
+"""End to end: the same small FastAPI app on six database stacks, under wrk.
 
 ``python -m benchmarks.web [--rounds 3] [--duration 4] [--dsn DSN]``
 
@@ -12,8 +12,12 @@ idle while another is measured:
   used by the *mixed* scenario, where 50 wrk clients keep FastAPI's sync thread pool
   (anyio's default 40 threads) busy while 64 others measure ``GET /items/{id}``.
 
-Stacks: ``pgpool`` (the README's path: ``Connection(db, autocommit=True)`` for the
-read, ``Connection(db)`` for the transaction: FastAPI dependencies), ``pgpool-direct``
+Stacks: ``pgpool`` (the README's path, FastAPI dependencies: ``Pool(db)`` for the
+read, a plain ``async def`` dependency injecting the running pool, then
+``pool.fetchone``; ``Connection(db)`` for the transaction), ``pgpool-conn`` (the
+all-``Connection`` path: ``Connection(db, autocommit=True)`` for the read,
+``Connection(db)`` for the transaction; both generator dependencies, whose
+per-request cost in FastAPI this stack keeps visible), ``pgpool-direct``
 (the same shape as the asyncpg stack: pool calls in the endpoint, no dependency:
 ``db.pool.fetchone``, and ``async with db.pool.connection()`` for the transaction),
 ``psycopg_pool`` (psycopg 3, ``async with pool.connection()``), ``asyncpg``
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-STACKS = ("pgpool", "pgpool-direct", "psycopg_pool", "asyncpg", "psycopg2-threadpool")
+STACKS = ("pgpool", "pgpool-conn", "pgpool-direct", "psycopg_pool", "asyncpg", "psycopg2-threadpool")
 SCENARIOS = ("GET", "POST", "mixed")
 ROWS = 1000
 POOL = 10
@@ -71,25 +75,35 @@ def build_app(stack: str, dsn: str) -> Any:
     get_sql = "SELECT id, name, balance FROM web_items WHERE id = %s"
     upd_sql = "UPDATE web_items SET balance = balance + %s WHERE id = %s"
 
-    if stack in ("pgpool", "pgpool-direct"):
-        from pgpool_async.fastapi import AppPool, Connection
+    if stack in ("pgpool", "pgpool-conn", "pgpool-direct"):
+        from pgpool_async.fastapi import AppPool, Connection, Pool
 
         db = AppPool(POOL, POOL, dsn, timeout=30)
         app = FastAPI(lifespan=db.lifespan)
-        if stack == "pgpool":
-            ReadConn = Connection(db, autocommit=True)
+        if stack in ("pgpool", "pgpool-conn"):
             Conn = Connection(db)
-
-            @app.get("/items/{item}")
-            async def get_item(item: int, conn: ReadConn) -> dict[str, Any]:
-                row = await conn.fetchone(get_sql, (item,))
-                return {"id": row[0], "name": row[1], "balance": row[2]}
 
             @app.post("/transfer")
             async def transfer(t: Transfer, conn: Conn) -> dict[str, bool]:
                 for account, delta in ordered(t):
                     await conn.execute(upd_sql, (delta, account))
                 return {"ok": True}
+
+        if stack == "pgpool":
+            DB = Pool(db)
+
+            @app.get("/items/{item}")
+            async def get_item(item: int, pool: DB) -> dict[str, Any]:
+                row = await pool.fetchone(get_sql, (item,))  # BEGIN; SELECT; COMMIT: one round trip
+                return {"id": row[0], "name": row[1], "balance": row[2]}
+
+        elif stack == "pgpool-conn":
+            ReadConn = Connection(db, autocommit=True)
+
+            @app.get("/items/{item}")
+            async def get_item_conn(item: int, conn: ReadConn) -> dict[str, Any]:
+                row = await conn.fetchone(get_sql, (item,))
+                return {"id": row[0], "name": row[1], "balance": row[2]}
 
         else:
 

@@ -19,7 +19,14 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 
 from pgpool_async.copying import copy_out_stream
-from pgpool_async.fastapi import AppPool, Connection, SyncConnection, health_router, install_error_handlers
+from pgpool_async.fastapi import (
+    AppPool,
+    Connection,
+    Pool,
+    SyncConnection,
+    health_router,
+    install_error_handlers,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (id int PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0));
@@ -46,7 +53,7 @@ install_error_handlers(app)  # no connection in time -> 503 + Retry-After
 app.include_router(health_router(db))  # GET /health: SELECT 1 and the pool's stats
 
 Conn = Connection(db)  # a transaction per request, committed before the response
-ReadConn = Connection(db, autocommit=True)  # no transaction: one thread hop per query
+DB = Pool(db)  # the running pool: one-hop calls (borrow, run, commit, return), no generator dependency
 LegacyConn = SyncConnection(db)  # a raw psycopg2 connection for sync endpoints
 
 
@@ -73,8 +80,8 @@ async def open_account(account: int, balance: int, conn: Conn) -> dict[str, int]
 
 
 @app.get("/accounts/{account}")
-async def balance(account: int, conn: ReadConn) -> dict[str, int]:
-    value = await conn.fetchval("SELECT balance FROM accounts WHERE id = %s", (account,))
+async def balance(account: int, pool: DB) -> dict[str, int]:
+    value = await pool.fetchval("SELECT balance FROM accounts WHERE id = %s", (account,))
     if value is None:
         raise HTTPException(404, f"no account {account}")
     return {"id": account, "balance": value}

@@ -2,16 +2,21 @@
 
 ::
 
-    from pgpool_async.fastapi import AppPool, Connection, install_error_handlers
+    from pgpool_async.fastapi import AppPool, Connection, Pool, install_error_handlers
 
     db = AppPool(1, 10, dsn, timeout=5)         # no I/O: a pool is built at each startup
     app = FastAPI(lifespan=db.lifespan)
     install_error_handlers(app)                 # PoolTimeout & co. -> 503 with Retry-After
     Conn = Connection(db)                       # or Connection(db, autocommit=True)
+    DB = Pool(db)                               # the running pool, for one-hop calls
 
     @app.post("/items/{name}")
     async def add(name: str, conn: Conn) -> int:
         return await conn.fetchval("INSERT INTO items (name) VALUES (%s) RETURNING id", (name,))
+
+    @app.get("/items/{item_id}")
+    async def get(item_id: int, pool: DB) -> str | None:
+        return await pool.fetchval("SELECT name FROM items WHERE id = %s", (item_id,))
 
 Why "before the response" matters: FastAPI runs the code after ``yield`` in a
 dependency *after the response was sent*, unless the dependency is declared
@@ -34,6 +39,13 @@ thread pool FastAPI's sync (``def``) endpoints share, so a burst of blocked
 sync endpoints cannot starve the async ones. Sync endpoints that need psycopg2
 code get a raw connection from the same pool with :func:`SyncConnection`,
 under a limit of their own.
+
+Endpoints whose database work is one-hop pool calls (``await pool.fetchval(...)``,
+``pool.execute``: each borrows, runs, commits and returns a connection before it
+returns, so before the response) or their own ``async with pool.connection()``
+block take the running pool with :func:`Pool`: a plain ``async def``
+dependency, none of FastAPI's machinery for generator dependencies, so the
+cheapest way in.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
@@ -66,10 +78,12 @@ _log = logging.getLogger("pgpool_async")
 __all__ = [
     "AppPool",
     "Connection",
+    "Pool",
     "SyncConnection",
     "connection_dependency",
     "health_router",
     "install_error_handlers",
+    "pool_dependency",
     "pool_lifespan",
 ]
 
@@ -223,6 +237,54 @@ def Connection(  # CapWords like FastAPI's Depends, Query, Path
     """
     dep = connection_dependency(source, timeout, autocommit=autocommit)
     return Annotated[AsyncConnection, Depends(dep, scope="function")]
+
+
+def pool_dependency(source: PoolSource) -> Callable[[], Awaitable[AsyncConnectionPool]]:
+    """The dependency behind :func:`Pool`, for custom wiring::
+
+        DB = Annotated[AsyncConnectionPool, Depends(pool_dependency(db))]
+
+    A plain ``async def`` (no ``yield``): FastAPI calls it and awaits it, with
+    none of the exit-stack machinery a generator dependency costs, and nothing
+    runs after the endpoint, so no ``scope`` is needed. It lends nothing: the
+    endpoint's own pool calls borrow and return connections.
+
+    With an :class:`AppPool` it returns ``db.pool``, the pool of the running
+    app; outside the app's lifespan (the app not started, or shut down) it
+    raises :class:`~pgpool_async.PoolClosed` and the endpoint is not run (a 503
+    with ``Retry-After`` with :func:`install_error_handlers`, else a 500). With
+    an :class:`~pgpool_async.AsyncConnectionPool` it returns that pool as is;
+    its calls then raise :class:`~pgpool_async.PoolClosed` once it is closed
+    (:class:`~pgpool_async.PoolError` before it was opened).
+    """
+
+    async def pool() -> AsyncConnectionPool:
+        return _current(source)
+
+    return pool
+
+
+def Pool(source: PoolSource) -> Any:  # CapWords, like Connection
+    """``DB = Pool(db)``: the annotation for an endpoint parameter that gets the
+    running :class:`~pgpool_async.AsyncConnectionPool`, for endpoints whose
+    database work is one-hop pool calls (``await pool.fetchone(...)``,
+    ``pool.fetchval``, ``pool.execute``, ``pool.run_sync``: each borrows a
+    connection, runs, commits and returns it before it returns, so before the
+    response) or their own ``async with pool.connection()`` block (committed
+    when the block exits, inside the endpoint).
+
+    The cheapest way in: a plain ``async def`` dependency, where
+    :func:`Connection` is a generator dependency that FastAPI wraps in an exit
+    stack per request. Use :func:`Connection` when the endpoint should get one
+    transaction committed for it before the response.
+
+    Outside the app's lifespan, :class:`~pgpool_async.PoolClosed` (a 503 with
+    :func:`install_error_handlers`); see :func:`pool_dependency`.
+    ``Annotated[AsyncConnectionPool, Depends(pool_dependency(source))]`` under
+    the hood: mypy, which rejects a call in an annotation, accepts that
+    spelled-out form.
+    """
+    return Annotated[AsyncConnectionPool, Depends(pool_dependency(source))]
 
 
 # -- sync endpoints --------------------------------------------------------------------------

@@ -83,6 +83,15 @@ def test_every_read_after_a_2xx_write_sees_it(server: str, dsn: str) -> None:
         assert stale == 0
 
 
+def test_plain_read_through_the_pool_dependency(client: httpx.Client, dsn: str) -> None:
+    """GET /accounts/{id} takes Pool(db): a one-hop fetchval, nothing held by a dependency."""
+    assert client.put("/accounts/30", params={"balance": 12}).status_code == 200
+    assert client.get("/accounts/30").json() == {"id": 30, "balance": 12}
+    missing = client.get("/accounts/987654")
+    assert missing.status_code == 404 and missing.json() == {"detail": "no account 987654"}
+    pool_is_clean(client, dsn)
+
+
 def test_transfer_commits_rolls_back_and_answers_409(client: httpx.Client, dsn: str) -> None:
     client.put("/accounts/10", params={"balance": 50})
     client.put("/accounts/11", params={"balance": 0})

@@ -21,10 +21,12 @@ from pgpool_async.copying import copy_out_stream
 from pgpool_async.fastapi import (
     AppPool,
     Connection,
+    Pool,
     SyncConnection,
     connection_dependency,
     health_router,
     install_error_handlers,
+    pool_dependency,
     pool_lifespan,
 )
 
@@ -116,6 +118,7 @@ def make_bank(dsn: str, **pool_kwargs: object) -> tuple[FastAPI, AppPool]:
     Conn = Connection(db)
     Auto = Connection(db, autocommit=True)
     Raw = SyncConnection(db, limit=1)
+    DB = Pool(db)
 
     @app.post("/tx/{name}")
     async def tx(name: str, conn: Conn, fail: bool = False) -> dict[str, bool]:
@@ -143,6 +146,28 @@ def make_bank(dsn: str, **pool_kwargs: object) -> tuple[FastAPI, AppPool]:
         if fail:
             raise HTTPException(400, "rolled back")
         return {"thread": threading.current_thread().name}
+
+    @app.get("/pool/{name}")
+    async def pool_read(name: str, pool: DB) -> dict[str, object]:
+        stats = pool.get_stats()  # the dependency lends nothing: none lent when the endpoint starts
+        assert stats["pool_size"] == stats["pool_available"], stats
+        row = await pool.fetchone(
+            "SELECT name, count(*) FROM api_items WHERE name = %s GROUP BY name", (name,)
+        )
+        return {"row": list(row) if row else None, "running": pool is db.pool}
+
+    @app.post("/pool/{name}")
+    async def pool_write(name: str, pool: DB) -> dict[str, int]:
+        # One hop: borrowed, run, committed and returned before execute() returns.
+        return {"rows": await pool.execute("INSERT INTO api_items (name) VALUES (%s)", (name,))}
+
+    @app.post("/pool-block/{name}")
+    async def pool_block(name: str, pool: DB, fail: bool = False) -> dict[str, bool]:
+        async with pool.connection() as conn:  # committed when the block exits, rolled back if it raises
+            await conn.execute("INSERT INTO api_items (name) VALUES (%s)", (name,))
+            if fail:
+                raise HTTPException(400, "rolled back")
+        return {"ok": True}
 
     return app, db
 
@@ -279,6 +304,92 @@ def test_sync_endpoints_get_a_raw_connection_under_their_own_limit(dsn: str) -> 
         assert stats["pool_available"] == stats["pool_size"]
 
 
+# -- Pool: the running pool, no generator dependency ------------------------------------
+
+
+def all_returned(db: AppPool) -> None:
+    stats = db.pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"] >= 1, stats
+    assert stats["requests_waiting"] == 0, stats
+
+
+@pytest.mark.usefixtures("bank_tables")
+def test_pool_dependency_injects_the_running_pool_of_each_app_run(dsn: str) -> None:
+    app, db = make_bank(dsn)
+    server_query(dsn, "INSERT INTO api_items VALUES ('seed'), ('seed')")
+    pools = []
+    for _ in range(2):  # an AppPool builds a new pool per run: the dependency follows it
+        with TestClient(app) as client:
+            answer = client.get("/pool/seed")
+            assert answer.status_code == 200
+            assert answer.json() == {"row": ["seed", 2], "running": True}
+            assert client.get("/pool/nobody").json() == {"row": None, "running": True}
+            all_returned(db)  # the dependency lends nothing; the one-hop calls gave theirs back
+            pools.append(db.pool)
+    assert pools[0] is not pools[1] and pools[0].closed and pools[1].closed
+
+
+@pytest.mark.usefixtures("bank_tables")
+def test_pool_dependency_writes_are_committed_when_the_2xx_arrives(dsn: str) -> None:
+    app, db = make_bank(dsn)
+    with TestClient(app) as client:
+        for i in range(20):
+            assert client.post(f"/pool/w{i}").json() == {"rows": 1}
+            # Another connection (not the pool's) sees the write as soon as the 2xx is here.
+            assert server_query(dsn, "SELECT count(*) FROM api_items WHERE name = %s", (f"w{i}",)) == [(1,)]
+            assert client.get(f"/pool/w{i}").json() == {"row": [f"w{i}", 1], "running": True}
+        # The endpoint's own `async with pool.connection()`: committed inside the endpoint,
+        # rolled back when the block raises.
+        assert client.post("/pool-block/b1").json() == {"ok": True}
+        assert server_query(dsn, "SELECT count(*) FROM api_items WHERE name = 'b1'") == [(1,)]
+        assert client.post("/pool-block/b2", params={"fail": True}).status_code == 400
+        assert server_query(dsn, "SELECT count(*) FROM api_items WHERE name = 'b2'") == [(0,)]
+        all_returned(db)
+        assert db.pool.get_stats()["pool_size"] <= 4
+
+
+@pytest.mark.usefixtures("bank_tables")
+def test_pool_dependency_outside_the_lifespan_is_pool_closed_and_a_503(dsn: str) -> None:
+    app, db = make_bank(dsn)  # with install_error_handlers(retry_after=2.5)
+    for _ in range(2):  # before the first startup, then after a shutdown
+        answer = TestClient(app).get("/pool/x")  # no `with`: no lifespan, no pool
+        assert answer.status_code == 503
+        assert answer.headers["retry-after"] == "3"
+        assert "lifespan" in answer.json()["detail"]
+        with TestClient(app) as client:
+            assert client.get("/pool/x").status_code == 200
+
+    # Without the handlers: PoolClosed itself, and the endpoint is not run.
+    bare = FastAPI(lifespan=db.lifespan)
+    ran: list[int] = []
+
+    @bare.get("/read")
+    async def read(pool: Pool(db)) -> None:  # type: ignore[valid-type]
+        ran.append(1)
+
+    with pytest.raises(PoolClosed, match="lifespan"):
+        TestClient(bare).get("/read")
+    assert not ran
+    with pytest.raises(PoolClosed, match="lifespan"):
+        anyio.run(pool_dependency(db))
+
+
+def test_pool_dependency_of_a_plain_pool_returns_it(dsn: str) -> None:
+    pool = AsyncConnectionPool(1, 2, dsn, timeout=5)
+    assert anyio.run(pool_dependency(pool)) is pool  # no I/O: the pool is handed over as is
+    app = FastAPI(lifespan=pool_lifespan(pool))
+
+    @app.get("/one")
+    async def one(injected: Pool(pool)) -> int:  # type: ignore[valid-type]
+        value: int = await injected.fetchval("SELECT 1")
+        return value
+
+    with TestClient(app) as client:
+        assert client.get("/one").json() == 1
+        stats = pool.get_stats()
+        assert stats["pool_available"] == stats["pool_size"]
+
+
 # -- COPY as an async iterator ---------------------------------------------------------------
 
 
@@ -341,7 +452,11 @@ async def test_the_glue_never_blocks_the_loop(dsn: str) -> None:
             assert (await client.post("/sync/c")).status_code == 200
             assert (await client.post("/deferred/9")).status_code == 500
             assert (await client.get("/health")).json()["status"] == "ok"
-    assert names(dsn) == ["a", "b", "c"]
+            assert (await client.post("/pool/d")).json() == {"rows": 1}
+            assert (await client.post("/pool-block/e")).status_code == 200
+            assert (await client.get("/pool/d")).json() == {"row": ["d", 1], "running": True}
+            all_returned(db)
+    assert names(dsn) == ["a", "b", "c", "d", "e"]
 
 
 @pytest.mark.anyio
