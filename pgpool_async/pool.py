@@ -524,7 +524,7 @@ class AsyncConnectionPool:
             conn = held.holder() if held.holder is not None else None
             if conn is not None:
                 return conn  # type: ignore[no-any-return]
-        deadline = time.monotonic() + wait
+        deadline: float | None = None  # (in current_time()'s clock: set by the first wait)
         # Bounded: each pass that does not return discards a connection that
         # failed its check, and only connections idle long enough are checked.
         health = self._health
@@ -535,7 +535,7 @@ class AsyncConnectionPool:
                 if plan.close:
                     self._apply(plan)
             if slot is None:
-                slot = await self._wait(key, deadline, wait)
+                slot, deadline = await self._wait(key, deadline, wait)
             else:
                 await self._checkpoint(slot)
             if (
@@ -629,22 +629,26 @@ class AsyncConnectionPool:
         plan += self._ledger.assign(self._usable)
         self._apply(plan)
 
-    async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> Slot:
+    async def _wait(self, key: Hashable | None, deadline: float | None, timeout: float) -> tuple[Slot, float]:
+        """Queue for a connection until ``deadline`` (default: ``timeout`` from
+        now); returns it and the deadline, for a request that waits again."""
         if self.max_waiting and len(self._waiting) >= self.max_waiting:
             self._stats.requests_errors += 1
             raise TooManyRequests(
                 f"pool {self.name!r}: {len(self._waiting)} requests are already waiting for a "
                 f"connection (max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
             )
-        started = time.monotonic()
-        waiter = self._waiting.push(key, current_time() + max(deadline - started, 0.0), timeout)
+        started = current_time()
+        deadline = started + timeout if deadline is None else max(deadline, started)
+        waiter = self._waiting.push(key, deadline, timeout)
         self._stats.requests_queued += 1
         if self._ledger.may_assign():  # (a busy, full pool: nothing to hand out or open)
             self._apply(self._ledger.assign(self._usable))
         try:
             if waiter.done:  # handed a connection at once: still a checkpoint
                 await anyio.lowlevel.checkpoint()
-            return await waiter.wait()  # or PoolTimeout from the deadlines, PoolClosed from close()
+            await waiter.signalled()
+            return waiter.result(), deadline  # or PoolTimeout from the deadlines, PoolClosed from close()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled: it is clean
@@ -653,7 +657,7 @@ class AsyncConnectionPool:
                 self._stats.requests_errors += 1
             raise
         finally:
-            self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
+            self._stats.requests_wait_ms += int((current_time() - started) * 1000)
 
     # -- one-hop helpers ------------------------------------------------------
 
@@ -746,11 +750,13 @@ class AsyncConnectionPool:
             and not raw.closed
             and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
             and not was_shut_down(raw)
-            and not ledger.closing
-            and not ledger.retired(slot)  # (closed in _finish_return: putconn waits for it)
         ):
-            self._apply(ledger.return_clean(slot, self._usable))  # the common case: no I/O, no thread
-            return None
+            # The common case: no I/O, no thread. None: to be closed (retired, or the
+            # pool closing or shrunk): in _finish_return, which putconn waits for.
+            plan = ledger.return_clean(slot, self._usable)
+            if plan is not None:
+                self._apply(plan)
+                return None
         ledger.begin_return(slot)
         done = anyio.Event()
         try:
@@ -771,13 +777,7 @@ class AsyncConnectionPool:
             if slot.state is SlotState.CLOSED:
                 return
             raw = slot.raw
-            if (
-                close
-                or raw.closed
-                or was_shut_down(raw)
-                or self._ledger.closing
-                or self._ledger.retired(slot)
-            ):
+            if close or raw.closed or was_shut_down(raw) or self._ledger.must_close(slot):
                 if raw.closed and not close:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))

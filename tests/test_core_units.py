@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from typing import Any
@@ -28,6 +29,18 @@ def always(_slot: Slot) -> bool:
 
 def slot(ledger: Ledger, expires_at: float = float("inf")) -> Slot:
     return Slot(object(), ledger.generation, expires_at)  # type: ignore[arg-type]
+
+
+def reserve(ledger: Ledger, n: int) -> None:
+    """Reserve ``n`` slots to open, the way assign() does to reach ``minconn``."""
+    minconn, ledger.minconn = ledger.minconn, ledger.size + n
+    assert ledger.assign(always).open == n
+    ledger.minconn = minconn
+
+
+def counted(ledger: Ledger) -> int:
+    """The ledger's size counted from its collections (what ``size`` keeps)."""
+    return ledger.idle_count + ledger.lent_count + ledger.returning_count + ledger.opening_count
 
 
 def opened(ledger: Ledger, n: int) -> list[Slot]:
@@ -87,7 +100,7 @@ def test_ledger_hands_idle_to_waiters_in_order_and_returns_come_back() -> None:
 
 def test_ledger_sets_aside_retired_and_broken_idle_connections() -> None:
     ledger = Ledger(0, 3, WaitQueue())
-    ledger._opening = 3
+    reserve(ledger, 3)
     old, broken, good = slot(ledger), slot(ledger), slot(ledger)
     for s in (good, broken, old):
         ledger.opened(s, always)
@@ -100,7 +113,7 @@ def test_ledger_sets_aside_retired_and_broken_idle_connections() -> None:
 
 def test_ledger_close_marks_lent_connections_closed_by_pool() -> None:
     ledger = Ledger(0, 2, WaitQueue())
-    ledger._opening = 2
+    reserve(ledger, 2)
     opened(ledger, 2)
     lent, _ = ledger.take(None, always)
     idle = ledger.start_closing()
@@ -118,7 +131,7 @@ def test_ledger_close_marks_lent_connections_closed_by_pool() -> None:
 
 def test_ledger_returns_after_drain_or_shrink_close() -> None:
     ledger = Ledger(0, 2, WaitQueue())
-    ledger._opening = 2
+    reserve(ledger, 2)
     opened(ledger, 2)
     lent, _ = ledger.take(None, always)
     assert lent is not None
@@ -142,6 +155,59 @@ def test_ledger_give_back_and_discard_keep_counts_exact() -> None:
     plan = ledger.discard(taken, always)
     assert plan.close == [taken] and plan.open == 1  # minconn refilled
     assert ledger.size == 1 and ledger.opening_count == 1
+
+
+def test_ledger_size_stays_the_count_of_its_slots_through_every_move() -> None:
+    """``size`` is kept as slots come and go: after any sequence of the ledger's
+    moves it equals the slots counted in each state, and never exceeds maxconn."""
+    rng = random.Random(11)
+    for _ in range(30):
+        queue = WaitQueue()
+        ledger = Ledger(rng.randint(0, 3), rng.randint(3, 6), queue)
+        opening = ledger.assign(always).open
+        lent: list[Slot] = []
+        returning: list[Slot] = []
+        for _ in range(200):
+            move = rng.randrange(11)
+            plan: Plan | None = None
+            if move == 0 and opening:
+                opening -= 1
+                plan = ledger.opened(slot(ledger, rng.choice([math.inf, 0.0])), always)
+            elif move == 1 and opening:
+                opening -= 1
+                ledger.open_failed()
+            elif move == 2:
+                taken, plan = ledger.take(None, lambda s: rng.random() > 0.1)
+                if taken is not None:
+                    lent.append(taken)
+            elif move == 3 and lent:
+                plan = ledger.return_clean(lent.pop(rng.randrange(len(lent))), always)
+            elif move == 4 and lent:
+                s = lent.pop(rng.randrange(len(lent)))
+                ledger.begin_return(s)
+                returning.append(s)
+            elif move == 5 and returning:
+                plan = ledger.check_in(returning.pop(), always)
+            elif move == 6 and (lent or returning):
+                pool = lent if lent and (not returning or rng.random() < 0.5) else returning
+                plan = ledger.discard(pool.pop(), always)
+            elif move == 7:
+                queue.push(None)
+            elif move == 8:
+                ledger.drain()
+            elif move == 9:
+                ledger.resize(ledger.minconn, max(ledger.minconn, 1, ledger.maxconn + rng.choice([-1, 1])))
+            elif move == 10 and lent:
+                plan = ledger.give_back(lent.pop(), always)
+            if plan is not None:
+                opening += plan.open
+            opening += ledger.assign(always).open
+            lent = [s for s in lent if s.state is SlotState.LENT]  # (handed on by a return)
+            assert ledger.size == counted(ledger)
+            assert ledger.opening_count == opening
+        for s in ledger.close_lent():
+            assert s.state is SlotState.CLOSED
+        assert ledger.size == counted(ledger) == ledger.opening_count
 
 
 # -- the wait queue -------------------------------------------------------------

@@ -136,6 +136,9 @@ class Ledger:
         self._keyed: dict[Hashable, Slot] = {}
         self._returning: set[Slot] = set()
         self._opening = 0
+        # Every slot on the books plus those being opened, kept as slots come and
+        # go (a slot moving between idle, lent and returning leaves it as is).
+        self._size = 0
         self._auto_keys = itertools.count(1)
         # Appended from any thread (a weakref callback): recovered by upkeep.
         self.orphans: list[Slot] = []
@@ -145,7 +148,13 @@ class Ledger:
 
     @property
     def size(self) -> int:
-        return len(self._idle) + len(self._lent) + len(self._returning) + self._opening
+        """Idle, lent, returning and being-opened slots: never above ``maxconn``."""
+        return self._size
+
+    def _off_books(self, slot: Slot) -> None:
+        """``slot`` leaves the books (its connection is to be closed)."""
+        slot.state = SlotState.CLOSED
+        self._size -= 1
 
     @property
     def idle_count(self) -> int:
@@ -192,7 +201,7 @@ class Ledger:
         while self._idle:
             slot = self._idle.pop()
             if self.retired(slot, now) or not usable(slot):
-                slot.state = SlotState.CLOSED
+                self._off_books(slot)
                 plan.close.append(slot)
                 continue
             self._lend(slot, key, now)
@@ -220,7 +229,7 @@ class Ledger:
             if slot is None:
                 break
             self._waiting.hand(waiter, slot)
-        size = self.size
+        size = self._size
         if self.closing or size >= self.maxconn:  # (the busy pool's case: nothing to open)
             return plan
         want = max(0, self.minconn - size)
@@ -229,13 +238,14 @@ class Ledger:
         want = min(want, self.maxconn - size)
         if want > 0:
             self._opening += want
+            self._size += want
             plan.open += want
         return plan
 
     def may_assign(self) -> bool:
         """False when :meth:`assign` would do nothing for sure: nothing idle to
         hand out, and no room to open another connection."""
-        return bool(self._idle) or self.size < self.maxconn
+        return bool(self._idle) or self._size < self.maxconn
 
     def give_back(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         """A connection handed to a waiter that gave up meanwhile: it is clean,
@@ -273,25 +283,42 @@ class Ledger:
         self._returning.discard(slot)
         return self._put_idle(slot, usable)
 
-    def return_clean(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
+    def return_clean(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan | None:
         """:meth:`begin_return` then :meth:`check_in` in one step, for a lent
-        connection that comes back clean (no I/O to do).
+        connection that comes back clean (no I/O to do). None, with nothing
+        changed: the connection is to be closed instead (the pool is closing, it
+        is retired, or the pool shrank): the caller returns it the long way
+        (:meth:`begin_return`), closing it and waiting for that.
 
         :raises ValueError: the slot is not lent (a bug of the caller).
         """
         if slot.state is not SlotState.LENT:
             raise ValueError(f"{slot!r} is not lent")
+        now = time.monotonic()
+        if self.must_close(slot, now):
+            return None
         self._unlend(slot)
-        return self._put_idle(slot, usable)
+        return self._to_idle(slot, usable, now)
+
+    def must_close(self, slot: Slot, now: float | None = None) -> bool:
+        """A connection coming back is closed, not kept: the pool is closing, it
+        is retired, or the pool shrank (``slot`` still counts in ``size``)."""
+        now = time.monotonic() if now is None else now
+        return self.closing or self.retired(slot, now) or self._size > self.maxconn
 
     def _put_idle(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         now = time.monotonic()
-        if self.closing or self.retired(slot, now) or self.size >= self.maxconn:
-            slot.state = SlotState.CLOSED
+        if self.must_close(slot, now):
+            self._off_books(slot)
             plan = Plan(close=[slot])
             plan += self.assign(usable)
             self._notify_if_empty()
             return plan
+        return self._to_idle(slot, usable, now)
+
+    def _to_idle(self, slot: Slot, usable: Callable[[Slot], bool], now: float) -> Plan:
+        """A clean connection off the books of lent and returning slots goes to
+        the first waiter, or idle."""
         slot.idle_since = now
         if not self._idle and (waiter := self._waiting.first()) is not None:
             # Nothing else idle: it goes straight to the first waiter, as assign
@@ -320,7 +347,7 @@ class Ledger:
         elif slot.state is SlotState.IDLE:
             self._idle.remove(slot)
         if slot.state is not SlotState.CLOSED:
-            slot.state = SlotState.CLOSED
+            self._off_books(slot)
             plan.close.append(slot)
         plan += self.assign(usable)
         self._notify_if_empty()
@@ -331,12 +358,13 @@ class Ledger:
     def opened(self, slot: Slot, usable: Callable[[Slot], bool]) -> Plan:
         """A new connection in a slot reserved by a plan: idle, then to waiters
         (without the liveness peek: it was just opened)."""
-        self._opening -= 1
+        self._opening -= 1  # (the slot it reserved is on the books now: same size)
         return self._put_idle(slot, usable)
 
     def open_failed(self) -> None:
         """A reserved slot whose connection could not be opened is free again."""
         self._opening -= 1
+        self._size -= 1
 
     # -- upkeep ---------------------------------------------------------------
 
@@ -345,11 +373,11 @@ class Ledger:
         while more than ``keep`` slots remain; the caller closes them."""
         evicted: list[Slot] = []
         for slot in list(self._idle):
-            if self.size <= keep:
+            if self._size <= keep:
                 break
             if evict(slot):
                 self._idle.remove(slot)
-                slot.state = SlotState.CLOSED
+                self._off_books(slot)
                 evicted.append(slot)
         return evicted
 
@@ -386,7 +414,7 @@ class Ledger:
         slots = [*self._lent, *self._returning]
         for slot in slots:
             self._unlend(slot)
-            slot.state = SlotState.CLOSED
+            self._off_books(slot)
             slot.closed_by_pool = True
         self._returning.clear()
         self._notify_if_empty()

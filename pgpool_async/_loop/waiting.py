@@ -19,7 +19,8 @@ import asyncio
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 import anyio
 
@@ -92,12 +93,15 @@ class Waiter:
 
     async def wait(self) -> Slot:
         """Wait to be handed a connection, or raise the error handed instead."""
-        signal = self._signal
-        if isinstance(signal, asyncio.Future):
-            await signal
-        else:
-            await signal.wait()
+        await self.signalled()
         return self.result()
+
+    def signalled(self) -> Awaitable[Any]:
+        """What to await until handed a connection or an error (then call
+        :meth:`result`): the bare future on asyncio, so that a busy pool's every
+        request awaits no coroutine of ours."""
+        signal = self._signal
+        return signal if isinstance(signal, asyncio.Future) else signal.wait()
 
     def result(self) -> Slot:
         """Once signalled: the connection handed, or raise the error handed instead."""
