@@ -34,9 +34,9 @@ _KEYWORD = re.compile(
 # Whatever follows "password=" to the end, unless the value is properly quoted:
 # its words are scrubbed from messages too.
 _TAIL = re.compile(r"\bpassword\s*=\s*(?!'(?:[^'\\]|\\.)*'(?:\s|\Z))(?P<value>.*)", re.IGNORECASE | re.DOTALL)
-# Whatever follows "password=" up to the next "keyword=", quoted or not. With an odd
-# number of quotes in it, a quote inside the password closed it early and libpq
-# complains about the rest ("missing = after ..."), which is password too.
+# Whatever follows "password=" up to the next "keyword=", quoted or not. Words after
+# a quoted value are likely password too (a quote inside it, unescaped, closed it
+# early): libpq complains about them ("missing = after ..."), so they are scrubbed.
 _LOOSE = re.compile(
     r"\bpassword\s*=\s*(?P<value>.*?)(?=\s+[A-Za-z_]\w*\s*=|\s*\Z)", re.IGNORECASE | re.DOTALL
 )
@@ -64,8 +64,6 @@ def secrets_in(text: str) -> list[str]:
     for pattern in (_KEYWORD, _TAIL, _LOOSE, _URI, _URI_PARAM):
         for match in pattern.finditer(text):
             value = match.group("value")
-            if pattern is _LOOSE and value.replace("\\'", "").count("'") % 2 == 0:
-                continue  # quotes balanced: what follows the quoted password is not part of it
             found.update((value, value.strip().strip("'")))
             with contextlib.suppress(UnicodeDecodeError):
                 found.add(unquote(value, errors="strict"))

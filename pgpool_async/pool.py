@@ -31,7 +31,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -93,9 +93,10 @@ class _ConnectionContext:
         self._timeout = timeout
         self._conn: AsyncConnection | None = None
 
-    async def __aenter__(self) -> AsyncConnection:
-        self._conn = await self._pool.getconn(self._key, timeout=self._timeout)
-        return self._conn
+    def __aenter__(self) -> Coroutine[Any, Any, AsyncConnection]:
+        # The pool's checkout coroutine itself (one coroutine less per block);
+        # it also gives this context the connection, for __aexit__.
+        return self._pool._checkout(self._key, self._timeout, self)
 
     async def __aexit__(
         self,
@@ -507,8 +508,11 @@ class AsyncConnectionPool:
         """
         return _ConnectionContext(self, key, timeout)
 
-    async def getconn(self, key: Hashable | None = None, timeout: float | None = None) -> AsyncConnection:
-        """Lend a connection, waiting (FIFO) up to ``timeout`` if none is free.
+    def getconn(
+        self, key: Hashable | None = None, timeout: float | None = None
+    ) -> Coroutine[Any, Any, AsyncConnection]:
+        """Lend a connection (``await`` it), waiting (FIFO) up to ``timeout`` if
+        none is free. Return it with :meth:`putconn`.
 
         With a ``key`` already lent, the same connection again (psycopg2's keys).
 
@@ -517,12 +521,20 @@ class AsyncConnectionPool:
         :raises PoolClosed: the pool is closed or closing.
         :raises PoolError: the pool was never opened.
         """
+        return self._checkout(key, timeout, None)
+
+    async def _checkout(
+        self, key: Hashable | None, timeout: float | None, into: _ConnectionContext | None
+    ) -> AsyncConnection:
+        """:meth:`getconn`; the connection is also given to ``into``, if any."""
         self._check_serving()
         wait = self.timeout if timeout is None else check_timeout("timeout", timeout)
         self._stats.requests_num += 1
         if key is not None and (held := self._ledger.lent_under(key)) is not None:
             conn = held.holder() if held.holder is not None else None
             if conn is not None:
+                if into is not None:
+                    into._conn = conn
                 return conn  # type: ignore[no-any-return]
         deadline: float | None = None  # (in current_time()'s clock: set by the first wait)
         # Bounded: each pass that does not return discards a connection that
@@ -544,7 +556,10 @@ class AsyncConnectionPool:
                 or await self._passes_check(slot)
             ):
                 break
-        return self._lend(slot)
+        conn = self._lend(slot)
+        if into is not None:
+            into._conn = conn
+        return conn
 
     async def _checkpoint(self, slot: Slot) -> None:
         """Every call is a checkpoint (trio's rule), so a loop of checkouts that
@@ -691,7 +706,7 @@ class AsyncConnectionPool:
         timeout: float | None,
     ) -> T:
         """Borrow, run ``func`` then commit in one worker-thread call, return."""
-        conn = await self.getconn(None, timeout)
+        conn = await self._checkout(None, timeout, None)
         try:
             return await runner(conn.loan, run_and_commit, func, *args)
         finally:
