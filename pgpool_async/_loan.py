@@ -157,29 +157,28 @@ class Loan:
         """
         if self.detached:
             raise ConnectionReleased(RELEASED)
-        if func is blocking.run_and_commit:
-            loopable = self.io != "thread" and args[0] in _EXTRACT  # else user code (run_sync)
-        else:
-            loopable = self.io != "thread" and (func in _EXTRACT or func in _COMMITS or func in _ON_LOOP)
+        route = _ROUTES.get(func) if self.io != "thread" else None
+        if route == _HELPER and args[0] not in _EXTRACT:
+            route = None  # run_sync's user code: a thread
         turn = self.turn
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
         try:
-            runner = self.runner
-            if loopable and (runner is None or not runner.entered):
-                runner = self._loop_runner()  # (entered at the first statement, or None)
-            if loopable and runner is not None:
+            if route is not None:
+                runner = self.runner
+                if runner is None or not runner.entered:
+                    runner = self._loop_runner()  # (entered at the first statement, or None)
+            if route is not None and runner is not None:
                 # The hot calls with no coroutine in between: a statement, a commit
                 # (a COMMIT lost with the connection raises CommitOutcomeUnknown), a
                 # one-hop helper's statement and commit.
-                extract = _EXTRACT.get(func)
-                if extract is not None:
-                    return extract(await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
-                if func in _COMMITS:
+                if route == _STATEMENT:
+                    return _EXTRACT[func](await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
+                if route == _COMMIT:
                     with failover.commit_in_flight(self.raw):
                         await runner.commit()
                     return None  # type: ignore[return-value]
-                if func is blocking.run_and_commit:  # (_run_and_commit, inlined)
+                if route == _HELPER:
                     helper, raw = args[0], self.raw
                     # The commit travels with the statement (unless autocommit): it may have been done.
                     with failover.commit_in_flight(raw, when=not raw.autocommit):
@@ -347,4 +346,14 @@ _ON_LOOP: dict[Callable[..., Any], Callable[..., Any]] = {
     failover.commit_sql: _commit_sql,
     blocking.cursor_execute: _cursor_execute,
     PGConnection.rollback: _rollback,
+}
+
+# How Loan.call runs each of these on the loop, found with one lookup; a function
+# not here runs in a thread.
+_STATEMENT, _COMMIT, _HELPER, _OTHER = 1, 2, 3, 4
+_ROUTES: dict[Callable[..., Any], int] = {
+    **dict.fromkeys(_EXTRACT, _STATEMENT),
+    **dict.fromkeys(_COMMITS, _COMMIT),
+    blocking.run_and_commit: _HELPER,  # (of a statement function: else run_sync's user code)
+    **dict.fromkeys(_ON_LOOP, _OTHER),
 }
