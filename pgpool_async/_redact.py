@@ -50,6 +50,11 @@ MALFORMED_PASSWORD = (
     "in single quotes (a quote inside as \\'), in a URI percent-encode it, or pass it as the "
     "password keyword argument"
 )
+MASKED_NEAR_PASSWORD = (
+    "*** is text next to the password, masked in case it is part of it: a keyword there may "
+    "lack its '=', or a quote inside the password ended it early (inside single quotes "
+    "write \\')"
+)
 _WORDS = re.compile(r"[\s'\\=&@:/\"]+")
 # Words of a secret shorter than this are not scrubbed from free text (too many
 # false hits); a whole secret is from 3 characters.
@@ -102,7 +107,10 @@ def dsn_error_message(
     error = reparse(None if dsn is None else _blank(dsn))
     if error is None:  # only the password was malformed: say so, never quote it
         return MALFORMED_PASSWORD
-    return redact(error, secrets)
+    message = redact(error, secrets)
+    if message != redact(error):  # words near a password were masked: say where to look
+        message += f"; {MASKED_NEAR_PASSWORD}"
+    return message
 
 
 def connect_args_error(dsn: str | None, libpq_kwargs: dict[str, Any]) -> str:

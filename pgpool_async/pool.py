@@ -508,11 +508,9 @@ class AsyncConnectionPool:
         """
         return _ConnectionContext(self, key, timeout)
 
-    def getconn(
-        self, key: Hashable | None = None, timeout: float | None = None
-    ) -> Coroutine[Any, Any, AsyncConnection]:
-        """Lend a connection (``await`` it), waiting (FIFO) up to ``timeout`` if
-        none is free. Return it with :meth:`putconn`.
+    async def getconn(self, key: Hashable | None = None, timeout: float | None = None) -> AsyncConnection:
+        """Lend a connection, waiting (FIFO) up to ``timeout`` if none is free.
+        Return it with :meth:`putconn`.
 
         With a ``key`` already lent, the same connection again (psycopg2's keys).
 
@@ -521,7 +519,7 @@ class AsyncConnectionPool:
         :raises PoolClosed: the pool is closed or closing.
         :raises PoolError: the pool was never opened.
         """
-        return self._checkout(key, timeout, None)
+        return await self._checkout(key, timeout, None)
 
     async def _checkout(
         self, key: Hashable | None, timeout: float | None, into: _ConnectionContext | None
@@ -550,11 +548,11 @@ class AsyncConnectionPool:
                 slot, deadline = await self._wait(key, deadline, wait)
             else:
                 await self._checkpoint(slot)
-            if (
-                health.check is None
-                or not health.check_due(slot.idle_since)
-                or await self._passes_check(slot)
-            ):
+            if health.check is None or not health.check_due(slot.idle_since):
+                break
+            if deadline is None:  # (nothing awaited yet: the checkout's start)
+                deadline = current_time() + wait  # a check's time counts against the timeout
+            if await self._passes_check(slot):
                 break
         conn = self._lend(slot)
         if into is not None:

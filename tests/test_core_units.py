@@ -159,16 +159,18 @@ def test_ledger_give_back_and_discard_keep_counts_exact() -> None:
 
 def test_ledger_size_stays_the_count_of_its_slots_through_every_move() -> None:
     """``size`` is kept as slots come and go: after any sequence of the ledger's
-    moves it equals the slots counted in each state, and never exceeds maxconn."""
+    moves (the pool closing mid-way, slots it closed coming back, retiring and
+    shrinking included) it equals the slots counted in each state."""
     rng = random.Random(11)
-    for _ in range(30):
+    for _ in range(40):
         queue = WaitQueue()
         ledger = Ledger(rng.randint(0, 3), rng.randint(3, 6), queue)
         opening = ledger.assign(always).open
         lent: list[Slot] = []
         returning: list[Slot] = []
+        closed: list[Slot] = []  # closed by the pool while lent or returning
         for _ in range(200):
-            move = rng.randrange(11)
+            move = rng.randrange(15)
             plan: Plan | None = None
             if move == 0 and opening:
                 opening -= 1
@@ -181,7 +183,11 @@ def test_ledger_size_stays_the_count_of_its_slots_through_every_move() -> None:
                 if taken is not None:
                     lent.append(taken)
             elif move == 3 and lent:
-                plan = ledger.return_clean(lent.pop(rng.randrange(len(lent))), always)
+                s = lent.pop(rng.randrange(len(lent)))
+                plan = ledger.return_clean(s, always)
+                if plan is None:  # to be closed: the long way, as the pool does
+                    ledger.begin_return(s)
+                    returning.append(s)
             elif move == 4 and lent:
                 s = lent.pop(rng.randrange(len(lent)))
                 ledger.begin_return(s)
@@ -199,10 +205,20 @@ def test_ledger_size_stays_the_count_of_its_slots_through_every_move() -> None:
                 ledger.resize(ledger.minconn, max(ledger.minconn, 1, ledger.maxconn + rng.choice([-1, 1])))
             elif move == 10 and lent:
                 plan = ledger.give_back(lent.pop(), always)
+            elif move == 11 and rng.random() < 0.2:
+                closed += ledger.close_lent()
+            elif move == 12 and closed:
+                s = closed.pop()
+                plan = ledger.check_in(s, always) if rng.random() < 0.5 else ledger.discard(s, always)
+            elif move == 13 and rng.random() < 0.05:
+                ledger.start_closing()
+            elif move == 14:
+                ledger.retire(lambda s: rng.random() < 0.3)
             if plan is not None:
                 opening += plan.open
             opening += ledger.assign(always).open
             lent = [s for s in lent if s.state is SlotState.LENT]  # (handed on by a return)
+            returning = [s for s in returning if s.state is SlotState.RETURNING]  # (closed: in closed)
             assert ledger.size == counted(ledger)
             assert ledger.opening_count == opening
         for s in ledger.close_lent():

@@ -41,11 +41,15 @@ def test_issue_dsns_leak_no_password(dsn: str, secrets: list[str]) -> None:
 
 
 def test_error_elsewhere_is_still_reported() -> None:
-    """Redaction keeps libpq's reason when the password is not the problem."""
+    """Redaction keeps libpq's reason when the password is not the problem; text
+    next to a password is masked (it may be part of it), and the message says so."""
     message = _message("postgresql://u:PW9secret@[host/db")
     assert 'matching "]"' in message and "u:***@" in message
-    # Words after a quoted password may be password (see below): masked, the reason kept.
-    assert 'missing "=" after "***"' in _message("host=x password='fine9pw' junk")
+    # Words after a quoted password may be password (see below): masked, the reason
+    # kept, and what to check named.
+    message = _message("host=x password='fine9pw' dbname mydb")
+    assert 'missing "=" after "***"' in message and "dbname" not in message
+    assert "a keyword there may lack its '='" in message
     assert "fine9pw" not in _message("host=x password='fine9pw' junk")
 
 

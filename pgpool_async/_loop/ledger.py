@@ -122,7 +122,8 @@ class Ledger:
     """All the pool's slots and their states; see the module docstring.
 
     ``size`` counts every slot that holds or will hold a connection (idle, lent,
-    returning, or being opened): it never exceeds ``maxconn``.
+    returning, or being opened): never above ``maxconn``, except after a shrink
+    (``resize``) until the lent slots come back, to be closed.
     """
 
     def __init__(self, minconn: int, maxconn: int, waiting: _Queue) -> None:
@@ -148,7 +149,8 @@ class Ledger:
 
     @property
     def size(self) -> int:
-        """Idle, lent, returning and being-opened slots: never above ``maxconn``."""
+        """Idle, lent, returning and being-opened slots (above ``maxconn`` only
+        after a shrink, until lent slots come back and are closed)."""
         return self._size
 
     def _off_books(self, slot: Slot) -> None:
