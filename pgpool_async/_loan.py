@@ -164,11 +164,12 @@ class Loan:
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
         try:
+            runner = None
             if route is not None:
                 runner = self.runner
                 if runner is None or not runner.entered:
                     runner = self._loop_runner()  # (entered at the first statement, or None)
-            if route is not None and runner is not None:
+            if runner is not None:
                 # The hot calls with no coroutine in between: a statement, a commit
                 # (a COMMIT lost with the connection raises CommitOutcomeUnknown), a
                 # one-hop helper's statement and commit.

@@ -528,36 +528,41 @@ class AsyncConnectionPool:
         self._check_serving()
         wait = self.timeout if timeout is None else check_timeout("timeout", timeout)
         self._stats.requests_num += 1
-        if key is not None and (held := self._ledger.lent_under(key)) is not None:
-            conn = held.holder() if held.holder is not None else None
-            if conn is not None:
-                if into is not None:
-                    into._conn = conn
-                return conn  # type: ignore[no-any-return]
-        deadline: float | None = None  # (in current_time()'s clock: set by the first wait)
-        # Bounded: each pass that does not return discards a connection that
-        # failed its check, and only connections idle long enough are checked.
-        health = self._health
-        while True:
-            slot = None
-            if not len(self._waiting):
-                slot, plan = self._ledger.take(key, self._usable)
-                if plan.close:
-                    self._apply(plan)
-            if slot is None:
-                slot, deadline = await self._wait(key, deadline, wait)
-            else:
-                await self._checkpoint(slot)
-            if health.check is None or not health.check_due(slot.idle_since):
-                break
-            if deadline is None:  # (nothing awaited yet: the checkout's start)
-                deadline = current_time() + wait  # a check's time counts against the timeout
-            if await self._passes_check(slot):
-                break
-        conn = self._lend(slot)
+        conn = self._held(key) if key is not None else None
+        if conn is None:
+            # An idle connection, else one waited for (FIFO); checked first if it
+            # sat idle long enough (a check's time counts against the timeout too).
+            # Bounded: each pass that does not end discards a connection that
+            # failed its check, and only connections idle long enough are checked.
+            deadline = current_time() + wait
+            health = self._health
+            while True:
+                slot = None
+                if not len(self._waiting):
+                    slot, plan = self._ledger.take(key, self._usable)
+                    if plan.close:
+                        self._apply(plan)
+                if slot is None:
+                    slot = await self._wait(key, deadline, wait)
+                else:
+                    await self._checkpoint(slot)
+                if (
+                    health.check is None
+                    or not health.check_due(slot.idle_since)
+                    or await self._passes_check(slot)
+                ):
+                    break
+            conn = self._lend(slot)
         if into is not None:
             into._conn = conn
         return conn
+
+    def _held(self, key: Hashable) -> AsyncConnection | None:
+        """The connection lent under a psycopg2 key, if its borrower still holds it."""
+        held = self._ledger.lent_under(key)
+        if held is None or held.holder is None:
+            return None
+        return held.holder()  # type: ignore[no-any-return]
 
     async def _checkpoint(self, slot: Slot) -> None:
         """Every call is a checkpoint (trio's rule), so a loop of checkouts that
@@ -642,17 +647,15 @@ class AsyncConnectionPool:
         plan += self._ledger.assign(self._usable)
         self._apply(plan)
 
-    async def _wait(self, key: Hashable | None, deadline: float | None, timeout: float) -> tuple[Slot, float]:
-        """Queue for a connection until ``deadline`` (default: ``timeout`` from
-        now); returns it and the deadline, for a request that waits again."""
+    async def _wait(self, key: Hashable | None, deadline: float, timeout: float) -> Slot:
+        """Queue for a connection until ``deadline`` (``timeout``: for the error message)."""
         if self.max_waiting and len(self._waiting) >= self.max_waiting:
             self._stats.requests_errors += 1
             raise TooManyRequests(
                 f"pool {self.name!r}: {len(self._waiting)} requests are already waiting for a "
                 f"connection (max_waiting={self.max_waiting}): raise max_waiting or maxconn, or retry later"
             )
-        started = current_time()
-        deadline = started + timeout if deadline is None else max(deadline, started)
+        started = time.monotonic()  # (for the stats: a C call, where current_time() is two of ours)
         waiter = self._waiting.push(key, deadline, timeout)
         self._stats.requests_queued += 1
         if self._ledger.may_assign():  # (a busy, full pool: nothing to hand out or open)
@@ -661,7 +664,7 @@ class AsyncConnectionPool:
             if waiter.done:  # handed a connection at once: still a checkpoint
                 await anyio.lowlevel.checkpoint()
             await waiter.signalled()
-            return waiter.result(), deadline  # or PoolTimeout from the deadlines, PoolClosed from close()
+            return waiter.result()  # or PoolTimeout from the deadlines, PoolClosed from close()
         except BaseException as exc:
             handed = self._waiting.leave(waiter)
             if handed is not None:  # handed a connection while being cancelled: it is clean
@@ -670,7 +673,7 @@ class AsyncConnectionPool:
                 self._stats.requests_errors += 1
             raise
         finally:
-            self._stats.requests_wait_ms += int((current_time() - started) * 1000)
+            self._stats.requests_wait_ms += int((time.monotonic() - started) * 1000)
 
     # -- one-hop helpers ------------------------------------------------------
 

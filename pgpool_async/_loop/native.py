@@ -106,6 +106,7 @@ _PGRES_COPY_OUT = 3
 _PGRES_COPY_IN = 4
 _PGRES_COPY_BOTH = 8
 _PGRES_ERRORS = (5, 6, 7)  # BAD_RESPONSE, NONFATAL_ERROR, FATAL_ERROR
+_OK_STATUSES = (_PGRES_TUPLES_OK, _PGRES_COMMAND_OK)  # a statement's success
 _PQTRANS_IDLE = 0
 _PQTRANS_INTRANS = 2
 _PQTRANS_INERROR = 3
@@ -868,13 +869,7 @@ class LoopStatementRunner:
         self._busy = True
         try:
             await self._run(query)
-            if not (
-                self._ended
-                and self._status == _PGRES_COMMAND_OK
-                and self._count == 1
-                and self._last is not None
-                and not self._copy_seen
-            ):
+            if not self._went_well(1):
                 cur = self._cursor
                 assert cur is not None
                 self._result(cur, 1, describe=False)  # raises what psycopg2 would
@@ -1067,7 +1062,7 @@ class LoopStatementRunner:
             self._last = res
             self._count += 1
             self._status = status = lib.PQresultStatus(res)
-            if status in (_PGRES_TUPLES_OK, _PGRES_COMMAND_OK):
+            if status in _OK_STATUSES:
                 continue  # (the common case)
             if self._unusual(status):
                 return True
@@ -1189,16 +1184,10 @@ class LoopStatementRunner:
         :meth:`_rows_in_turns`)."""
         lib = self._lib
         res = self._last
-        last_status = self._status
-        if (
-            self._ended
-            and res is not None
-            and last_status in (_PGRES_TUPLES_OK, _PGRES_COMMAND_OK)
-            and self._count >= expected
-            and not self._copy_seen
-        ):
+        if self._went_well(expected):
             # The common case, decided without asking libpq again.
-            return self._ok_result(cur, res, last_status, committed, describe)
+            assert res is not None
+            return self._ok_result(cur, res, self._status, committed, describe)
         if self._pg is None or self.raw.closed:
             raise psycopg2.OperationalError(
                 "the connection was closed while the statement ran (a cancel not answered in "
@@ -1227,6 +1216,17 @@ class LoopStatementRunner:
             # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
             raise psycopg2.ProgrammingError("can't execute an empty query")
         return self._ok_result(cur, res, status, committed, describe)  # (it refuses other statuses)
+
+    def _went_well(self, expected: int) -> bool:
+        """The statement is over, every one of its ``expected`` results was read and
+        the last was rows or a command's success (what pump() recorded)."""
+        return (
+            self._ended
+            and self._last is not None
+            and self._status in _OK_STATUSES
+            and self._count >= expected
+            and not self._copy_seen
+        )
 
     def _ok_result(self, cur: PGCursor, res: int, status: int, committed: bool, describe: bool) -> Result:
         """The Result of a statement that succeeded (``res``/``status``: the last
