@@ -94,7 +94,7 @@ def build_app(stack: str, dsn: str) -> Any:
 
             @app.get("/items/{item}")
             async def get_item(item: int, pool: DB) -> dict[str, Any]:
-                row = await pool.fetchone(get_sql, (item,))  # BEGIN; SELECT; COMMIT: one round trip
+                row = await pool.fetchone(get_sql, (item,))  # one implicit transaction: one round trip
                 return {"id": row[0], "name": row[1], "balance": row[2]}
 
         elif stack == "pgpool-conn":
@@ -109,7 +109,7 @@ def build_app(stack: str, dsn: str) -> Any:
 
             @app.get("/items/{item}")
             async def get_item_direct(item: int) -> dict[str, Any]:
-                row = await db.pool.fetchone(get_sql, (item,))  # BEGIN; SELECT; COMMIT: one round trip
+                row = await db.pool.fetchone(get_sql, (item,))  # one implicit transaction: one round trip
                 return {"id": row[0], "name": row[1], "balance": row[2]}
 
             @app.post("/transfer")
