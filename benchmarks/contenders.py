@@ -15,6 +15,11 @@ default: BEGIN, query, COMMIT); ``autocommit`` means the query alone.
 
 Peer libraries are imported when a contender opens, so a missing one only
 fails its own rows.
+
+The realistic workloads (:mod:`benchmarks.realistic`) call three more operations,
+each written the way that library's documentation does it: :meth:`AsyncContender.row_by_key`,
+:meth:`~AsyncContender.rows_range` and :meth:`~AsyncContender.write_tx` (``*_sync``
+on :class:`ThreadsContender`); ``realistic`` names the ones a contender runs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ import anyio.to_thread
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
+from psycopg2.extras import Json
+
+from .realistic import ALL as REALISTIC
+from .realistic import INSERT_ROW, READS, ROW_BY_KEY, ROWS_RANGE, UPDATE_ROW, NewRow, asyncpg_init, numbered
 
 __all__ = [
     "CONTENDERS",
@@ -62,6 +71,8 @@ class PoolSpec:
     dsn: str
     minsize: int
     maxsize: int
+    #: asyncpg only: decode jsonb with ``json.loads`` (``init=``), as the realistic workloads need
+    jsonb_codec: bool = False
 
 
 def asyncpg_kwargs(dsn: str) -> dict[str, Any]:
@@ -84,6 +95,38 @@ def _fetchval(conn: Any, sql: str) -> Any:
     return None if row is None else row[0]
 
 
+def _fetchone(conn: Any, sql: str, params: Sequence[Any]) -> Any:
+    """One row, on a psycopg2 connection (in a thread)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchone()
+
+
+def _fetchall(conn: Any, sql: str, params: Sequence[Any]) -> list[Any]:
+    """Every row, on a psycopg2 connection (in a thread)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows: list[Any] = cur.fetchall()
+    return rows
+
+
+def _execute(conn: Any, sql: str, params: Sequence[Any]) -> None:
+    """A statement without rows, on a psycopg2 connection (in a thread)."""
+    with conn.cursor() as cur:
+        cur.execute(sql, params)
+
+
+def psycopg2_params(row: NewRow) -> tuple[Any, ...]:
+    """``INSERT_ROW``'s parameters for psycopg2 (and aiopg, pgpool_async): jsonb through ``Json``."""
+    return (row.name, row.created, row.amount, row.ref, Json(row.payload), row.active, row.score)
+
+
+ASYNCPG_ROW_BY_KEY = numbered(ROW_BY_KEY)
+ASYNCPG_ROWS_RANGE = numbered(ROWS_RANGE)
+ASYNCPG_INSERT_ROW = numbered(INSERT_ROW)
+ASYNCPG_UPDATE_ROW = numbered(UPDATE_ROW)
+
+
 class Contender(ABC):
     """What every contender tells about itself.
 
@@ -103,6 +146,8 @@ class Contender(ABC):
     note: ClassVar[str] = ""
     spike_rounds: ClassVar[int | None] = None
     checkout_sleep0: ClassVar[bool] = False
+    #: the realistic workloads this contender runs (``row_by_key``, ``rows_100``, ``write_tx``)
+    realistic: ClassVar[frozenset[str]] = frozenset()
 
 
 class AsyncContender(Contender):
@@ -128,6 +173,20 @@ class AsyncContender(Contender):
         """Check a connection out and return it, nothing else."""
         async with self.acquire():
             pass
+
+    # The realistic workloads: each returns what the library returned (rows, the new id).
+
+    async def row_by_key(self, key: int) -> Any:
+        """``realistic.ROW_BY_KEY``: one row."""
+        raise NotImplementedError
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        """``realistic.ROWS_RANGE``: the rows with ``first <= id <= last``."""
+        raise NotImplementedError
+
+    async def write_tx(self, row: NewRow) -> Any:
+        """In one transaction: ``INSERT_ROW`` (``RETURNING id``), ``UPDATE_ROW`` on that id; commit."""
+        raise NotImplementedError
 
 
 # -- pgpool_async ---------------------------------------------------------------
@@ -155,6 +214,23 @@ class _PgpoolBase(AsyncContender):
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         return self.pool.connection()  # type: ignore[no-any-return]
 
+    # README's idioms: a connection() block (commit on a clean exit), conn.fetch*,
+    # conn.transaction() (BEGIN in autocommit mode; otherwise the open transaction).
+
+    async def row_by_key(self, key: int) -> Any:
+        async with self.pool.connection() as conn:
+            return await conn.fetchone(ROW_BY_KEY, (key,))
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        async with self.pool.connection() as conn:
+            return await conn.fetchall(ROWS_RANGE, (first, last))  # type: ignore[no-any-return]
+
+    async def write_tx(self, row: NewRow) -> Any:
+        async with self.pool.connection() as conn, conn.transaction():
+            new_id = await conn.fetchval(INSERT_ROW, psycopg2_params(row))
+            await conn.execute(UPDATE_ROW, (new_id,))
+        return new_id
+
 
 class PgpoolConnection(_PgpoolBase):
     """``async with pool.connection() as c: await c.fetchval(sql)``, default settings."""
@@ -167,6 +243,7 @@ class PgpoolConnection(_PgpoolBase):
     waiters = True
     checkout_name = "pgpool_async connection(): pass"
     checkout_sleep0 = True  # also measured with a sleep(0) after each (an extra yield per checkout)
+    realistic = REALISTIC
 
     async def query(self, sql: str) -> float | None:
         async with self.pool.connection() as conn:
@@ -194,10 +271,17 @@ class PgpoolFetchval(_PgpoolBase):
     key = "pgpool-fetchval"
     name = "pgpool_async pool.fetchval"
     mode = TX
+    realistic = READS  # reads through pool.fetchone / pool.fetchall; writes as pgpool's
 
     async def query(self, sql: str) -> float | None:
         await self.pool.fetchval(sql)
         return None
+
+    async def row_by_key(self, key: int) -> Any:
+        return await self.pool.fetchone(ROW_BY_KEY, (key,))
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        return await self.pool.fetchall(ROWS_RANGE, (first, last))  # type: ignore[no-any-return]
 
 
 class PgpoolFetchvalAutocommit(PgpoolFetchval):
@@ -207,6 +291,7 @@ class PgpoolFetchvalAutocommit(PgpoolFetchval):
     name = "pgpool_async pool.fetchval autocommit"
     mode = AUTOCOMMIT
     autocommit = True
+    realistic = frozenset()  # pool.fetch* is one round trip in either mode
 
 
 # The old path, next to the default: one thread hop per statement.
@@ -229,6 +314,7 @@ class PgpoolConnectionAutocommitThread(PgpoolConnectionAutocommit):
     key = "pgpool-ac-thread"
     name = 'pgpool_async connection() autocommit io="thread"'
     io = "thread"
+    realistic = frozenset()
 
 
 class PgpoolFetchvalThread(PgpoolFetchval):
@@ -237,6 +323,7 @@ class PgpoolFetchvalThread(PgpoolFetchval):
     key = "pgpool-fetchval-thread"
     name = 'pgpool_async pool.fetchval io="thread"'
     io = "thread"
+    realistic = frozenset()
 
 
 class PgpoolFetchvalAutocommitThread(PgpoolFetchvalAutocommit):
@@ -262,6 +349,7 @@ class Asyncpg(AsyncContender):
     waiters = True
     checkout_name = "asyncpg acquire()+release"
     note = "its release runs a reset query (a round trip) by default"
+    realistic = REALISTIC
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -269,8 +357,9 @@ class Asyncpg(AsyncContender):
     async def open(self, spec: PoolSpec) -> None:
         import asyncpg
 
+        init = asyncpg_init if spec.jsonb_codec else None
         self.pool = await asyncpg.create_pool(
-            min_size=spec.minsize, max_size=spec.maxsize, **asyncpg_kwargs(spec.dsn)
+            min_size=spec.minsize, max_size=spec.maxsize, init=init, **asyncpg_kwargs(spec.dsn)
         )
 
     async def close(self) -> None:
@@ -284,6 +373,29 @@ class Asyncpg(AsyncContender):
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         return self.pool.acquire()  # type: ignore[no-any-return]
+
+    async def row_by_key(self, key: int) -> Any:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchrow(ASYNCPG_ROW_BY_KEY, key)
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        async with self.pool.acquire() as conn:
+            return await conn.fetch(ASYNCPG_ROWS_RANGE, first, last)  # type: ignore[no-any-return]
+
+    async def write_tx(self, row: NewRow) -> Any:
+        async with self.pool.acquire() as conn, conn.transaction():
+            new_id = await conn.fetchval(
+                ASYNCPG_INSERT_ROW,
+                row.name,
+                row.created,
+                row.amount,
+                row.ref,
+                row.payload,  # the jsonb codec's json.dumps
+                row.active,
+                row.score,
+            )
+            await conn.execute(ASYNCPG_UPDATE_ROW, new_id)
+        return new_id
 
 
 # -- psycopg 3 / psycopg_pool ---------------------------------------------------------
@@ -301,6 +413,7 @@ class PsycopgPool(AsyncContender):
     waiters = True
     checkout_name = "psycopg_pool connection(): pass"
     autocommit: ClassVar[bool] = False
+    realistic = REALISTIC
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -325,6 +438,23 @@ class PsycopgPool(AsyncContender):
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         return self.pool.connection()  # type: ignore[no-any-return]
+
+    async def row_by_key(self, key: int) -> Any:
+        async with self.pool.connection() as conn:
+            return await (await conn.execute(ROW_BY_KEY, (key,))).fetchone()
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        async with self.pool.connection() as conn:
+            return await (await conn.execute(ROWS_RANGE, (first, last))).fetchall()  # type: ignore[no-any-return]
+
+    async def write_tx(self, row: NewRow) -> Any:
+        from psycopg.types.json import Jsonb
+
+        params = (row.name, row.created, row.amount, row.ref, Jsonb(row.payload), row.active, row.score)
+        async with self.pool.connection() as conn, conn.transaction():
+            (new_id,) = await (await conn.execute(INSERT_ROW, params)).fetchone()
+            await conn.execute(UPDATE_ROW, (new_id,))
+        return new_id
 
 
 class PsycopgPoolAutocommit(PsycopgPool):
@@ -354,6 +484,7 @@ class Aiopg(AsyncContender):
     overload = True
     waiters = True
     checkout_name = "aiopg acquire()+release"
+    realistic = REALISTIC
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -377,6 +508,23 @@ class Aiopg(AsyncContender):
 
     def acquire(self) -> AbstractAsyncContextManager[Any]:
         return self.pool.acquire()  # type: ignore[no-any-return]
+
+    async def row_by_key(self, key: int) -> Any:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(ROW_BY_KEY, (key,))
+            return await cur.fetchone()
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        async with self.pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(ROWS_RANGE, (first, last))
+            return await cur.fetchall()  # type: ignore[no-any-return]
+
+    async def write_tx(self, row: NewRow) -> Any:
+        async with self.pool.acquire() as conn, conn.cursor() as cur, cur.begin():
+            await cur.execute(INSERT_ROW, psycopg2_params(row))
+            (new_id,) = await cur.fetchone()
+            await cur.execute(UPDATE_ROW, (new_id,))
+        return new_id
 
 
 # -- hand-written: psycopg2's pool + anyio.to_thread ---------------------------------------
@@ -422,6 +570,7 @@ class NaiveToThread(AsyncContender):
     checkout_name = "naive getconn+putconn (2 hops)"
     note = "4 thread hops per query: getconn, query, commit, putconn"
     spike_rounds = 1  # psycopg2's pool connects under its lock: ~45 x 150 ms, the same every time
+    realistic = REALISTIC
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -454,6 +603,25 @@ class NaiveToThread(AsyncContender):
         async with self.sem:
             conn = await anyio.to_thread.run_sync(self.pool.getconn)
             await anyio.to_thread.run_sync(self.pool.putconn, conn)
+
+    async def row_by_key(self, key: int) -> Any:
+        async with self.acquire() as conn:
+            row = await anyio.to_thread.run_sync(_fetchone, conn, ROW_BY_KEY, (key,))
+            await anyio.to_thread.run_sync(conn.commit)
+        return row
+
+    async def rows_range(self, first: int, last: int) -> Sequence[Any]:
+        async with self.acquire() as conn:
+            rows = await anyio.to_thread.run_sync(_fetchall, conn, ROWS_RANGE, (first, last))
+            await anyio.to_thread.run_sync(conn.commit)
+        return rows
+
+    async def write_tx(self, row: NewRow) -> Any:
+        async with self.acquire() as conn:  # putconn rolls back what was not committed
+            (new_id,) = await anyio.to_thread.run_sync(_fetchone, conn, INSERT_ROW, psycopg2_params(row))
+            await anyio.to_thread.run_sync(_execute, conn, UPDATE_ROW, (new_id,))
+            await anyio.to_thread.run_sync(conn.commit)
+        return new_id
 
 
 # -- the loop-native statement runner (issue 11), on a minimal pool of its own ----------------------
@@ -584,8 +752,9 @@ class ThreadsContender(Contender):
     representative = True
     overload = True
     checkout_name = "psycopg2 threads getconn+putconn"
-    note = "10 threads for SELECT 1 and checkout; one thread per task otherwise"
+    note = "10 threads for SELECT 1, checkout and the realistic workloads; one thread per task otherwise"
     spike_rounds = 1  # psycopg2's pool connects under its lock: ~45 x 150 ms, the same every time
+    realistic = REALISTIC
 
     def __init__(self) -> None:
         self.pool: Any = None
@@ -637,6 +806,28 @@ class ThreadsContender(Contender):
     def acquire_sync(self) -> AbstractContextManager[Any]:
         """Lend one connection for a ``with`` block."""
         return self._lease()
+
+    def row_by_key_sync(self, key: int) -> Any:
+        """``ROW_BY_KEY``, then commit."""
+        with self._lease() as conn:
+            row = _fetchone(conn, ROW_BY_KEY, (key,))
+            conn.commit()
+        return row
+
+    def rows_range_sync(self, first: int, last: int) -> Sequence[Any]:
+        """``ROWS_RANGE``, then commit."""
+        with self._lease() as conn:
+            rows = _fetchall(conn, ROWS_RANGE, (first, last))
+            conn.commit()
+        return rows
+
+    def write_tx_sync(self, row: NewRow) -> Any:
+        """INSERT ... RETURNING id, UPDATE, commit (putconn rolls back on an error)."""
+        with self._lease() as conn:
+            (new_id,) = _fetchone(conn, INSERT_ROW, psycopg2_params(row))
+            _execute(conn, UPDATE_ROW, (new_id,))
+            conn.commit()
+        return new_id
 
 
 ContenderClass = type[AsyncContender] | type[ThreadsContender]

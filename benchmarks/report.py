@@ -2,7 +2,8 @@
 
 Figures per round come in as ``rounds[workload][contender_key] -> [figures, ...]``;
 each table shows the median over the rounds without an error. ``/pg`` columns
-divide a row's figure by pgpool_async ``connection()``'s (default mode) figure.
+divide a row's figure by pgpool_async ``connection()``'s (default mode) figure;
+``/asyncpg`` columns (realistic tables) by asyncpg's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 from .contenders import CONTENDERS, by_key
 from .memory import BASELINE_KEY
+from .realistic import RANGE_ROWS, ROWS
+from .realistic import WORKLOADS as REALISTIC_WORKLOADS
 
 __all__ = ["REFERENCE", "Column", "aggregate", "render", "targets"]
 
@@ -75,12 +78,14 @@ def _ratio(value: Any, reference: Any) -> float | None:
 
 @dataclass(frozen=True)
 class Column:
-    """One table column: header, figure name, and whether to add a ``/pg`` ratio column."""
+    """One table column: header, figure name, whether to add a ``/pg`` ratio column,
+    and the other rows (keys) to add a ratio column against (``/asyncpg``)."""
 
     header: str
     field: str
     ratio: bool = False
     digits: int = 2
+    versus: tuple[str, ...] = ()
 
 
 SLEEP0 = "+sleep0"
@@ -114,13 +119,16 @@ def _table_rows(workload: str, figures: dict[str, Figures], columns: Sequence[Co
     for key, fig in figures.items():
         row = [_label(key, workload), _mode(key)]
         if "error" in fig and len(fig) <= 3:
-            cells = sum(2 if col.ratio else 1 for col in columns)
+            cells = sum(1 + int(col.ratio) + len(col.versus) for col in columns)
             rows.append([*row, *(["-"] * cells), f"error: {fig['error']}"[:120]])
             continue
         for col in columns:
             row.append(_num(fig.get(col.field), col.digits))
             if col.ratio:
                 ratio = _ratio(fig.get(col.field), reference.get(col.field))
+                row.append("-" if ratio is None else f"{ratio:.2f}")
+            for other in col.versus:
+                ratio = _ratio(fig.get(col.field), figures.get(other, {}).get(col.field))
                 row.append("-" if ratio is None else f"{ratio:.2f}")
         if fig.get("errors"):
             row.append(f"({fig['errors']} errors: {str(fig.get('first_error'))[:60]})")
@@ -156,6 +164,7 @@ def table(title: str, workload: str, figures: dict[str, Figures], columns: Seque
         headers.append(col.header)
         if col.ratio:
             headers.append("/pg")
+        headers.extend(f"/{other}" for other in col.versus)
     return _format_table(title, headers, _table_rows(workload, figures, columns))
 
 
@@ -192,12 +201,21 @@ SPIKE_COLUMNS = (
     Column("p99 ms", "p99_ms", digits=1),
     Column("stall ms", "max_stall_ms"),
 )
+REALISTIC_COLUMNS = (
+    Column("ops/s", "ops_per_sec", ratio=True, versus=("asyncpg",)),
+    Column("p50 ms", "p50_ms", digits=3),
+    Column("p99 ms", "p99_ms", digits=3),
+    Column("stall ms", "max_stall_ms"),
+)
 STALL_COLUMNS = (
     Column("select1", "select1"),
     Column("checkout", "checkout"),
     Column("overload", "overload"),
     Column("waiters", "waiters"),
     Column("spike", "spike"),
+    Column("row_by_key", "row_by_key"),
+    Column("rows_100", "rows_100"),
+    Column("write_tx", "write_tx"),
     Column("worst", "worst", ratio=True),
 )
 MEMORY_COLUMNS = (
@@ -241,9 +259,11 @@ WAITERS_TARGET_PEERS = ("asyncpg", "aiopg", "psycopg_pool")
 
 
 def _runs_queries(workload: str) -> bool:
-    """The workloads whose operations include a query, bar the waiters one (its
-    own line): the checkout ones are left out."""
-    return not workload.startswith("checkout") and workload != "waiters"
+    """The workloads whose operations include a query, bar the waiters one and the
+    realistic ones (their own lines): the checkout ones are left out."""
+    return (
+        not workload.startswith("checkout") and workload != "waiters" and workload not in REALISTIC_WORKLOADS
+    )
 
 
 def _is_default_pgpool(key: str) -> bool:
@@ -415,9 +435,47 @@ def targets(results: Results) -> list[Figures]:
             "longest gap in the checkout-alone loop",
         ),
     ]
+    rows.extend(_realistic_targets(results))
     return [
         {"target": name, "value": value, "goal": goal, "detail": detail} for name, value, goal, detail in rows
     ]
+
+
+REALISTIC_TARGETS = (
+    ("row_by_key", "pgpool", "row_by_key: connection()+fetchone vs asyncpg", "tx vs asyncpg autocommit"),
+    ("row_by_key", "pgpool-fetchval", "row_by_key: pool.fetchone vs asyncpg", "one round trip each"),
+    ("rows_100", "pgpool", "rows_100: connection()+fetchall vs asyncpg", "tx vs asyncpg autocommit"),
+    ("rows_100", "pgpool-fetchval", "rows_100: pool.fetchall vs asyncpg", "one round trip each"),
+    ("write_tx", "pgpool", "write_tx: transaction block vs asyncpg", "INSERT RETURNING, UPDATE, COMMIT"),
+)
+
+
+def _realistic_targets(results: Results) -> list[Target]:
+    """pgpool_async against asyncpg in the realistic workloads (no goals yet); the
+    ``io="thread"`` figure under the ``connection()`` ones; their longest stall."""
+    rows: list[Target] = []
+    for work, key, name, detail in REALISTIC_TARGETS:
+        rows.append(
+            (name, _quotient(results, work, key, "asyncpg", "ops_per_sec"), "", f"ops/s ratio, {detail}")
+        )
+        if key == REFERENCE:
+            rows.append(_thread_twin(_quotient(results, work, key + THREAD_SUFFIX, "asyncpg", "ops_per_sec")))
+
+    def stall(rows_kept: Callable[[str], bool]) -> float | None:
+        values = _pgpool_stalls(results, lambda work: work in REALISTIC_WORKLOADS, "max_stall_ms", rows_kept)
+        return max(values, default=None)
+
+    rows.append(
+        (
+            "event-loop stall, realistic workloads ms",
+            stall(_is_default_pgpool),
+            "",
+            "median round, worst pgpool row (default io); rows_100 decodes 100 rows on the loop"
+            + _peers(results, "rows_100", "max_stall_ms", ("asyncpg", "psycopg_pool", "aiopg")),
+        )
+    )
+    rows.append(_thread_twin(stall(_is_thread_pgpool)))
+    return rows
 
 
 def _targets_table(rows: list[Figures]) -> str:
@@ -476,6 +534,26 @@ def render(results: Results, stalls: dict[str, Figures], memory: dict[str, Figur
             lambda: stalls,
         ),
         ("== 5. memory: RSS growth (fresh process each) ==", "memory", MEMORY_COLUMNS, lambda: memory),
+        (
+            f"== 6a. realistic row_by_key: one row of 8 mixed columns by primary key ({ROWS:,} rows, "
+            "random key), 50 tasks, pool 10 (threads: 10) ==",
+            "row_by_key",
+            REALISTIC_COLUMNS,
+            lambda: results.get("row_by_key", {}),
+        ),
+        (
+            f"== 6b. realistic rows_100: {RANGE_ROWS} such rows, a random key range, 50 tasks, pool 10 ==",
+            "rows_100",
+            REALISTIC_COLUMNS,
+            lambda: results.get("rows_100", {}),
+        ),
+        (
+            "== 6c. realistic write_tx: INSERT ... RETURNING id, UPDATE ... WHERE id, COMMIT; "
+            "50 tasks, pool 10 (every row a transaction, whatever its mode) ==",
+            "write_tx",
+            REALISTIC_COLUMNS,
+            lambda: results.get("write_tx", {}),
+        ),
     ]
     for title, workload, columns, figures in sections:
         rows = figures()

@@ -29,14 +29,17 @@ from typing import Any
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from . import memory as memory_mod
+from . import realistic
 from .contenders import ContenderClass, select
 from .machine import machine_info, server_info
 from .report import aggregate, memory_figures, render, targets
-from .workloads import Plan, pool_round, spike_round
+from .workloads import Plan, pool_round, realistic_round, spike_round
 
 __all__ = ["Settings", "main", "parse_args"]
 
-WORKLOADS = ("select1", "checkout", "overload", "waiters", "spike", "memory")
+WORKLOADS = ("select1", "checkout", "overload", "waiters", "spike", "memory", *realistic.WORKLOADS)
+#: ``--workloads`` names that stand for several workloads
+WORKLOAD_GROUPS = {"realistic": realistic.WORKLOADS}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_ROUNDS = 5
 DEFAULT_SECONDS = 2.0
@@ -78,10 +81,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     seconds = args.seconds if args.seconds is not None else (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
     if rounds < 1 or seconds <= 0:
         parser.error("--rounds must be >= 1 and --seconds > 0")
-    workloads = _split(args.workloads) or WORKLOADS
+    workloads = [
+        w for name in _split(args.workloads) for w in WORKLOAD_GROUPS.get(name, (name,))
+    ] or WORKLOADS
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}; known: {', '.join(WORKLOADS)}")
+        groups = "; ".join(f"{name} = {','.join(members)}" for name, members in WORKLOAD_GROUPS.items())
+        parser.error(
+            f"unknown workload(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(WORKLOADS)}; groups: {groups}"
+        )
     try:
         select(_split(args.only))
     except KeyError as exc:
@@ -111,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seconds",
         type=float,
-        help="seconds per SELECT 1 window; overload half, checkout and each of the two waiters "
-        f"windows a quarter (default {DEFAULT_SECONDS})",
+        help="seconds per SELECT 1 window; overload and each realistic workload half, checkout and "
+        f"each of the two waiters windows a quarter (default {DEFAULT_SECONDS})",
     )
     parser.add_argument(
         "--quick",
@@ -127,7 +136,11 @@ def _parser() -> argparse.ArgumentParser:
         'the same with -thread (io="thread"), asyncpg, psycopg_pool, psycopg_pool-ac, aiopg, naive, '
         "native-runner, native-runner-tx, threads",
     )
-    parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument(
+        "--workloads",
+        help=f"comma-separated subset of {','.join(WORKLOADS)}; "
+        f"'realistic' stands for {','.join(realistic.WORKLOADS)}",
+    )
     return parser
 
 
@@ -210,6 +223,46 @@ async def run_pool_workloads(
                 progress(f"round {number + 1}/{settings.rounds} {work:8} {cls.name}: {_brief(figs)}")
 
 
+async def run_realistic(
+    classes: Sequence[ContenderClass], dsn: str, settings: Settings, rounds: Rounds
+) -> None:
+    """row_by_key, rows_100, write_tx: tables seeded once (dropped at the end), then every
+    round, every contender that runs them (rotated order). In the first round each
+    contender's first results (fixed keys) are checked against the first contender's.
+
+    :raises SystemExit: a contender returned other values (see :mod:`benchmarks.realistic`).
+    """
+    enabled = frozenset(settings.workloads) & realistic.ALL
+    runners = [cls for cls in classes if enabled & cls.realistic]
+    if not runners:
+        return
+    progress(f"seeding {realistic.ITEMS} ({realistic.ROWS:,} rows) and {realistic.WRITES}")
+    await asyncio.to_thread(realistic.seed, dsn)
+    plan = Plan(seconds=settings.seconds, warmup=settings.warmup)
+    reference: tuple[str, dict[str, Any]] | None = None
+    try:
+        for number in range(settings.rounds):
+            for cls in _rotated(runners, number):
+                try:
+                    figures, sample = await realistic_round(cls, dsn, plan, enabled, check=number == 0)
+                    if sample is not None and reference is None:
+                        reference = (cls.key, sample)
+                    elif sample is not None and reference is not None:
+                        realistic.compare_samples(*reference, cls.key, sample)
+                except realistic.Mismatch as exc:
+                    raise SystemExit(
+                        f"realistic workloads: the contenders return different values: {exc}"
+                    ) from exc
+                if sample is not None and reference is not None:
+                    same = "the reference" if reference[0] == cls.key else f"the same as {reference[0]}'s"
+                    progress(f"check    {cls.name}: values of the expected types, {same}")
+                for work, figs in figures.items():
+                    rounds.setdefault(work, {}).setdefault(cls.key, []).append(figs)
+                    progress(f"round {number + 1}/{settings.rounds} {work:10} {cls.name}: {_brief(figs)}")
+    finally:
+        await asyncio.to_thread(realistic.drop, dsn)
+
+
 async def run_spikes(classes: Sequence[ContenderClass], dsn: str, settings: Settings, rounds: Rounds) -> None:
     """The spike: representatives only, every round, through one delaying proxy."""
     spikers = [cls for cls in classes if cls.representative]
@@ -280,7 +333,8 @@ def header(settings: Settings, machine: dict[str, Any], srv: dict[str, Any], sou
         [
             "pgpool_async benchmarks: python -m benchmarks.run "
             f"(rounds={settings.rounds}, seconds={settings.seconds:g} "
-            f"[overload {settings.seconds / 2:g}, checkout and waiters {settings.seconds / 4:g}], "
+            f"[overload and realistic {settings.seconds / 2:g}, "
+            f"checkout and waiters {settings.seconds / 4:g}], "
             f"warmup={settings.warmup:g}{', quick' if settings.quick else ''})",
             f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['memory_total']}; "
             f"Python {machine['python']}; {machine['event_loop']}; "
@@ -322,6 +376,7 @@ async def run_all(dsn: str, settings: Settings) -> tuple[Rounds, dict[str, dict[
     classes = select(settings.only)
     rounds: Rounds = {}
     await run_pool_workloads(classes, dsn, settings, rounds)
+    await run_realistic(classes, dsn, settings, rounds)
     await run_spikes(classes, dsn, settings, rounds)
     return rounds, stall_figures(rounds)
 

@@ -11,7 +11,10 @@
    proxy's accept counter) and the makespan;
 5. ``waiters``: ``SELECT 1`` from 10 tasks, then from 2,000 tasks, on the same
    warmed pool of 10: ops/s of each and their ratio (what queueing costs per
-   waiter; 1.0 = nothing).
+   waiter; 1.0 = nothing);
+6. realistic (:mod:`benchmarks.realistic`): ``row_by_key``, ``rows_100`` and
+   ``write_tx`` from 50 tasks on a warmed pool of 10 (threads: 10), each on
+   seeded tables, after a check that the contender returns the expected values.
 
 Every workload reports the longest event-loop stall its 1 ms ticker saw.
 Memory lives in :mod:`benchmarks.memory` (it needs fresh processes).
@@ -26,11 +29,13 @@ from typing import Any
 
 from pgpool_async.testing.faultproxy import FaultProxy
 
+from . import realistic
 from .contenders import AsyncContender, PoolSpec, ThreadsContender
 from .drivers import (
     AsyncOp,
     Burst,
     Samples,
+    SyncOp,
     burst_async,
     burst_threads,
     drive_async,
@@ -42,6 +47,7 @@ __all__ = [
     "OVERLOAD_IDEAL",
     "Plan",
     "pool_round",
+    "realistic_round",
     "spike_round",
 ]
 
@@ -78,7 +84,10 @@ WINDOW_FRACTION = {
     "checkout": 0.25,
     CHECKOUT_SLEEP0_WORK: 0.25,
     "waiters": 0.25,
+    **dict.fromkeys(realistic.WORKLOADS, 0.5),
 }
+REALISTIC_TASKS = SELECT1_TASKS
+REALISTIC_THREADS = THREADS_PER_POOL
 
 
 @dataclass(frozen=True)
@@ -290,3 +299,119 @@ async def spike_round(cls: type[Contender], proxy: FaultProxy, dsn: str) -> dict
     finally:
         await asyncio.to_thread(proxy.passthrough)
         await asyncio.wait_for(contender.close(), OPEN_TIMEOUT)
+
+
+# -- realistic: seeded tables, 8 mixed columns --------------------------------------------------
+
+
+def _realistic_async(contender: AsyncContender, work: str) -> AsyncOp:
+    """The operation of ``work``, a fresh random key (or new row) each time."""
+
+    async def row_by_key() -> None:
+        await contender.row_by_key(realistic.random_key())
+
+    async def rows_100() -> None:
+        first = realistic.random_first()
+        await contender.rows_range(first, first + realistic.RANGE_ROWS - 1)
+
+    async def write_tx() -> None:
+        await contender.write_tx(realistic.new_row())
+
+    ops: dict[str, AsyncOp] = {"row_by_key": row_by_key, "rows_100": rows_100, "write_tx": write_tx}
+    return ops[work]
+
+
+def _realistic_sync(contender: ThreadsContender, work: str) -> SyncOp:
+    """The same for OS threads."""
+
+    def row_by_key() -> None:
+        contender.row_by_key_sync(realistic.random_key())
+
+    def rows_100() -> None:
+        first = realistic.random_first()
+        contender.rows_range_sync(first, first + realistic.RANGE_ROWS - 1)
+
+    def write_tx() -> None:
+        contender.write_tx_sync(realistic.new_row())
+
+    ops: dict[str, SyncOp] = {
+        "row_by_key": row_by_key,
+        "rows_100": rows_100,
+        "write_tx": write_tx,
+    }
+    return ops[work]
+
+
+async def realistic_sample(contender: Contender, wanted: list[str]) -> dict[str, Any]:
+    """One result of each workload in ``wanted``, on fixed keys, normalised for
+    :func:`realistic.compare_samples`: rows as ``((type, value), ...)``; ``write_tx``
+    as the type name of the id it returned."""
+    first, last = realistic.SAMPLE_KEY, realistic.SAMPLE_KEY + realistic.RANGE_ROWS - 1
+    sample: dict[str, Any] = {}
+    if isinstance(contender, ThreadsContender):
+        if "row_by_key" in wanted:
+            sample["row_by_key"] = await asyncio.to_thread(contender.row_by_key_sync, first)
+        if "rows_100" in wanted:
+            sample["rows_100"] = await asyncio.to_thread(contender.rows_range_sync, first, last)
+        if "write_tx" in wanted:
+            sample["write_tx"] = await asyncio.to_thread(contender.write_tx_sync, realistic.new_row())
+    else:
+        if "row_by_key" in wanted:
+            sample["row_by_key"] = await contender.row_by_key(first)
+        if "rows_100" in wanted:
+            sample["rows_100"] = await contender.rows_range(first, last)
+        if "write_tx" in wanted:
+            sample["write_tx"] = await contender.write_tx(realistic.new_row())
+    if "row_by_key" in sample:
+        sample["row_by_key"] = realistic.normalise_row(sample["row_by_key"])
+    if "rows_100" in sample:
+        sample["rows_100"] = [realistic.normalise_row(row) for row in sample["rows_100"]]
+    if "write_tx" in sample:
+        sample["write_tx"] = type(sample["write_tx"]).__name__
+    return sample
+
+
+async def realistic_round(
+    cls: type[Contender], dsn: str, plan: Plan, enabled: frozenset[str], check: bool
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """One round of the realistic workloads in ``enabled`` that ``cls`` runs, on a
+    fresh pool of 10 (asyncpg with its jsonb codec); with ``check``, first one
+    result of each on fixed keys (see :func:`realistic_sample`), returned next to
+    the figures (None when the pool did not open).
+
+    :raises realistic.Mismatch: with ``check``, a result not of the expected types.
+    """
+    wanted = [work for work in realistic.WORKLOADS if work in enabled and work in cls.realistic]
+    if not wanted:
+        return {}, None
+    contender = cls()
+    try:
+        spec = PoolSpec(dsn, POOL_SIZE, POOL_SIZE, jsonb_codec=True)
+        await asyncio.wait_for(contender.open(spec), OPEN_TIMEOUT)
+    except Exception as exc:
+        return {work: {"error": f"open failed: {type(exc).__name__}: {exc}"} for work in wanted}, None
+    results: dict[str, dict[str, Any]] = {}
+    sample: dict[str, Any] | None = None
+    try:
+        if check:
+            sample = await asyncio.wait_for(realistic_sample(contender, wanted), MEASURE_SLACK)
+            realistic.check_sample(cls.key, sample)
+        for work in wanted:
+            results[work] = await _measure_realistic(contender, work, plan.warmup, plan.window(work))
+    finally:
+        await asyncio.wait_for(contender.close(), OPEN_TIMEOUT)
+    return results, sample
+
+
+async def _measure_realistic(
+    contender: Contender, work: str, warmup: float, duration: float
+) -> dict[str, Any]:
+    if isinstance(contender, ThreadsContender):
+        run = drive_threads(_realistic_sync(contender, work), REALISTIC_THREADS, warmup, duration)
+    else:
+        run = drive_async(_realistic_async(contender, work), REALISTIC_TASKS, warmup, duration)
+    try:
+        samples = await asyncio.wait_for(run, warmup + duration + MEASURE_SLACK)
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return loop_figures(samples)
