@@ -21,7 +21,9 @@ from .errors import (
     PoolConfigError,
     PoolError,
     PoolTimeout,
+    StatementNotAwaited,
     TooManyRequests,
+    TransactionFailed,
     TransactionPoolingError,
 )
 from .notifications import Notifies
@@ -40,9 +42,11 @@ __all__ = [
     "PoolError",
     "PoolTimeout",
     "SimpleConnectionPool",
+    "StatementNotAwaited",
     "ThreadedConnectionPool",
     "TooManyRequests",
     "Transaction",
+    "TransactionFailed",
     "TransactionPoolingError",
 ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import anyio
@@ -27,11 +27,13 @@ from ._loop.failover import ServerFit
 from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
 from ._thread import blocking
 from ._thread.offload import Offloader
-from .errors import ConnectionReleased
+from .errors import ConnectionReleased, StatementNotAwaited, TransactionFailed
 
 __all__ = ["RELEASED", "Loan", "Turn"]
 
 T = TypeVar("T")
+
+_TRANSACTION_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
 
 RELEASED = (
     "this connection was returned to the pool and can't be used anymore: "
@@ -112,6 +114,7 @@ class Loan:
 
     __slots__ = (
         "detached",
+        "first_error",
         "fit",
         "io",
         "listened",
@@ -121,6 +124,8 @@ class Loan:
         "session_changed",
         "turn",
         "tx_depth",
+        "unawaited",
+        "unawaited_name",
     )
 
     def __init__(
@@ -144,6 +149,61 @@ class Loan:
         self.listened = False  # LISTEN was sent: UNLISTEN * on return
         # The pool's judge of "this server can no longer serve the pool" (failover.py).
         self.fit = fit
+        # The first database error of this loan's transaction, named when the
+        # block ends on a failed transaction (TransactionFailed).
+        self.first_error: psycopg2.Error | None = None
+        # Statement coroutines made by the public methods and not yet started
+        # (see statement()): a block that ends with some never awaited raises.
+        self.unawaited = 0
+        self.unawaited_name = ""
+
+    def statement(
+        self, name: str, method: Callable[..., Coroutine[Any, Any, T]], *args: Any
+    ) -> Coroutine[Any, Any, T]:
+        """``method(*args)`` for a public statement method (``name``, e.g.
+        ``"conn.execute"``): the coroutine is counted until it starts, so a block
+        that ends while one was never awaited raises instead of committing
+        without it (see :meth:`check_finished`).
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        if self.detached:
+            raise ConnectionReleased(RELEASED)
+        self.unawaited += 1
+        self.unawaited_name = name
+        return self._started(method, *args)
+
+    async def _started(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        self.unawaited -= 1
+        return await method(*args)
+
+    def check_finished(self, where: str) -> None:
+        """At the normal end of a ``connection()`` or ``transaction()`` block,
+        before its COMMIT (``where`` names the block).
+
+        :raises StatementNotAwaited: a statement coroutine made on this
+            connection was never awaited (nothing is committed).
+        :raises TransactionFailed: the transaction failed earlier (an error the
+            code caught and went on from): the server would turn the COMMIT into
+            a ROLLBACK, so nothing is committed.
+        """
+        if self.unawaited:
+            count, self.unawaited = self.unawaited, 0
+            raise StatementNotAwaited(
+                f"{count} statement(s) on this connection were created and never awaited "
+                f"(the last: {self.unawaited_name}()), so {where} was rolled back, not committed: "
+                "await every statement (for psycopg2.extras' execute_batch/execute_values, use "
+                "pgpool_async.extras)"
+            )
+        raw = self.raw
+        if not raw.closed and raw.get_transaction_status() == _TRANSACTION_INERROR:
+            first = self.first_error
+            named = f"{type(first).__name__}: {_first_line(first)}" if first is not None else "an error"
+            raise TransactionFailed(
+                f"the transaction failed earlier ({named}) and the code went on, so {where} "
+                "rolled it back: nothing was committed. Let the error propagate, or roll back "
+                "(or use a nested transaction() block, a savepoint) where you catch it"
+            )
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:
         """``func(raw, *args)``, in turn: on the event loop when ``func`` is one of
@@ -160,6 +220,8 @@ class Loan:
         route = _ROUTES.get(func) if self.io != "thread" else None
         if route == _HELPER and args[0] not in _EXTRACT:
             route = None  # run_sync's user code: a thread
+        if route is not None and not self._loop_eligible():
+            route = None
         turn = self.turn
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
@@ -191,6 +253,8 @@ class Loan:
             await self.leave_loop()  # (psycopg2 code next: it must see the connection)
             return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
         except psycopg2.Error as exc:
+            if self.first_error is None:
+                self.first_error = exc
             if self.fit is not None:
                 self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
             raise
@@ -212,11 +276,21 @@ class Loan:
             try:
                 return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
             except psycopg2.Error as exc:
+                if self.first_error is None:
+                    self.first_error = exc
                 if self.fit is not None:
                     self.fit.saw_error(self.raw, exc)
                 raise
 
     # -- the loop-native path (pool option io="auto"/"loop"; pgpool_async._loop.native) --
+
+    def _loop_eligible(self) -> bool:
+        """Whether statements may run on the loop now: asked before each one, so a
+        ``cursor_factory`` set on ``raw`` later takes effect at once. Rows of other
+        cursor factories are built by psycopg2 only, and a connection subclass
+        (e.g. LoggingConnection) expects its cursor() to run."""
+        raw = self.raw
+        return raw.cursor_factory is None and type(raw) is PGConnection
 
     def _loop_runner(self) -> StatementRunner | None:
         """The runner for a statement now, entered; None: use a thread. In turn."""
@@ -224,10 +298,6 @@ class Loan:
         if runner is not None and runner.entered:
             return runner
         raw = self.raw
-        if raw.cursor_factory is not None or type(raw) is not PGConnection:
-            # Rows of other cursor factories are built by psycopg2 only, and a
-            # connection subclass (e.g. LoggingConnection) expects its cursor() to run.
-            return None
         if runner is None:
             runner = self.runner = LoopStatementRunner(raw)
         try:
@@ -246,7 +316,7 @@ class Loan:
         psycopg2 (a transaction opened on the loop is handed over too)."""
         runner = self.runner
         if runner is not None and runner.entered:
-            await runner.leave(to_thread=self.offload.run_anyio)
+            await runner.leave()
 
     def loop_settled(self) -> bool:
         """The return path, without awaiting: True when nothing is under way on
@@ -267,14 +337,14 @@ class Loan:
         if runner is None or not runner.entered:
             return
         with anyio.CancelScope(shield=True):
-            if runner.in_transaction:
+            if not runner.clean:
                 with anyio.move_on_after(4.0):
                     with contextlib.suppress(psycopg2.Error):
-                        await runner.rollback()
-            if runner.entered and runner.in_transaction:
+                        await runner.reset()
+            if runner.entered and not runner.clean:
                 runner.close()  # the rollback did not happen: never reuse it
             if runner.entered:
-                await runner.leave(to_thread=self.offload.run_anyio)
+                await runner.leave()
 
     def check(self) -> None:
         """:raises ConnectionReleased: the connection went back to the pool."""
@@ -358,3 +428,8 @@ _ROUTES: dict[Callable[..., Any], int] = {
     blocking.run_and_commit: _HELPER,  # (of a statement function: else run_sync's user code)
     **dict.fromkeys(_ON_LOOP, _OTHER),
 }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"

@@ -116,24 +116,29 @@ class AsyncConnection:
         """
         return await self.loan.call_user(func, *args)
 
-    # The statement methods return the loan's coroutine itself (one coroutine
-    # less per statement); a released connection raises when they are called.
+    # The statement methods are counted until awaited (Loan.statement: a block
+    # ending with one never awaited raises); a released connection raises when
+    # they are called.
 
     def execute(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, int]:
         """Execute a statement (``await`` it); returns the cursor's ``rowcount``."""
-        return self.loan.call(blocking.execute, sql, params)
+        loan = self.loan
+        return loan.statement("conn.execute", loan.call, blocking.execute, sql, params)
 
     def fetchone(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, Any]:
         """Execute a query (``await`` it) and return its first row, or None."""
-        return self.loan.call(blocking.fetchone, sql, params)
+        loan = self.loan
+        return loan.statement("conn.fetchone", loan.call, blocking.fetchone, sql, params)
 
     def fetchall(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, list[Any]]:
         """Execute a query (``await`` it) and return all its rows."""
-        return self.loan.call(blocking.fetchall, sql, params)
+        loan = self.loan
+        return loan.statement("conn.fetchall", loan.call, blocking.fetchall, sql, params)
 
     def fetchval(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, Any]:
         """Execute a query (``await`` it) and return the first column of its first row, or None."""
-        return self.loan.call(blocking.fetchval, sql, params)
+        loan = self.loan
+        return loan.statement("conn.fetchval", loan.call, blocking.fetchval, sql, params)
 
     def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
         """A cursor for ``async with conn.cursor() as cur``.
@@ -181,11 +186,15 @@ class AsyncConnection:
         :raises CommitOutcomeUnknown: the connection was lost during COMMIT (an
             ``OperationalError``): the transaction may or may not have committed.
         """
-        await self.loan.call(failover.commit)
+        loan = self.loan
+        loan.first_error = None  # (the next transaction's first error is named)
+        await loan.call(failover.commit)
 
     async def rollback(self) -> None:
         """Roll back the current transaction."""
-        await self.loan.call(PGConnection.rollback)
+        loan = self.loan
+        loan.first_error = None
+        await loan.call(PGConnection.rollback)
 
     # -- COPY and LISTEN/NOTIFY: the logic lives in copying.py and notifications.py
 

@@ -11,9 +11,9 @@ when iterated, so memory stays bounded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psycopg2
 from psycopg2.extensions import connection as PGConnection
@@ -106,21 +106,43 @@ class AsyncCursor:
         None when it ran in a thread (the psycopg2 cursor holds its outcome)."""
         self._check_open()
         self._result = None
-        return await self._loan.call(cursor_execute, self._cur, sql, params)
+        try:
+            return await self._loan.call(cursor_execute, self._cur, sql, params)
+        except psycopg2.Error:
+            if self._loan.on_loop:
+                self._result = self._failed(sql, params)
+            raise
 
-    async def execute(self, sql: str, params: Params = None) -> None:
-        """Execute a statement: on the event loop (``io="auto"``, a plain
-        client-side cursor), else in a worker thread."""
+    def _failed(self, sql: str, params: Params) -> Result:
+        """What psycopg2's cursor shows after its statement failed: the query it
+        sent, an empty status, no rows to fetch."""
+        failed = Result([], -1, "", 0, None)
+        try:
+            failed.query = self._cur.mogrify(sql, params)
+        except (psycopg2.Error, TypeError, ValueError):  # (it failed before it was sent)
+            failed.query = None
+        return failed
+
+    def execute(self, sql: str, params: Params = None) -> Coroutine[Any, Any, None]:
+        """Execute a statement (``await`` it): on the event loop (``io="auto"``, a
+        plain client-side cursor), else in a worker thread. A block that ends
+        while one was never awaited raises :class:`~pgpool_async.StatementNotAwaited`."""
+        return self._loan.statement("cursor.execute", self._execute, sql, params)
+
+    async def _execute(self, sql: str, params: Params) -> None:
         if not self._on_loop_ok:
             await self._io(self._cur.execute, sql, params)
             return
         self._result = await self._loop_execute(sql, params)
         self._pos = 0
 
-    async def executemany(self, sql: str, seq: Iterable[Params]) -> None:
-        """Execute a statement once per parameter set (one round trip each, as
-        psycopg2 does; ``rowcount`` is their sum): on the event loop
+    def executemany(self, sql: str, seq: Iterable[Params]) -> Coroutine[Any, Any, None]:
+        """Execute a statement once per parameter set (``await`` it; one round trip
+        each, as psycopg2 does; ``rowcount`` is their sum): on the event loop
         (``io="auto"``, a plain client-side cursor), else in one worker-thread call."""
+        return self._loan.statement("cursor.executemany", self._executemany, sql, seq)
+
+    async def _executemany(self, sql: str, seq: Iterable[Params]) -> None:
         if not self._on_loop_ok:
             await self._io(self._cur.executemany, sql, list(seq))
             return
@@ -128,6 +150,10 @@ class AsyncCursor:
         total = 0
         last: Result | None = None
         status: str | None = None
+        seq = list(seq)
+        if not seq:
+            self._nothing_executed()
+            return
         for params in seq:
             # None: it ran in a thread (the loan can't use the loop just now, e.g.
             # psycopg2 holds a transaction): the psycopg2 cursor has its outcome.
@@ -141,9 +167,48 @@ class AsyncCursor:
         self._result.query = self._cur.query if last is None else last.query
         self._pos = 0
 
-    async def callproc(self, name: str, params: Params = None) -> Any:
-        """Call a stored procedure or function."""
-        return await self._io(self._cur.callproc, name, params)
+    def _nothing_executed(self) -> None:
+        """psycopg2's ``executemany`` with no parameter sets: ``rowcount`` 0,
+        the rest as the last statement left it, no rows left to fetch."""
+        before = self._result
+        if before is None:
+            cur = self._cur
+            before = Result([], cur.rowcount, cur.statusmessage, cur.lastrowid, None)
+            before.query = cur.query
+            before.returns_rows = cur.description is not None
+            described: Any = cur.description
+        else:
+            described = before.description
+        after = _Described([], 0, before.statusmessage, before.lastrowid, None)
+        after.query, after.returns_rows, after.described = before.query, before.returns_rows, described
+        self._result = after
+        self._pos = 0
+
+    def callproc(self, name: str, params: Params = None) -> Coroutine[Any, Any, Any]:
+        """Call a stored procedure or function (``await`` it)."""
+        return self._loan.statement("cursor.callproc", self._io, self._cur.callproc, name, params)
+
+    async def scroll(self, value: int, mode: Literal["relative", "absolute"] = "relative") -> None:
+        """Move in the result as psycopg2's ``scroll``: locally for a client-side
+        cursor (``ProgrammingError`` out of bounds, nothing moved), with ``MOVE``
+        on the server (a worker thread) for a named one."""
+        result = self._result
+        if result is None:
+            if self.server_side:
+                await self._io(self._cur.scroll, value, mode)
+            else:
+                self._cur.scroll(value, mode)
+            return
+        self._check_open()
+        if mode == "relative":
+            position = self._pos + value
+        elif mode == "absolute":
+            position = value
+        else:
+            raise psycopg2.ProgrammingError("scroll mode must be 'relative' or 'absolute'")
+        if position < 0 or position >= result.rowcount:
+            raise psycopg2.ProgrammingError("scroll destination out of bounds")
+        self._pos = position
 
     def mogrify(self, sql: str, params: Params = None) -> bytes:
         """The query as it would be sent; no I/O."""
@@ -170,11 +235,13 @@ class AsyncCursor:
         return self._cur.fetchone()
 
     async def fetchmany(self, size: int | None = None) -> list[Any]:
-        """The next ``size`` rows (default ``arraysize``)."""
+        """The next ``size`` rows (default ``arraysize``; a negative size: all
+        that are left, as psycopg2)."""
         size = self._cur.arraysize if size is None else size
         if self._result is not None:
             rows = self._loop_rows()
-            start, self._pos = self._pos, min(self._pos + size, len(rows))
+            start = self._pos
+            self._pos = len(rows) if size < 0 else min(start + size, len(rows))
             return rows[start : self._pos]
         if self.server_side:
             return await self._io(self._cur.fetchmany, size)
@@ -212,6 +279,18 @@ class AsyncCursor:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+class _Described(Result):
+    """A :class:`Result` whose ``description`` is given (psycopg2 keeps the last
+    one through an ``executemany`` that ran nothing)."""
+
+    __slots__ = ("described",)
+    described: Any
+
+    @property
+    def description(self) -> Any:
+        return self.described
 
 
 _FROM_RESULT = frozenset(("rowcount", "description", "query", "statusmessage", "rownumber", "lastrowid"))
@@ -256,17 +335,36 @@ class Transaction:
         loan.tx_depth -= 1
         if loan.detached:
             raise PoolError("the connection was returned to the pool inside a transaction block")
+        if exc_type is None:
+            try:
+                # A statement never awaited, or a failed transaction: roll back, say so.
+                loan.check_finished("the transaction() block")
+            except PoolError as error:
+                await self._undo()
+                raise error from None
         if self._savepoint is not None:
             if exc_type is None:
                 await loan.call(execute, f"RELEASE SAVEPOINT {self._savepoint}", None)
             else:
-                await loan.call(execute, f"ROLLBACK TO SAVEPOINT {self._savepoint}", None)
-                await loan.call(execute, f"RELEASE SAVEPOINT {self._savepoint}", None)
-        elif self._explicit and exc_type is None:
-            await loan.call(failover.commit_sql, "COMMIT")  # CommitOutcomeUnknown if lost
+                await self._undo()
+        elif exc_type is None:
+            if self._explicit:
+                await loan.call(failover.commit_sql, "COMMIT")  # CommitOutcomeUnknown if lost
+            else:
+                await loan.call(failover.commit)
+            loan.first_error = None
+        else:
+            await self._undo()
+
+    async def _undo(self) -> None:
+        """Roll back this block: to its savepoint, or the whole transaction."""
+        loan = self._loan
+        if self._savepoint is not None:
+            await loan.call(execute, f"ROLLBACK TO SAVEPOINT {self._savepoint}", None)
+            await loan.call(execute, f"RELEASE SAVEPOINT {self._savepoint}", None)
         elif self._explicit:
             await loan.call(execute, "ROLLBACK", None)
-        elif exc_type is None:
-            await loan.call(failover.commit)
         else:
             await loan.call(PGConnection.rollback)
+        if self._savepoint is None:
+            loan.first_error = None

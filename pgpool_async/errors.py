@@ -15,6 +15,10 @@ The hierarchy::
           ├── PoolConfigError      bad arguments to a pool (also a ValueError)
           ├── ConnectionReleased   a connection used after it went back to the pool
           ├── TransactionPoolingError  a session feature asked of a transaction_pooling pool
+          ├── TransactionFailed    a block ended normally on a transaction that had failed:
+          │                        rolled back, nothing committed
+          ├── StatementNotAwaited  a block ended with a statement coroutine never awaited:
+          │                        rolled back, nothing committed
           └── CommitOutcomeUnknown the connection was lost during COMMIT (also an
                                    OperationalError, what psycopg2 raised before)
 """
@@ -33,7 +37,9 @@ __all__ = [
     "PoolConfigError",
     "PoolError",
     "PoolTimeout",
+    "StatementNotAwaited",
     "TooManyRequests",
+    "TransactionFailed",
     "TransactionPoolingError",
     "is_permanent_connect_error",
 ]
@@ -83,6 +89,27 @@ class TransactionPoolingError(PoolError):
     """A pool with ``transaction_pooling=True`` was asked for something that would
     outlive the transaction on the server (LISTEN, a WITH HOLD cursor, a session
     SET); the message says why and what to do instead."""
+
+
+class TransactionFailed(PoolError):
+    """A ``connection()`` or ``transaction()`` block ended normally (or
+    ``commit()`` was called) while its transaction had failed: an error was
+    caught and the code went on. PostgreSQL turns the COMMIT of a failed
+    transaction into a ROLLBACK, so every write of the transaction is gone; this
+    error says so instead of a silent success. The message names the first
+    error of the loan. Catch errors inside a nested ``transaction()`` block (a
+    savepoint) to go on after them.
+    """
+
+
+class StatementNotAwaited(PoolError):
+    """A ``connection()`` or ``transaction()`` block ended while a statement
+    coroutine made on its connection (``conn.execute(...)``,
+    ``cursor.execute(...)``, ...) was never awaited: the statement never ran, so
+    the block is rolled back instead of committed without it. The message names
+    the call. Typical cause: passing an :class:`~pgpool_async.AsyncCursor` to
+    ``psycopg2.extras.execute_batch``; use :mod:`pgpool_async.extras`.
+    """
 
 
 # invalid_catalog_name (unknown database), invalid_authorization_specification (unknown

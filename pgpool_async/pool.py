@@ -66,6 +66,7 @@ T = TypeVar("T")
 logger = logging.getLogger("pgpool_async")
 _names = itertools.count(1)
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_PSYCOPG2_READY = psycopg2.extensions.STATUS_READY
 CLOSED_MESSAGE = "connection pool is closed"
 
 
@@ -119,6 +120,8 @@ class _ConnectionContext:
                     )
                 if loan.turn.locked():
                     await loan.turn.wait_idle()  # a call another task started on it ends first
+                # A statement never awaited, or a failed transaction: roll back, say so.
+                loan.check_finished("the connection() block")
                 raw = loan.raw
                 # A connection its user closed has nothing to commit (psycopg2 and
                 # psycopg_pool skip it too); the return replaces it.
@@ -765,6 +768,7 @@ class AsyncConnectionPool:
             and self._health.reset is None
             and not raw.closed
             and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
+            and raw.status == _PSYCOPG2_READY  # (psycopg2's: not after a COMMIT sent as SQL)
             and not was_shut_down(raw)
         ):
             # The common case: no I/O, no thread. None: to be closed (retired, or the

@@ -7,6 +7,7 @@ the loop.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tempfile
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolError
+from pgpool_async import AsyncConnection, AsyncConnectionPool, PoolError, TransactionFailed
 
 from .conftest import backends, server_query
 
@@ -321,26 +322,33 @@ class FailingAsyncReader:
 @pytest.mark.anyio
 async def test_file_errors_propagate_and_abort_the_copy(dsn: str, app_name: str, autocommit: bool) -> None:
     server_query(dsn, "DROP TABLE IF EXISTS copy_fail; CREATE TABLE copy_fail (x int)")
+    # Without autocommit the block ends normally on the failed transaction: it says so.
+    failed_block = (
+        pytest.raises(TransactionFailed, match="QueryCanceled")
+        if not autocommit
+        else contextlib.nullcontext()
+    )
     async with AsyncConnectionPool(1, 1, dsn, application_name=app_name, autocommit=autocommit) as pool:
-        async with pool.connection() as conn:
-            writer = FailingAsyncWriter()
-            with anyio.fail_after(10), pytest.raises(OSError, match="disk full"):
-                await conn.copy_expert(f"COPY ({BIG_SELECT}) TO STDOUT", writer)
-            assert writer.calls == 3  # stopped at the failing chunk
-            # Not mid-COPY: the server stopped sending and the rest was dropped.
-            assert conn.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
-            if not autocommit:
-                await conn.rollback()
-            assert await conn.fetchval("SELECT 42") == 42
+        with failed_block:
+            async with pool.connection() as conn:
+                writer = FailingAsyncWriter()
+                with anyio.fail_after(10), pytest.raises(OSError, match="disk full"):
+                    await conn.copy_expert(f"COPY ({BIG_SELECT}) TO STDOUT", writer)
+                assert writer.calls == 3  # stopped at the failing chunk
+                # Not mid-COPY: the server stopped sending and the rest was dropped.
+                assert conn.raw.get_transaction_status() != psycopg2.extensions.TRANSACTION_STATUS_ACTIVE
+                if not autocommit:
+                    await conn.rollback()
+                assert await conn.fetchval("SELECT 42") == 42
 
-            with pytest.raises(OSError, match="read failed") as info:
-                await conn.copy_from(FailingAsyncReader(), "copy_fail")
-            assert isinstance(info.value.__cause__, psycopg2.errors.QueryCanceled)
-            if not autocommit:
-                await conn.rollback()
-            assert await conn.fetchval("SELECT count(*) FROM copy_fail") == 0
-            with pytest.raises(OSError, match="read failed"):
-                await conn.copy_from(FailingAsyncReader(), "copy_fail")
+                with pytest.raises(OSError, match="read failed") as info:
+                    await conn.copy_from(FailingAsyncReader(), "copy_fail")
+                assert isinstance(info.value.__cause__, psycopg2.errors.QueryCanceled)
+                if not autocommit:
+                    await conn.rollback()
+                assert await conn.fetchval("SELECT count(*) FROM copy_fail") == 0
+                with pytest.raises(OSError, match="read failed"):
+                    await conn.copy_from(FailingAsyncReader(), "copy_fail")
         # Returned with the failed transaction (or nothing) open: rolled back.
         assert [s for s, _ in backends(dsn, app_name)] == ["idle"]
         assert await pool.fetchval("SELECT 1") == 1

@@ -28,7 +28,6 @@ import pytest
 from pgpool_async import _libpq
 from pgpool_async._loop import native
 from pgpool_async._loop.native import (
-    HandOffRefused,
     LoopStatementRunner,
     NativeUnavailable,
     Result,
@@ -117,10 +116,6 @@ async def entered(dsn: str, *, autocommit: bool = True, **kwargs: Any) -> AsyncI
         yield runner
     finally:
         if runner.entered and not raw.closed:
-            with contextlib.suppress(HandOffRefused):
-                await runner.leave()
-        if runner.entered:
-            await runner.rollback()
             await runner.leave()
         await anyio.to_thread.run_sync(raw.close)
 
@@ -502,29 +497,35 @@ async def test_leaving_mid_transaction_hands_it_to_psycopg2(dsn: str) -> None:
         await runner.leave()
         await anyio.to_thread.run_sync(raw.commit)
         assert server_query(dsn, f"SELECT x FROM {table}") == [(3,)]
-        # psycopg2 with a transaction of its own: the runner refuses to take the connection.
-        await anyio.to_thread.run_sync(thread_result, raw, "SELECT 1")
+        # psycopg2 with a transaction of its own: the runner takes it over as it is,
+        # and psycopg2's rollback() after it undoes both sides' work.
+        await anyio.to_thread.run_sync(thread_result, raw, f"INSERT INTO {table} VALUES (4)")
         assert raw.status == psycopg2.extensions.STATUS_BEGIN
-        with pytest.raises(NativeUnavailable, match="psycopg2 has a transaction open"):
-            runner.enter()
+        runner.enter()
+        await runner.execute(f"INSERT INTO {table} VALUES (5)")
+        assert raw.status == psycopg2.extensions.STATUS_BEGIN
+        await runner.leave()
         await anyio.to_thread.run_sync(raw.rollback)
+        assert server_query(dsn, f"SELECT x FROM {table}") == [(3,)]
     finally:
         await anyio.to_thread.run_sync(raw.close)
         server_query(dsn, f"DROP TABLE IF EXISTS {table}")
 
 
-async def test_leaving_a_failed_transaction_is_refused_until_rolled_back(dsn: str) -> None:
+async def test_a_failed_transaction_is_handed_to_psycopg2_as_it_is(dsn: str) -> None:
     raw = await connect(dsn, autocommit=False)
     try:
         runner = LoopStatementRunner(raw)
         runner.enter()
         with pytest.raises(psycopg2.errors.UndefinedTable):
             await runner.execute("SELECT * FROM no_such_table_here")
-        with pytest.raises(HandOffRefused, match="roll it back"):
-            await runner.leave()
-        assert runner.entered
-        await runner.rollback()
         await runner.leave()
+        # psycopg2 sees what it would have after running the statement itself.
+        assert raw.status == psycopg2.extensions.STATUS_BEGIN
+        assert raw.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INERROR
+        with pytest.raises(psycopg2.errors.InFailedSqlTransaction):
+            await anyio.to_thread.run_sync(thread_result, raw, "SELECT 1")
+        await anyio.to_thread.run_sync(raw.rollback)
         assert raw.status == psycopg2.extensions.STATUS_READY
         assert raw.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     finally:

@@ -91,9 +91,9 @@ async def test_run_sync_sees_and_commits_the_loops_transaction(dsn: str, table: 
 
             assert await conn.run_sync(in_thread) == [(1,), (2,)]
             assert rows(dsn, table) == []  # not committed yet
-            # After psycopg2 took the transaction, statements stay on threads until it ends.
+            # Statements go back to the loop, in the same transaction.
             assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 2
-            assert "io=thread" in repr(conn)
+            assert "io=loop" in repr(conn)
         assert rows(dsn, table) == [1, 2]
         async with pool.connection() as conn:
             await conn.execute(f"INSERT INTO {table} VALUES (3)")
@@ -297,12 +297,14 @@ async def test_an_idle_connection_stays_on_the_loop_between_loans(dsn: str, app_
         async with pool.connection() as conn:
             assert conn.loan.on_loop  # before any statement of this loan
             pid = await conn.fetchval("SELECT pg_backend_pid()")
-            # psycopg2 code: the runner lets the connection go (psycopg2 joins the
-            # transaction the loop opened); statements stay in threads until it ends.
+            # psycopg2 code: the runner lets the connection go (psycopg2's state is
+            # already true, the transaction the loop opened included); the next
+            # statement takes it back to the loop, inside the same transaction.
             assert await conn.run_sync(lambda raw: raw.get_backend_pid()) == pid
             assert not conn.loan.on_loop
             assert await conn.fetchval("SELECT 2") == 2
-            assert not conn.loan.on_loop
+            assert conn.loan.on_loop
+            assert conn.raw.status == psycopg2.extensions.STATUS_BEGIN
             await conn.commit()
             assert await conn.fetchval("SELECT 3") == 3
             assert conn.loan.on_loop

@@ -18,13 +18,15 @@ How it stays safe:
 - asyncio: the socket's reader is registered once per period, and the reader
   callback itself walks the protocol, so a statement costs one future and one
   task wake-up. trio: ``trio.lowlevel.wait_readable`` per wait.
-- psycopg2's view of the connection is true whenever psycopg2 code runs. The
-  runner leaves psycopg2's ``autocommit`` setting alone and behaves as psycopg2
-  would: without autocommit, the first statement outside a transaction opens
-  one, with psycopg2's own ``BEGIN`` text, sent in the same packet as the
-  statement (one round trip instead of two). :meth:`~LoopStatementRunner.leave`
-  in the middle of such a transaction hands it to psycopg2 (see there); in a
-  *failed* one it refuses (:class:`HandOffRefused`): roll back first.
+- psycopg2's view of the connection is the truth, at every moment: the runner
+  decides transaction boundaries from psycopg2's own ``status`` and keeps it in
+  step (:mod:`pgpool_async._loop.pgstate`), exactly as psycopg2's ``execute``,
+  ``commit()`` and ``rollback()`` would. Without autocommit, a statement while
+  psycopg2's ``status`` is ready opens a transaction with psycopg2's own
+  ``BEGIN`` text, sent in the same packet as the statement (one round trip
+  instead of two); ``COMMIT``/``ROLLBACK``/``BEGIN`` sent as SQL change the
+  server's state and not psycopg2's, as with psycopg2. psycopg2 code can take
+  over at any point, a failed transaction included, with nothing replayed.
 - Cancellation (a cancelled task, a timeout): the server is asked to cancel the
   statement from a thread of its own, GIL released, bounded by ``cancel_grace``
   (:func:`pgpool_async._libpq.send_cancel_then`: ``PQcancelPoll`` on libpq
@@ -44,7 +46,11 @@ caller can decide): errors carry ``pgerror``, ``pgcode`` and ``diag`` like
 psycopg2's but ``cursor`` is None; ``COPY`` sent through :meth:`execute` is
 refused with psycopg2's message and the connection is left usable; only
 tuple rows are built (callers use the thread path for other cursor factories);
-``notices``/``notifies`` are delivered at :meth:`leave`.
+the server sees a transaction's first statement as ``BEGIN;<statement>`` (in
+``pg_stat_activity.query`` and ``current_query()``; errors are made the same as
+psycopg2's, see :meth:`~LoopStatementRunner.execute`); notices reach
+``connection.notices`` when the statement ends, NOTIFYs ``connection.notifies``
+at :meth:`leave`.
 
 How the pool uses it (``AsyncConnectionPool(io="auto")``, see
 :class:`pgpool_async._loan.Loan`): each loan holds one runner, entered at its
@@ -55,7 +61,8 @@ without a round trip when the connection is idle, and otherwise rolls back on
 the loop in the pool's return task first.
 
 When it is not available: not Linux, psycopg2's libpq not found, an async or
-GSS-encrypted connection, a connection psycopg2 has a transaction open on.
+GSS-encrypted connection, a two-phase transaction prepared, a psycopg2 build
+whose connection layout :mod:`~pgpool_async._loop.pgstate` does not recognise.
 :func:`unavailable_reason` and :meth:`LoopStatementRunner.refusal` say why;
 callers then use the thread path.
 """
@@ -77,13 +84,14 @@ import psycopg2.extensions as ext
 
 from .. import _libpq
 from ..errors import PoolError
+from . import pgstate
+from .pgstate import STATUS_BEGIN, STATUS_READY
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PGConnection
     from psycopg2.extensions import cursor as PGCursor
 
 __all__ = [
-    "HandOffRefused",
     "LoopStatementRunner",
     "NativeUnavailable",
     "Result",
@@ -111,6 +119,7 @@ _PQTRANS_IDLE = 0
 _PQTRANS_INTRANS = 2
 _PQTRANS_INERROR = 3
 _PG_DIAG_SQLSTATE = ord("C")
+_PG_DIAG_POSITION = ord("P")
 
 # psycopg2's own BEGIN variants (pqpath.c, pq_begin_locked).
 _ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
@@ -122,13 +131,6 @@ _SLICE_ROWS = 256
 class NativeUnavailable(PoolError):
     """The loop-native path cannot take this connection; the message says why.
     Callers run the statement on the thread path instead."""
-
-
-class HandOffRefused(PoolError):
-    """:meth:`LoopStatementRunner.leave` inside a failed transaction on a
-    connection psycopg2 drives without autocommit: psycopg2 cannot be told about a
-    failed transaction it did not open. Roll back (``await runner.rollback()``)
-    first; the runner stays entered."""
 
 
 def preload() -> str | None:
@@ -207,11 +209,11 @@ _entered: dict[int, LoopStatementRunner] = {}
 def release(raw: PGConnection) -> None:
     """Let psycopg2 have ``raw`` again, without waiting: before a thread touches
     or closes a connection a pool keeps entered (idle between loans), or whose
-    owner is gone (garbage-collected unreturned). An idle runner just stops
-    watching the socket; one with a statement running or a transaction open
-    can't hand it over without a round trip: the connection is closed then (a
-    statement waiting on it ends with ``OperationalError``) and the pool
-    discards it. No-op if no runner holds it.
+    owner is gone (garbage-collected unreturned). A runner with no statement
+    running just stops watching the socket (psycopg2's state is already true,
+    an open transaction included); one with a statement running can't: the
+    connection is closed then (the statement ends with ``OperationalError``)
+    and the pool discards it. No-op if no runner holds it.
 
     Call it on the loop thread; from another thread (a pool's ``__del__``) it is
     scheduled on the runner's asyncio loop instead."""
@@ -223,10 +225,11 @@ def release(raw: PGConnection) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing watches
             loop.call_soon_threadsafe(release, raw)
         return
-    if runner._busy or runner._lib.PQtransactionStatus(runner._pg) != _PQTRANS_IDLE:
+    if runner._busy:
         runner.close()
     else:
         runner._detach()
+        runner._deliver_notices()
 
 
 def watching_loop(raw: PGConnection) -> asyncio.AbstractEventLoop | None:
@@ -494,7 +497,12 @@ class StatementRunner(Protocol):
 
     def enter(self) -> None: ...
 
-    async def leave(self, to_thread: Callable[..., Any] | None = None) -> None: ...
+    async def leave(self) -> None: ...
+
+    async def reset(self) -> None: ...
+
+    @property
+    def clean(self) -> bool: ...
 
     async def execute(
         self,
@@ -589,6 +597,7 @@ class LoopStatementRunner:
         self._pending: Result | None = None  # a large result whose rows are converted in turns
         self._status = -1  # the last result's ExecStatusType
         self._ended = False  # the statement's final NULL result was read
+        self._state: pgstate.Layout | None = None  # psycopg2's fields (set by enter)
 
     # -- ownership -----------------------------------------------------------------------
 
@@ -611,8 +620,13 @@ class LoopStatementRunner:
             return "the connection is closed"
         if raw.async_:
             return "an asynchronous psycopg2 connection"
-        if raw.status != ext.STATUS_READY:
-            return "psycopg2 has a transaction open on this connection (commit or roll it back first)"
+        if raw.status not in (STATUS_READY, STATUS_BEGIN):
+            return "a two-phase transaction is prepared on this connection (tpc_commit or tpc_rollback it)"
+        if pgstate.layout(raw) is None:
+            return (
+                f"psycopg2 {getattr(psycopg2, '__version__', '?')}'s connection layout is not the one "
+                "pgpool_async knows, so its transaction state could not be kept in step"
+            )
         if lib.PQgssEncInUse(raw.pgconn_ptr):
             return "GSS encryption can hold data the socket does not show; use the thread path"
         if lib.PQisBusy(raw.pgconn_ptr):
@@ -640,6 +654,7 @@ class LoopStatementRunner:
             self._trio = True
         else:
             raise PoolError("LoopStatementRunner runs on an asyncio or trio event loop: none is running")
+        self._state = pgstate.layout(raw)
         self._lib = lib
         self._fast = _accelerator()
         self._codec = ext.encodings[raw.encoding]
@@ -656,20 +671,14 @@ class LoopStatementRunner:
         if self._asyncio is not None:
             self._asyncio.add_reader(self._fd, self._on_readable)
 
-    async def leave(self, to_thread: Callable[..., Any] | None = None) -> None:
+    async def leave(self) -> None:
         """Give the connection back to psycopg2; safe to call twice.
 
         Restores blocking mode, stops watching the socket, and lets psycopg2 see
-        the NOTIFYs and notices read meanwhile (``connection.poll()``). When the
-        connection is not in autocommit and a transaction this runner opened is
-        still open, psycopg2 is made to join it (in a worker thread, through
-        ``to_thread(func)``; default anyio's): psycopg2 sends its own ``BEGIN``
-        (the server answers with a WARNING, removed from ``notices``) and a
-        ``SELECT 1``, after which its ``commit()``/``rollback()`` act on the
-        transaction the loop path started.
+        the NOTIFYs and notices read meanwhile (``connection.poll()``). Nothing
+        is sent: psycopg2's transaction state is already true (a transaction
+        open or failed on the loop is psycopg2's to commit or roll back).
 
-        :raises HandOffRefused: that transaction has failed: roll back first
-            (the runner stays entered).
         :raises PoolError: a statement is still running on this runner.
         """
         if self._pg is None:
@@ -678,25 +687,12 @@ class LoopStatementRunner:
             raise PoolError("a statement is still running on this runner: wait for it before leave()")
         if self._cancel_sent is not None:
             await self._settle_cancel()
-        status = self._lib.PQtransactionStatus(self._pg)
-        adopt = not self.raw.autocommit and status == _PQTRANS_INTRANS
-        if not self.raw.autocommit and status == _PQTRANS_INERROR:
-            raise HandOffRefused(
-                "the transaction on this connection failed: roll it back (await runner.rollback()) "
-                "before giving the connection back to psycopg2"
-            )
         self._detach()
         try:
             self.raw.poll()  # idle connection: reads what is there, never waits
         except psycopg2.Error:
             self._close_raw()
             raise
-        if adopt:
-            if to_thread is None:
-                import anyio.to_thread
-
-                to_thread = anyio.to_thread.run_sync
-            await to_thread(_psycopg2_joins_transaction, self.raw)
 
     def _detach(self) -> None:
         _entered.pop(id(self.raw), None)
@@ -709,10 +705,39 @@ class LoopStatementRunner:
             self._lib.PQsetnonblocking(pg, 0)
         self._ssl = None
 
+    def _deliver_notices(self) -> None:
+        """Move the notices libpq handed psycopg2 into ``raw.notices`` now, as
+        psycopg2 does at the end of each of its statements (``poll()`` on an
+        idle connection reads what is there, never waits). A connection found
+        broken meanwhile is psycopg2's to report at its next use."""
+        state, raw = self._state, self.raw
+        if state is not None and not raw.closed and state.notices_pending(raw):
+            with contextlib.suppress(psycopg2.Error):
+                raw.poll()
+
     def close(self) -> None:
         """Close the psycopg2 connection now (it can't be trusted any more);
         safe twice, no waiting."""
         self._close_raw()
+
+    def _broken(self) -> None:
+        """The server ended the connection: stop watching it and mark it as
+        psycopg2 does (``closed == 2``; ``close()`` frees it)."""
+        _entered.pop(id(self.raw), None)
+        if self._pg is not None:
+            loop, fd = self._asyncio, self._fd
+            if loop is not None:
+                loop.remove_reader(fd)
+                if self._flushing:
+                    loop.remove_writer(fd)
+                    self._flushing = False
+            self._pg = None
+            self._asyncio = None
+            self._trio = False
+        if self._state is not None and not self.raw.closed:
+            self._state.broken(self.raw)
+        else:
+            self.raw.close()
 
     def _close_raw(self) -> None:
         """Close the psycopg2 connection (I/O failure, unanswered cancel)."""
@@ -760,6 +785,12 @@ class LoopStatementRunner:
         # psycopg2's method asks the same libpq (PQtransactionStatus), no I/O, no
         # lock: a C call, cheaper than one through ctypes.
         return bool(self.raw.get_transaction_status() != _PQTRANS_IDLE)
+
+    @property
+    def clean(self) -> bool:
+        """True when neither the server nor psycopg2 has a transaction open."""
+        raw = self.raw
+        return bool(raw.get_transaction_status() == _PQTRANS_IDLE and raw.status == STATUS_READY)
 
     async def execute(
         self,
@@ -815,8 +846,10 @@ class LoopStatementRunner:
         if not query:
             raise psycopg2.ProgrammingError("can't execute an empty query")
         raw = self.raw
-        begin = not raw.autocommit and raw.get_transaction_status() == _PQTRANS_IDLE
+        # psycopg2's own rule (pq_begin_locked): its status, not the server's.
+        begin = not raw.autocommit and raw.status == STATUS_READY
         expected = 1
+        wanted_commit = commit
         commit = commit and not raw.autocommit
         if begin:
             text = begin_text(raw)
@@ -829,36 +862,111 @@ class LoopStatementRunner:
             query += b";COMMIT"
             expected += 1
             self._keep_prev = True
+        state = self._state
+        assert state is not None
+        redo = False
         self._busy = True
         try:
-            await self._run(query)
-            result = self._result(cur, expected, commit, describe)
-            if cursor is not None:
-                result.query = statement  # psycopg2's cursor.query: the statement alone
-            if result.rows is None:  # a large result: converted a slice per loop turn
-                result.rows = await self._rows_in_turns(cur)
-            return result
-        except psycopg2.Error:
-            if begin and self._pg is not None and self.in_transaction is False:
-                # A statement that does not parse sinks the whole packet, our BEGIN
-                # too; psycopg2 (BEGIN sent alone) would be in a failed transaction
-                # now: be in one too, so what follows behaves the same.
-                self._clear()
-                await self._run(b"BEGIN;SELECT 1/0 -- pgpool_async: the transaction failed above")
-            raise
+            try:
+                await self._run(query)
+            finally:
+                if begin and self._began():
+                    state.set_status(raw, STATUS_BEGIN)  # as psycopg2's BEGIN, sent alone, would
+            if begin and not self._went_well(expected) and self._glue_shows():
+                redo = True
+            else:
+                result = self._result(cur, expected, commit, describe)
+                if commit:
+                    state.ended(raw)  # psycopg2's commit(): ready again, one more transaction ended
+                if cursor is not None:
+                    result.query = statement  # psycopg2's cursor.query: the statement alone
+                if result.rows is None:  # a large result: converted a slice per loop turn
+                    result.rows = await self._rows_in_turns(cur)
+                return result
         finally:
             self._busy = False
+            self._deliver_notices()
             self._clear()
+        assert redo
+        # The error would show our BEGIN glued to the statement (its position, its
+        # LINE 1), and nothing of the statement ran: start over as psycopg2 does,
+        # BEGIN alone, then the statement, whose error is then psycopg2's own.
+        if raw.get_transaction_status() != _PQTRANS_IDLE:
+            await self._command(b"ROLLBACK")
+        await self._command(begin_text(raw))
+        state.set_status(raw, STATUS_BEGIN)
+        return await self.execute(sql, params, cursor=cursor, commit=wanted_commit, describe=describe)
+
+    def _began(self) -> bool:
+        """After a statement sent behind our BEGIN: whether the BEGIN ran (its
+        result was read and others followed, or it was the only one and a success)."""
+        return self._count >= 2 or (self._count == 1 and self._status not in _PGRES_ERRORS)
+
+    def _glue_shows(self) -> bool:
+        """After a failed statement sent behind our BEGIN: True when the user would
+        see the BEGIN in the error and none of the statement ran, so it can be sent
+        again the way psycopg2 sends it. Either the whole packet failed to parse
+        (nothing ran), or the statement's first command failed before it ran (an
+        error with a position is raised by parse analysis, before execution)."""
+        res, raw = self._last, self.raw
+        if (
+            res is None
+            or self._pg is None
+            or raw.closed
+            or self._io_failed
+            or self._copy_seen
+            or self._status not in _PGRES_ERRORS
+            or self._lib.PQstatus(self._pg) == _CONNECTION_BAD
+        ):
+            return False
+        status = raw.get_transaction_status()
+        if self._count == 1:
+            return bool(status == _PQTRANS_IDLE)  # (else BEGIN itself failed: psycopg2's error too)
+        return bool(
+            self._count == 2
+            and status == _PQTRANS_INERROR
+            and self._lib.PQresultErrorField(res, _PG_DIAG_POSITION)
+        )
 
     async def commit(self) -> None:
-        """psycopg2's ``commit()``: COMMIT if a transaction is open, else nothing."""
-        if self.in_transaction:
+        """psycopg2's ``commit()``: COMMIT if psycopg2 began a transaction (its
+        ``status``), else nothing; psycopg2's state is ready again either way."""
+        self._check()
+        raw = self.raw
+        if raw.autocommit or raw.status != STATUS_BEGIN:
+            return
+        try:
             await self._command(b"COMMIT")
+        finally:
+            assert self._state is not None
+            self._state.ended(raw)
 
     async def rollback(self) -> None:
-        """psycopg2's ``rollback()``: ROLLBACK if a transaction is open, else nothing."""
-        if self.in_transaction:
+        """psycopg2's ``rollback()``: ROLLBACK if psycopg2 began a transaction (its
+        ``status``), else nothing; psycopg2's state is ready again either way."""
+        self._check()
+        raw = self.raw
+        if raw.autocommit or raw.status != STATUS_BEGIN:
+            return
+        try:
             await self._command(b"ROLLBACK")
+        finally:
+            assert self._state is not None
+            self._state.ended(raw)
+
+    async def reset(self) -> None:
+        """The pool's return: end any transaction the server or psycopg2 has open
+        (a ROLLBACK, also for one opened with ``BEGIN`` sent as SQL in autocommit
+        mode), so the next borrower starts clean."""
+        self._check()
+        raw = self.raw
+        try:
+            if raw.get_transaction_status() != _PQTRANS_IDLE:
+                await self._command(b"ROLLBACK")
+        finally:
+            if raw.status != STATUS_READY:
+                assert self._state is not None
+                self._state.ended(raw)
 
     async def _command(self, query: bytes) -> None:
         """COMMIT or ROLLBACK inside a transaction: :meth:`execute` without its
@@ -1193,15 +1301,18 @@ class LoopStatementRunner:
                 "the connection was closed while the statement ran (a cancel not answered in "
                 "time, or the pool closing it)"
             )
+        bad = lib.PQstatus(self._pg) == _CONNECTION_BAD
         if self._io_message is not None:
             failure = psycopg2.OperationalError(_decode(self._io_message, self._codec))
-            self._close_raw()
+            if bad:
+                self._broken()  # as psycopg2's pq_get_result_async: closed == 2
+            else:
+                self._close_raw()
             raise failure
-        bad = lib.PQstatus(self._pg) == _CONNECTION_BAD
         if res is None or bad:
             error = self._error(res, bad)
             if bad:
-                self._close_raw()
+                self._broken()
             raise error
         status = lib.PQresultStatus(res)
         if status in _PGRES_ERRORS and not self._copy_seen:
@@ -1280,7 +1391,7 @@ class LoopStatementRunner:
         casts: list[Callable[[bytes, PGCursor], Any]] = []
         for column in range(lib.PQnfields(res)):
             oid = lib.PQftype(res, column)
-            cast = None
+            cast: Any = None
             if cursor_types:
                 cast = cursor_types.get(oid)
             if cast is None:
@@ -1406,17 +1517,3 @@ def _ssl_pending(lib: Any) -> Callable[[int], int]:
     func.argtypes = [ctypes.c_void_p]
     func.restype = ctypes.c_int
     return func  # type: ignore[no-any-return]
-
-
-def _psycopg2_joins_transaction(raw: PGConnection) -> None:
-    """In a worker thread: make psycopg2 believe, truly, that it is inside the
-    transaction the loop path opened. Its next statement sends its own BEGIN
-    first; the server only warns ("already a transaction in progress")."""
-    before = len(raw.notices)
-    with raw.cursor() as cur:
-        cur.execute("SELECT 1")
-    # Drop the server's WARNING about our BEGIN: it is noise to the user.
-    for i in range(len(raw.notices) - 1, before - 1, -1):
-        if "there is already a transaction in progress" in raw.notices[i]:
-            del raw.notices[i]
-            break

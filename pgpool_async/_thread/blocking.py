@@ -61,12 +61,20 @@ def reset_for_reuse(conn: PGConnection) -> bool:
     status = conn.get_transaction_status()
     if status == _STATUS_UNKNOWN:
         return False
-    if status != _STATUS_IDLE:
-        try:
+    try:
+        if conn.status != psycopg2.extensions.STATUS_READY:
+            # psycopg2 began a transaction (the server may have ended it already,
+            # with a COMMIT sent as SQL): its rollback() makes it ready again, else
+            # the next borrower's statements would run without their BEGIN.
             conn.rollback()
-        except Exception:
-            return False
-    return conn.get_transaction_status() == _STATUS_IDLE
+        elif status != _STATUS_IDLE:
+            # A transaction psycopg2 did not begin (BEGIN sent as SQL in autocommit
+            # mode): its rollback() would send nothing.
+            with conn.cursor() as cur:
+                cur.execute("ROLLBACK")
+    except Exception:
+        return False
+    return conn.get_transaction_status() == _STATUS_IDLE and conn.status == psycopg2.extensions.STATUS_READY
 
 
 def commit_if_open(conn: PGConnection) -> None:
@@ -131,7 +139,7 @@ def _implicit_transaction(conn: PGConnection) -> bool:
     return (
         not conn.autocommit
         and native.begin_text(conn) == b"BEGIN"  # (no session characteristics set)
-        and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        and conn.status == psycopg2.extensions.STATUS_READY  # (psycopg2's view decides, as on the loop)
     )
 
 
