@@ -93,6 +93,7 @@ def test_internal_modules_are_private() -> None:
         "copying.py",
         "cursor.py",
         "errors.py",
+        "extras.py",
         "fastapi.py",
         "notifications.py",
         "pool.py",
