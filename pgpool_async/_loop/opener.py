@@ -3,7 +3,9 @@
 New connections are opened by background tasks, never by the request that needs
 one: the :class:`~.ledger.Ledger` decides how many (for ``minconn``, and one at
 a time while requests wait), :class:`Opener` opens them in worker threads and
-hands each to the ledger.
+hands each to the ledger. A connect (and its ``configure`` hook) runs in a copy
+of the context of the task that asked for it (``open()``, a checkout): tracing
+spans made there join that task's trace.
 
 No failure mode reconnects back to back. A failed connect is retried by the
 same task after a delay that doubles with jitter (several tasks retrying on
@@ -19,6 +21,7 @@ one DEBUG line per attempt in between.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 import threading
@@ -207,7 +210,10 @@ class Opener:
         except BaseException:
             orphan = attempt.give_up()
             if orphan is not None:  # finished as we gave up: close it off the loop
-                threading.Thread(target=close_quietly, args=(orphan,), daemon=True).start()
+                # (in this task's context, like every call the pool hands to a thread)
+                threading.Thread(
+                    target=contextvars.copy_context().run, args=(close_quietly, orphan), daemon=True
+                ).start()
             raise
         self._stats.connections_ms += int((time.monotonic() - started) * 1000)
         if self._outage_since is not None:

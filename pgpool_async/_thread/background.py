@@ -79,6 +79,12 @@ class BackgroundTasks:
         """Start ``func(*args)`` as a background task (call from the event loop).
         If it raises, the error is logged and the other tasks go on.
 
+        The task runs in a copy of the caller's :mod:`contextvars` context, not
+        the host's: asyncio's ``create_task`` and trio's ``start_soon``, which
+        anyio's task group calls, copy the current one. So the connects and
+        returns a request starts here carry its tracing context into their
+        worker threads (which copy it again, see ``offload.py``).
+
         :raises PoolClosed: the tasks were never started or are stopped.
         """
         if self._group is None or self._stop is None or self._stop.is_set():

@@ -22,11 +22,20 @@ statement) and gets its cancellation once the thread is done. If ``on_cancel``
 returns a callable, it is called when the thread is still busy
 ``_libpq.CANCEL_GRACE`` seconds later (it shuts the connection's socket down,
 so the thread fails at once): a cancelled caller is never held by the network.
+
+Every call runs in a copy of the caller's :mod:`contextvars` context, taken on
+the loop when the call is handed over, as ``asyncio.to_thread`` does: tracers
+(OpenTelemetry, ddtrace, Sentry) keep the current span there, so a database
+span made in a worker thread joins the caller's trace. The pool's own workers
+copy it in ``_Workers.submit`` (once per call); anyio's worker threads (trio,
+``run_anyio``, ``run_abandoning``, ``run_return``) copy it themselves.
+``on_cancel`` runs in the caller's context too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import threading
 from collections.abc import Callable, Coroutine
@@ -46,16 +55,20 @@ class _Uncancellable(asyncio.Future[Any]):
     """A future whose ``cancel()`` is refused: asyncio then delivers the task's
     cancellation only once the result is in, so a thread's work is never
     abandoned half-seen. The first refused ``cancel()`` calls ``on_cancel``
-    (e.g. asks the server to cancel the running query, so it ends soon)."""
+    (e.g. asks the server to cancel the running query, so it ends soon), in
+    the caller's context (``context``), not the canceller's."""
 
     on_cancel: Callable[[], object] | None = None
     gate: CancelGate | None = None
+    context: contextvars.Context | None = None
 
     def cancel(self, msg: Any = None) -> bool:
         if self.on_cancel is not None and not self.done():
             on_cancel, self.on_cancel = self.on_cancel, None
-            assert self.gate is not None
-            overdue = self.gate.ask(on_cancel)
+            assert self.gate is not None and self.context is not None
+            # A copy: the worker thread may be running in ``context`` now (a
+            # context is entered by one thread at a time).
+            overdue = self.context.copy().run(self.gate.ask, on_cancel)
             if callable(overdue):
                 self.get_loop().call_later(CANCEL_GRACE, _if_pending, self, overdue)
         return False
@@ -75,7 +88,8 @@ class _Workers:
     Results come back through one queue, and the loop is woken at most once per
     batch. The thread bookkeeping happens on the loop thread only, so it needs
     no lock: ``busy`` counts calls submitted and not yet settled, and a thread
-    is started whenever every started one may be busy.
+    is started whenever every started one may be busy. Each call runs in a copy
+    of its caller's context (see the module docstring).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, max_threads: int, name: str) -> None:
@@ -94,25 +108,28 @@ class _Workers:
     def submit(
         self, func: Callable[..., Any], args: tuple[Any, ...], on_cancel: Callable[[], object] | None
     ) -> _Uncancellable:
-        """Queue ``func(*args)``; the returned future settles on the loop."""
+        """Queue ``func(*args)``, to run in a copy of the current context; the
+        returned future settles on the loop."""
+        context = contextvars.copy_context()
         fut = _Uncancellable(loop=self._loop)
-        fut.on_cancel = on_cancel
         if on_cancel is not None:
+            fut.on_cancel = on_cancel
             fut.gate = CancelGate()
+            fut.context = context
         self._busy += 1
         if self._busy > self._started and self._started < self.max_threads:
             self._started += 1
             threading.Thread(
                 target=self._work, name=f"{self._name}-worker-{self._started}", daemon=True
             ).start()
-        self._jobs.put((fut, func, args))
+        self._jobs.put((fut, context, func, args))
         return fut
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not _STOP:
-            fut, func, args = job
+            fut, context, func, args = job
             try:
-                result = func(*args)
+                result = context.run(func, *args)
             except BaseException as exc:
                 if fut.gate is not None:
                     fut.gate.finish(exc)
@@ -123,7 +140,7 @@ class _Workers:
                 self._post(fut, result, None)
             # An idle thread must not keep the last call's objects alive (a
             # connection wrapper dropped by its user must be collectable).
-            job = fut = func = args = result = None
+            job = fut = context = func = args = result = None
 
     def _post(self, fut: _Uncancellable, result: Any, error: BaseException | None) -> None:
         self._results.put((fut, result, error))
@@ -207,7 +224,7 @@ class Offloader:
     async def run(
         self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
     ) -> T:
-        """Run ``func(*args)`` in a worker thread.
+        """Run ``func(*args)`` in a worker thread, in a copy of the caller's context.
 
         A thread cannot be stopped: if the caller is cancelled meanwhile, this
         waits for ``func`` to finish and then raises the cancellation. Nothing
