@@ -19,6 +19,7 @@ add prototypes here: keep the loader under this name.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import math
@@ -226,7 +227,9 @@ def _blocking_cancel(lib: ctypes.CDLL, handle: int, timeout: float) -> bool:
         finally:
             lib.PQfreeCancel(handle)
 
-    thread = threading.Thread(target=run, name="pgpool-cancel-send", daemon=True)
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(run,), name="pgpool-cancel-send", daemon=True
+    )
     thread.start()
     thread.join(timeout)
     return bool(outcome and outcome[0])
@@ -241,7 +244,9 @@ def _psycopg2_cancel(raw: PGConnection, timeout: float) -> bool:
             raw.cancel()
             outcome.append(True)
 
-    thread = threading.Thread(target=run, name="pgpool-cancel-send", daemon=True)
+    thread = threading.Thread(
+        target=contextvars.copy_context().run, args=(run,), name="pgpool-cancel-send", daemon=True
+    )
     thread.start()
     thread.join(timeout)
     return bool(outcome)
@@ -284,7 +289,12 @@ def cancel_in_background(raw: PGConnection, timeout: float = CANCEL_TIMEOUT) -> 
         except Exception:
             return None
     pending = PendingCancel(raw)
-    threading.Thread(target=pending._send, args=(request, timeout), name="pgpool-cancel", daemon=True).start()
+    threading.Thread(
+        target=contextvars.copy_context().run,
+        args=(pending._send, request, timeout),
+        name="pgpool-cancel",
+        daemon=True,
+    ).start()
     return pending
 
 
@@ -310,7 +320,9 @@ def send_cancel_then(
         finally:
             done(delivered)
 
-    threading.Thread(target=run, name="pgpool-native-cancel", daemon=True).start()
+    threading.Thread(
+        target=contextvars.copy_context().run, args=(run,), name="pgpool-native-cancel", daemon=True
+    ).start()
     return True
 
 
