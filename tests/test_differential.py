@@ -1499,7 +1499,86 @@ async def _run(case: Case, dsn: str, anyio_backend: str) -> None:
         pytest.fail(failure, pytrace=False)
 
 
-@pytest.mark.parametrize("case", _check_names(CASES), ids=lambda c: c.name)
+# Where io="loop" still differs from psycopg2. Strict: a case that starts to agree
+# fails until it is taken off this list. README ("Differences from psycopg2 that
+# remain") lists the first two as they stand; the others are defects to fix.
+_EAGER = (
+    "io=loop converts every row when the statement ends: a value psycopg2 cannot convert "
+    "raises at execute, not at the fetch of its row (README: differences that remain)"
+)
+_NULLS = (
+    "io=loop gives None for NULL cells without calling a Python typecaster; psycopg2 calls "
+    "it with None (README: differences that remain)"
+)
+_ATTRS = "defect: io=loop cursor attributes after a failed, empty or executemany statement"
+_ENDED = "defect: a connection the server ended (commit's error class, cursor.query, notices)"
+KNOWN_DIFFERENCES: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "type_date_bc",
+            "type_date_year_10000",
+            "type_timestamp_bc",
+            "type_timestamp_year_10000",
+            "type_timestamptz_bc",
+            "type_interval_huge",
+            "type_array_date_infinity",
+            "type_array_date_bc",
+            "type_array_timestamptz",
+            "setting_datestyle_sql_dmy",
+            "setting_datestyle_german",
+            "setting_intervalstyle_iso",
+            "caster_raises_at_fetch",
+        ),
+        _EAGER,
+    ),
+    **dict.fromkeys(
+        (
+            "caster_conn_null_to_zero",
+            "caster_cursor_null_to_zero",
+            "caster_global_null_to_zero",
+            "caster_conn_over_global",
+            "caster_cursor_over_conn",
+            "caster_bool_null_false",
+            "caster_registered_mid_transaction",
+            "caster_registered_in_run_sync",
+        ),
+        _NULLS,
+    ),
+    **dict.fromkeys(
+        (
+            "param_uuid",
+            "param_dict",
+            "param_object",
+            "error_empty_query",
+            "error_empty_query_autocommit",
+            "empty_statements",
+            "multi_statement_last_no_rows",
+            "executemany_dicts",
+            "executemany_select",
+            "executemany_empty",
+            "fetch_after_error_rownumber",
+            "executemany_bad_params",
+        ),
+        _ATTRS,
+    ),
+    **dict.fromkeys(
+        ("terminated_in_transaction", "terminated_autocommit", "terminated_then_run_sync"), _ENDED
+    ),
+}
+
+
+def _params(cases: list[Case]) -> list[Any]:
+    known = set(KNOWN_DIFFERENCES)
+    assert known <= {c.name for c in cases} | {c.name for c in COPY_CASES}, known - {c.name for c in cases}
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_DIFFERENCES[c.name]))
+        if c.name in KNOWN_DIFFERENCES
+        else c
+        for c in _check_names(cases)
+    ]
+
+
+@pytest.mark.parametrize("case", _params(CASES), ids=lambda c: c.name)
 async def test_differential(case: Case, dsn: str, anyio_backend: str) -> None:
     await _run(case, dsn, anyio_backend)
 
