@@ -151,7 +151,7 @@ class Loan:
         self.fit = fit
         # The first database error of this loan's transaction, named when the
         # block ends on a failed transaction (TransactionFailed).
-        self.first_error: psycopg2.Error | None = None
+        self.first_error: BaseException | None = None
         # Statement coroutines made by the public methods and not yet started
         # (see statement()): a block that ends with some never awaited raises.
         self.unawaited = 0
@@ -198,7 +198,12 @@ class Loan:
         raw = self.raw
         if not raw.closed and raw.get_transaction_status() == _TRANSACTION_INERROR:
             first = self.first_error
-            named = f"{type(first).__name__}: {_first_line(first)}" if first is not None else "an error"
+            if first is None:
+                named = "an error"
+            elif isinstance(first, psycopg2.Error):
+                named = f"{type(first).__name__}: {_first_line(first)}"
+            else:
+                named = "a statement cancelled by a timeout or a cancellation, then cancelled on the server"
             raise TransactionFailed(
                 f"the transaction failed earlier ({named}) and the code went on, so {where} "
                 "rolled it back: nothing was committed. Let the error propagate, or roll back "
@@ -257,6 +262,11 @@ class Loan:
                 self.first_error = exc
             if self.fit is not None:
                 self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
+            raise
+        except BaseException as exc:
+            # A cancelled statement was cancelled on the server too (QueryCanceled).
+            if self.first_error is None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                self.first_error = exc
             raise
         finally:
             turn._release()

@@ -118,6 +118,7 @@ async def test_a_timeout_cancels_the_statement_and_the_connection_is_reused(dsn:
             with anyio.move_on_after(0.3):
                 await conn.fetchval("SELECT pg_sleep(30)")
             assert not _libpq.was_shut_down(first)
+            await conn.rollback()  # (the cancelled statement failed the transaction)
         assert await pool.fetchval("SELECT 1") == 1
         async with pool.connection() as conn:
             assert conn.raw is first
