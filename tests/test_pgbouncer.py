@@ -186,6 +186,7 @@ async def test_read_only_applies_to_the_transaction_only(tx_bouncer: ThrowawayPg
             await conn.set_session(readonly=True)
             with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
                 await conn.execute("INSERT INTO scale_load (v) VALUES (2)")
+            await conn.rollback()  # (the failed INSERT failed the transaction)
         for _ in range(20):
             assert await pool.fetchval("INSERT INTO scale_load (v) VALUES (2) RETURNING v") == 2
 
