@@ -326,6 +326,17 @@ def send_cancel_then(
     return True
 
 
+def _cancelled_by_request(error: BaseException | None) -> bool:
+    """The statement ended cancelled by a cancel request (ours: the interrupt is
+    consumed). Cancelled by ``statement_timeout`` or a lock timeout instead, our
+    request may still land on the next statement. The server's words are read; in
+    another language the answer is False, the cautious one."""
+    if not isinstance(error, psycopg2.errors.QueryCanceled):
+        return False
+    primary = error.diag.message_primary or ""
+    return "user request" in primary
+
+
 def _consume_interrupt(raw: PGConnection) -> bool:
     """In the worker: run ``SELECT 1`` through libpq (no psycopg2 transaction
     handling), after a cancel request was delivered. The backend handled the
@@ -442,7 +453,7 @@ class CancelGate:
         # server after it ended: its interrupt may still be pending. Consume it, or give up.
         if (
             isinstance(pending, PendingCancel)
-            and not isinstance(error, psycopg2.errors.QueryCanceled)
+            and not _cancelled_by_request(error)
             and not pending.withdraw()
             and not (pending.wait(CANCEL_TIMEOUT) and _consume_interrupt(pending.raw))
         ):

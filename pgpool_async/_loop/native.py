@@ -864,6 +864,14 @@ class LoopStatementRunner:
             self._keep_prev = True
         state = self._state
         assert state is not None
+        if begin and raw.get_transaction_status() != _PQTRANS_IDLE:
+            # psycopg2 is ready but the server is in a transaction (a BEGIN sent as SQL
+            # in autocommit mode, then autocommit turned off): psycopg2's BEGIN goes
+            # alone then (the server warns, or refuses it in a failed transaction),
+            # so the outcome is psycopg2's whatever the statement is.
+            await self._command(begin_text(raw))
+            state.set_status(raw, STATUS_BEGIN)
+            return await self.execute(sql, params, cursor=cursor, commit=wanted_commit, describe=describe)
         redo = False
         self._busy = True
         try:
@@ -921,7 +929,9 @@ class LoopStatementRunner:
             return False
         status = raw.get_transaction_status()
         if self._count == 1:
-            return bool(status == _PQTRANS_IDLE)  # (else BEGIN itself failed: psycopg2's error too)
+            return bool(
+                status == _PQTRANS_IDLE
+            )  # (sent while idle: BEGIN cannot fail but with the connection)
         return bool(
             self._count == 2
             and status == _PQTRANS_INERROR
@@ -969,7 +979,7 @@ class LoopStatementRunner:
                 self._state.ended(raw)
 
     async def _command(self, query: bytes) -> None:
-        """COMMIT or ROLLBACK inside a transaction: :meth:`execute` without its
+        """COMMIT, ROLLBACK or BEGIN sent alone: :meth:`execute` without its
         Result (nobody reads it), its errors the same."""
         if self._busy or self._cancel_sent is not None:
             await self.execute(query, describe=False)  # (it raises or waits as it should)
