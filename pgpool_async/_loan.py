@@ -117,6 +117,7 @@ class Loan:
         "first_error",
         "fit",
         "io",
+        "last_on_loop",
         "listened",
         "offload",
         "raw",
@@ -156,6 +157,7 @@ class Loan:
         # (see statement()): a block that ends with some never awaited raises.
         self.unawaited = 0
         self.unawaited_name = ""
+        self.last_on_loop = False  # the last call() ran on the loop (cursors read it on failure)
 
     def statement(
         self, name: str, method: Callable[..., Coroutine[Any, Any, T]], *args: Any
@@ -236,6 +238,7 @@ class Loan:
                 runner = self.runner
                 if runner is None or not runner.entered:
                     runner = self._loop_runner()  # (entered at the first statement, or None)
+            self.last_on_loop = runner is not None
             if runner is not None:
                 # The hot calls with no coroutine in between: a statement, a commit
                 # (a COMMIT lost with the connection raises CommitOutcomeUnknown), a

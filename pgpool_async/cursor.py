@@ -105,23 +105,56 @@ class AsyncCursor:
         """One statement through the loan: its result when it ran on the loop,
         None when it ran in a thread (the psycopg2 cursor holds its outcome)."""
         self._check_open()
+        before = self._result
         self._result = None
+        loan = self._loan
         try:
-            return await self._loan.call(cursor_execute, self._cur, sql, params)
-        except psycopg2.Error:
-            if self._loan.on_loop:
-                self._result = self._failed(sql, params)
+            return await loan.call(cursor_execute, self._cur, sql, params)
+        except Exception as exc:
+            if loan.last_on_loop:
+                self._after_failure(before, sql, params, exc)
             raise
 
-    def _failed(self, sql: str, params: Params) -> Result:
-        """What psycopg2's cursor shows after its statement failed: the query it
-        sent, an empty status, no rows to fetch."""
-        failed = Result([], -1, "", 0, None)
+    def _state(self, before: Result | None) -> _Described:
+        """A copy of what this cursor shows now (``before``: the loop path's last
+        result, or None: the psycopg2 cursor's own)."""
+        if before is None:
+            cur = self._cur
+            state = _Described([], cur.rowcount, cur.statusmessage, cur.lastrowid, None)
+            state.query, state.returns_rows, state.described = (
+                cur.query,
+                cur.description is not None,
+                cur.description,
+            )
+            return state
+        state = _Described(before.rows, before.rowcount, before.statusmessage, before.lastrowid, None)
+        state.query, state.returns_rows, state.described = (
+            before.query,
+            before.returns_rows,
+            before.description,
+        )
+        return state
+
+    def _after_failure(self, before: Result | None, sql: str, params: Params, exc: BaseException) -> None:
+        """What psycopg2's cursor shows after ``execute`` raised ``exc``: when the
+        statement never left (its parameters could not be adapted, an empty
+        query) only ``query`` is cleared; when it was sent, the query, no rows,
+        ``rowcount`` -1, and an empty status from the server's error (None when
+        the connection failed instead)."""
         try:
-            failed.query = self._cur.mogrify(sql, params)
-        except (psycopg2.Error, TypeError, ValueError):  # (it failed before it was sent)
-            failed.query = None
-        return failed
+            query: bytes | None = self._cur.mogrify(sql, params)
+        except Exception:  # (the same error as the one raised: it was never sent)
+            query = None
+        if not query:
+            state = self._state(before)
+            state.query = None
+            self._result = state
+            return
+        lost = isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and exc.pgcode is None
+        failed = Result([], -1, None if lost else "", 0, None)
+        failed.query = query
+        self._result = failed
+        self._pos = 0
 
     def execute(self, sql: str, params: Params = None) -> Coroutine[Any, Any, None]:
         """Execute a statement (``await`` it): on the event loop (``io="auto"``, a
@@ -154,10 +187,17 @@ class AsyncCursor:
         if not seq:
             self._nothing_executed()
             return
+        # psycopg2 shows rowcount -1 until every statement has run, then their sum;
+        # a failure part-way leaves what the last statement left.
+        state = self._state(self._result)
+        state.rowcount = -1
+        self._result = state
         for params in seq:
-            # None: it ran in a thread (the loan can't use the loop just now, e.g.
-            # psycopg2 holds a transaction): the psycopg2 cursor has its outcome.
+            # None: it ran in a thread (the loan can't use the loop just now): the
+            # psycopg2 cursor has its outcome.
             last = await self._loop_execute(sql, params)
+            if last is not None:
+                self._result = self._no_rows(last)
             count = self._cur.rowcount if last is None else last.rowcount
             status = self._cur.statusmessage if last is None else last.statusmessage
             # psycopg2's sum: -1 (unknown) once any statement's count is unknown.
@@ -167,21 +207,19 @@ class AsyncCursor:
         self._result.query = self._cur.query if last is None else last.query
         self._pos = 0
 
+    @staticmethod
+    def _no_rows(result: Result) -> Result:
+        """``result`` as one statement of ``executemany`` leaves it: nothing to fetch."""
+        done = Result([], result.rowcount, result.statusmessage, result.lastrowid, None)
+        done.query = result.query
+        return done
+
     def _nothing_executed(self) -> None:
         """psycopg2's ``executemany`` with no parameter sets: ``rowcount`` 0,
         the rest as the last statement left it, no rows left to fetch."""
-        before = self._result
-        if before is None:
-            cur = self._cur
-            before = Result([], cur.rowcount, cur.statusmessage, cur.lastrowid, None)
-            before.query = cur.query
-            before.returns_rows = cur.description is not None
-            described: Any = cur.description
-        else:
-            described = before.description
-        after = _Described([], 0, before.statusmessage, before.lastrowid, None)
-        after.query, after.returns_rows, after.described = before.query, before.returns_rows, described
-        self._result = after
+        state = self._state(self._result)
+        state.rows, state.rowcount = [], 0
+        self._result = state
         self._pos = 0
 
     def callproc(self, name: str, params: Params = None) -> Coroutine[Any, Any, Any]:
@@ -216,11 +254,13 @@ class AsyncCursor:
         return result
 
     def _loop_rows(self) -> list[Any]:
-        assert self._result is not None
+        result = self._result
+        assert result is not None
         self._check_open()
-        if not self._result.returns_rows:
+        if not result.returns_rows:
+            result.rowcount = -1  # (as psycopg2's fetch* leave it)
             raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
-        return self._result.rows
+        return result.rows
 
     async def fetchone(self) -> Any:
         """The next row, or None."""

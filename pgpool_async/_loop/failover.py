@@ -202,7 +202,9 @@ class commit_in_flight:  # (lower case: called like a function, as contextlib.su
 
     def __init__(self, raw: PGConnection, when: bool = True) -> None:
         self.raw = raw
-        self.when = when
+        # Closed already (the server ended it earlier): no COMMIT can leave, so
+        # psycopg2's error stands (InterfaceError, "connection already closed").
+        self.when = when and not raw.closed
 
     def __enter__(self) -> None:
         return None
