@@ -1501,14 +1501,10 @@ async def _run(case: Case, dsn: str, anyio_backend: str) -> None:
 
 # Where io="loop" still differs from psycopg2. Strict: a case that starts to agree
 # fails until it is taken off this list. README ("Differences from psycopg2 that
-# remain") lists the first two as they stand; the last is a defect to fix.
+# remain") lists the first as it stands; the last is a defect to fix.
 _EAGER = (
     "io=loop converts every row when the statement ends: a value psycopg2 cannot convert "
     "raises at execute, not at the fetch of its row (README: differences that remain)"
-)
-_NULLS = (
-    "io=loop gives None for NULL cells without calling a Python typecaster; psycopg2 calls "
-    "it with None (README: differences that remain)"
 )
 _ENDED = (
     "defect: on io=loop the server's FATAL goodbye to a connection it ended reaches "
@@ -1532,19 +1528,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
             "caster_raises_at_fetch",
         ),
         _EAGER,
-    ),
-    **dict.fromkeys(
-        (
-            "caster_conn_null_to_zero",
-            "caster_cursor_null_to_zero",
-            "caster_global_null_to_zero",
-            "caster_conn_over_global",
-            "caster_cursor_over_conn",
-            "caster_bool_null_false",
-            "caster_registered_mid_transaction",
-            "caster_registered_in_run_sync",
-        ),
-        _NULLS,
     ),
     "terminated_then_run_sync": _ENDED,
 }

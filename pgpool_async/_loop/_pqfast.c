@@ -48,6 +48,26 @@ static struct {
     int bound;
 } pq;
 
+/* psycopg2's typecaster objects (typecastObject), as set_typecast() describes them:
+ * a NULL cell goes to the Python function of a caster made by new_type(), as
+ * psycopg2 does (its C casters map NULL to None themselves). */
+static struct {
+    PyTypeObject *type;
+    Py_ssize_t ccast;
+    Py_ssize_t pcast;
+} tc = {NULL, -1, -1};
+
+/* The Python function behind cast (borrowed), or NULL when a NULL cell is None. */
+static PyObject *
+python_caster(PyObject *cast)
+{
+    if (tc.type == NULL || Py_TYPE(cast) != tc.type)
+        return NULL;
+    if (*(void **)((char *)cast + tc.ccast) != NULL)
+        return NULL;
+    return *(PyObject **)((char *)cast + tc.pcast);
+}
+
 static int
 as_pointer(PyObject *obj, void **out)
 {
@@ -132,6 +152,25 @@ fast_bind(PyObject *self, PyObject *args)
     pq.getlength = (res_cell_t)p[12];
     pq.getisnull = (res_cell_t)p[13];
     pq.bound = 1;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(set_typecast_doc,
+"set_typecast(type, ccast_offset, pcast_offset)\n\n"
+"Where psycopg2's typecaster objects (of ``type``) keep their C and Python casting\n"
+"functions (checked by the caller): NULL cells then reach a Python caster as None.");
+
+static PyObject *
+fast_set_typecast(PyObject *self, PyObject *args)
+{
+    PyObject *type;
+    Py_ssize_t ccast, pcast;
+    if (!PyArg_ParseTuple(args, "O!nn", &PyType_Type, &type, &ccast, &pcast))
+        return NULL;
+    Py_INCREF(type);
+    Py_XSETREF(tc.type, (PyTypeObject *)type);
+    tc.ccast = ccast;
+    tc.pcast = pcast;
     Py_RETURN_NONE;
 }
 
@@ -237,7 +276,18 @@ append_rows(void *res, PyObject *casts, PyObject *cur, long start, long stop, Py
         for (Py_ssize_t column = 0; column < ncols; column++) {
             PyObject *cell;
             if (pq.getisnull(res, (int)r, (int)column)) {
-                cell = Py_NewRef(Py_None);
+                PyObject *pcast = python_caster(PyList_GET_ITEM(casts, column));
+                if (pcast == NULL) {
+                    cell = Py_NewRef(Py_None);
+                }
+                else {
+                    PyObject *call_args[2] = {Py_None, cur};
+                    cell = PyObject_Vectorcall(pcast, call_args, 2, NULL);
+                    if (cell == NULL) {
+                        Py_DECREF(row);
+                        return -1;
+                    }
+                }
             }
             else {
                 PyObject *raw = PyBytes_FromStringAndSize(pq.getvalue(res, (int)r, (int)column),
@@ -369,6 +419,7 @@ fast_clear(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"bind", fast_bind, METH_VARARGS, bind_doc},
+    {"set_typecast", fast_set_typecast, METH_VARARGS, set_typecast_doc},
     {"send", (PyCFunction)(void (*)(void))fast_send, METH_FASTCALL, send_doc},
     {"pump", (PyCFunction)(void (*)(void))fast_pump, METH_FASTCALL, pump_doc},
     {"convert", (PyCFunction)(void (*)(void))fast_convert, METH_FASTCALL, convert_doc},

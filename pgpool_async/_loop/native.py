@@ -168,6 +168,9 @@ def _accelerator() -> Any:
         *("PQgetvalue", "PQgetlength", "PQgetisnull"),
     )
     _pqfast.bind(*(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0 for name in names))
+    typecasters = pgstate.typecast_layout()
+    if typecasters is not None:
+        _pqfast.set_typecast(*typecasters)  # NULL cells reach Python casters, as in psycopg2
     return _pqfast
 
 
@@ -1427,13 +1430,14 @@ class LoopStatementRunner:
         getvalue, getisnull = _cell_functions()
         res_ptr = ctypes.c_void_p(res)
         append = rows.append
+        nulls = [pgstate.null_caster(cast) for cast in columns]  # (psycopg2 calls these with None)
         for r in range(start, stop):
             append(
                 tuple(
                     [
                         cast(value, cur)
                         if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
-                        else None
+                        else (None if (null := nulls[c]) is None else null(None, cur))
                         for c, cast in enumerate(columns)
                     ]
                 )

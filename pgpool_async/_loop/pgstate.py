@@ -29,14 +29,16 @@ The fields (psycopg/connection.h, ``connectionObject``), in order::
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions as ext
 
 if TYPE_CHECKING:
     from psycopg2.extensions import connection as PGConnection
 
-__all__ = ["Layout", "STATUS_BEGIN", "STATUS_READY", "layout"]
+__all__ = ["Layout", "STATUS_BEGIN", "STATUS_READY", "layout", "null_caster", "typecast_layout"]
 
 STATUS_READY: int = ext.STATUS_READY  # 1
 STATUS_BEGIN: int = ext.STATUS_BEGIN  # 2
@@ -132,3 +134,51 @@ def _probe(raw: PGConnection) -> Layout | None:
 
 def _word(address: int) -> int:
     return ctypes.c_void_p.from_address(address).value or 0
+
+
+# -- typecasters --------------------------------------------------------------------------------
+# psycopg2 calls the Python function behind a typecaster made with new_type() with
+# None for a NULL cell (its C casters return None themselves); the typecaster object's
+# own __call__ returns None for None without calling it. The function is not exposed:
+# typecastObject is PyObject_HEAD, then name, values, ccast (a C function), pcast
+# (the Python function), bcast.
+
+
+@functools.cache
+def typecast_layout() -> tuple[type, int, int] | None:
+    """(typecaster type, offset of ``ccast``, offset of ``pcast``), checked on a
+    probe made with ``new_type`` and on a builtin caster; None when the layout is
+    not that (NULL cells then stay None without calling Python casters)."""
+
+    def probe_function(value: Any, cur: Any) -> Any:
+        return value
+
+    probe = ext.new_type((0,), "PGPOOL_PROBE", probe_function)
+    base = object.__basicsize__
+    at = id(probe)
+    ccast, pcast = base + 2 * _WORD, base + 3 * _WORD
+    if type(probe).__basicsize__ < base + 5 * _WORD:
+        return None
+    if (
+        _word(at + base) != id(probe.name)
+        or _word(at + base + _WORD) != id(probe.values)
+        or _word(at + ccast) != 0
+        or _word(at + pcast) != id(probe_function)
+        or type(ext.UNICODE) is not type(probe)
+        or _word(id(ext.UNICODE) + ccast) == 0  # a builtin caster has its C function
+    ):
+        return None
+    return type(probe), ccast, pcast
+
+
+def null_caster(cast: Any) -> Callable[[None, Any], Any] | None:
+    """The Python function psycopg2 would call for a NULL cell of a column cast by
+    ``cast``; None: the cell is None."""
+    found = typecast_layout()
+    if found is None or type(cast) is not found[0] or _word(id(cast) + found[1]):
+        return None
+    pcast = _word(id(cast) + found[2])
+    if not pcast:
+        return None
+    function: Callable[[None, Any], Any] = ctypes.cast(pcast, ctypes.py_object).value
+    return function
