@@ -244,7 +244,8 @@ class Loan:
                 # (a COMMIT lost with the connection raises CommitOutcomeUnknown), a
                 # one-hop helper's statement and commit.
                 if route == _STATEMENT:
-                    return _EXTRACT[func](await runner.execute(args[0], args[1], describe=False))  # type: ignore[no-any-return]
+                    result = await runner.execute(args[0], args[1], describe=False, take=_TAKE[func])
+                    return _EXTRACT[func](result)  # type: ignore[no-any-return]
                 if route == _COMMIT:
                     with failover.commit_in_flight(self.raw):
                         await runner.commit()
@@ -253,7 +254,9 @@ class Loan:
                     helper, raw = args[0], self.raw
                     # The commit travels with the statement (unless autocommit): it may have been done.
                     with failover.commit_in_flight(raw, when=not raw.autocommit):
-                        result = await runner.execute(args[1], args[2], commit=True, describe=False)
+                        result = await runner.execute(
+                            args[1], args[2], commit=True, describe=False, take=_TAKE[helper]
+                        )
                     if helper is not blocking.execute and not result.returns_rows:
                         raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
                     return _EXTRACT[helper](result)  # type: ignore[no-any-return]
@@ -395,6 +398,16 @@ def _first_value(result: Result) -> Any:
     rows = _check_rows(result)
     return rows[0][0] if rows else None
 
+
+# How many rows each converts, as psycopg2's fetch after its execute would
+# (0 none, 1 the first, -1 all): a value that can't be converted in a row not
+# taken raises nothing, as with psycopg2.
+_TAKE: dict[Callable[..., Any], int] = {
+    blocking.execute: 0,
+    blocking.fetchone: 1,
+    blocking.fetchall: -1,
+    blocking.fetchval: 1,
+}
 
 # What blocking.execute/fetch* return, from a loop-path Result.
 _EXTRACT: dict[Callable[..., Any], Callable[[Result], Any]] = {

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
+import anyio.lowlevel
 import psycopg2
 from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
@@ -127,7 +128,8 @@ class AsyncCursor:
                 cur.description,
             )
             return state
-        state = _Described(before.rows, before.rowcount, before.statusmessage, before.lastrowid, None)
+        state = _Described([], before.rowcount, before.statusmessage, before.lastrowid, None)
+        state.source = before  # (its rows stay fetchable, converted as fetched)
         state.query, state.returns_rows, state.described = (
             before.query,
             before.returns_rows,
@@ -218,7 +220,7 @@ class AsyncCursor:
         """psycopg2's ``executemany`` with no parameter sets: ``rowcount`` 0,
         the rest as the last statement left it, no rows left to fetch."""
         state = self._state(self._result)
-        state.rows, state.rowcount = [], 0
+        state.rows, state.rowcount, state.source = [], 0, None
         self._result = state
         self._pos = 0
 
@@ -253,23 +255,40 @@ class AsyncCursor:
         result: bytes = self._cur.mogrify(sql, params)
         return result
 
-    def _loop_rows(self) -> list[Any]:
+    async def _take(self, size: int) -> list[Any]:
+        """The next ``size`` rows of the loop path's result (negative: all that are
+        left), converted now, as psycopg2's fetches convert them: a row whose value
+        a typecaster refuses raises, and the position moves past it. Many rows are
+        converted a slice at a time, yielding to the loop between slices."""
         result = self._result
         assert result is not None
         self._check_open()
         if not result.returns_rows:
             result.rowcount = -1  # (as psycopg2's fetch* leave it)
             raise psycopg2.ProgrammingError("no results to fetch")  # psycopg2's words
-        return result.rows
+        start = self._pos
+        end = result.count()
+        stop = end if size < 0 else min(start + size, end)
+        rows: list[Any] = []
+        try:
+            while start + len(rows) < stop:
+                if rows:
+                    await anyio.lowlevel.checkpoint()  # (a large fetch: let the loop run)
+                result.fetch(start + len(rows), min(start + len(rows) + _SLICE, stop), rows)
+        except Exception:
+            self._pos = start + len(rows) + 1  # past the row that failed, as psycopg2
+            raise
+        except BaseException:
+            self._pos = start + len(rows)  # cancelled between slices: what was taken is gone
+            raise
+        self._pos = stop
+        return rows
 
     async def fetchone(self) -> Any:
         """The next row, or None."""
         if self._result is not None:
-            rows = self._loop_rows()
-            if self._pos >= len(rows):
-                return None
-            self._pos += 1
-            return rows[self._pos - 1]
+            rows = await self._take(1)
+            return rows[0] if rows else None
         if self.server_side:
             return await self._io(self._cur.fetchone)
         return self._cur.fetchone()
@@ -279,10 +298,7 @@ class AsyncCursor:
         that are left, as psycopg2)."""
         size = self._cur.arraysize if size is None else size
         if self._result is not None:
-            rows = self._loop_rows()
-            start = self._pos
-            self._pos = len(rows) if size < 0 else min(start + size, len(rows))
-            return rows[start : self._pos]
+            return await self._take(size)
         if self.server_side:
             return await self._io(self._cur.fetchmany, size)
         return self._cur.fetchmany(size)
@@ -291,9 +307,7 @@ class AsyncCursor:
         """All remaining rows (a server-side cursor: all of them in memory, so
         prefer ``async for``)."""
         if self._result is not None:
-            rows = self._loop_rows()
-            start, self._pos = self._pos, len(rows)
-            return rows[start:]
+            return await self._take(-1)
         if self.server_side:
             return await self._io(self._cur.fetchall)
         return self._cur.fetchall()
@@ -325,13 +339,28 @@ class _Described(Result):
     """A :class:`Result` whose ``description`` is given (psycopg2 keeps the last
     one through an ``executemany`` that ran nothing)."""
 
-    __slots__ = ("described",)
+    __slots__ = ("described", "source")
     described: Any
+    source: Result | None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.source = None
+
+    def fetch(self, start: int, stop: int, into: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        source = self.source
+        return source.fetch(start, stop, into) if source is not None else super().fetch(start, stop, into)
+
+    def count(self) -> int:
+        source = self.source
+        return source.count() if source is not None else len(self.rows)
 
     @property
     def description(self) -> Any:
         return self.described
 
+
+_SLICE = 256  # rows converted between two chances for the loop to run
 
 _FROM_RESULT = frozenset(("rowcount", "description", "query", "statusmessage", "rownumber", "lastrowid"))
 

@@ -1499,36 +1499,13 @@ async def _run(case: Case, dsn: str, anyio_backend: str) -> None:
         pytest.fail(failure, pytrace=False)
 
 
-# Where io="loop" still differs from psycopg2. Strict: a case that starts to agree
-# fails until it is taken off this list. README ("Differences from psycopg2 that
-# remain") lists the first as it stands; the last is a defect to fix.
-_EAGER = (
-    "io=loop converts every row when the statement ends: a value psycopg2 cannot convert "
-    "raises at execute, not at the fetch of its row (README: differences that remain)"
-)
+# Where io="loop" still differs from psycopg2: defects to fix. Strict: a case that
+# starts to agree fails until it is taken off this list.
 _ENDED = (
     "defect: on io=loop the server's FATAL goodbye to a connection it ended reaches "
     "raw.notices; psycopg2's list stays empty"
 )
 KNOWN_DIFFERENCES: dict[str, str] = {
-    **dict.fromkeys(
-        (
-            "type_date_bc",
-            "type_date_year_10000",
-            "type_timestamp_bc",
-            "type_timestamp_year_10000",
-            "type_timestamptz_bc",
-            "type_interval_huge",
-            "type_array_date_infinity",
-            "type_array_date_bc",
-            "type_array_timestamptz",
-            "setting_datestyle_sql_dmy",
-            "setting_datestyle_german",
-            "setting_intervalstyle_iso",
-            "caster_raises_at_fetch",
-        ),
-        _EAGER,
-    ),
     "terminated_then_run_sync": _ENDED,
 }
 

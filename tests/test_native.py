@@ -666,11 +666,38 @@ async def test_a_query_larger_than_the_socket_buffers_is_sent_in_turns(dsn: str)
 # -- large results ------------------------------------------------------------------------------
 
 
+async def test_a_cursors_rows_are_converted_as_they_are_fetched(dsn: str) -> None:
+    """As psycopg2: a value its typecaster refuses raises at the fetch of its row,
+    the rows before and after it come back, and typecasters run for fetched rows only."""
+    seen: list[str] = []
+
+    def picky(value: str | None, cur: Any) -> Any:
+        seen.append(value or "")
+        if value == "bad":
+            raise ValueError("a value the caster refuses")
+        return value
+
+    async with entered(dsn) as runner:
+        raw = runner.raw
+        caster = psycopg2.extensions.new_type((25,), "PICKY", picky)
+        cur = raw.cursor()
+        psycopg2.extensions.register_type(caster, cur)
+        result = await runner.execute("SELECT unnest(ARRAY['a', 'bad', 'c', 'd'])", cursor=cur)
+        assert seen == []  # nothing converted at execute
+        assert result.fetch(0, 1, []) == [("a",)]
+        with pytest.raises(ValueError, match="refuses"):
+            result.fetch(1, 2, [])
+        assert result.fetch(2, 3, []) == [("c",)]
+        assert seen == ["a", "bad", "c"]  # row "d" never fetched, never converted
+
+
 async def test_a_large_result_never_stalls_the_loop_and_holds_no_extra_copies(dsn: str) -> None:
     sql = "SELECT g, g::text || 'abc', g * 1.5 FROM generate_series(1, 200000) g"
     async with entered(dsn) as runner:
+        # (describe=False: every row converted before execute returns, as the pool's
+        # fetchall does; a cursor's converts as it fetches)
         async with ticking() as ticker:
-            result = await runner.execute(sql)
+            result = await runner.execute(sql, describe=False)
         assert len(result.rows) == 200_000
         assert result.rows[-1] == (200_000, "200000abc", 300_000.0)
         # CPU time of the loop thread between two ticks: work done without yielding.
@@ -678,7 +705,7 @@ async def test_a_large_result_never_stalls_the_loop_and_holds_no_extra_copies(ds
         assert ticker.max_wall < 0.5, ticker.max_wall
         del result
         # Memory: while converting, Python holds the rows being built and little else.
-        result, retained, peak = await traced(runner.execute(sql))
+        result, retained, peak = await traced(runner.execute(sql, describe=False))
         assert len(result.rows) == 200_000
         assert peak < retained * 1.2, (peak, retained)
 

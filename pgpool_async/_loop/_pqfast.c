@@ -347,40 +347,23 @@ lookup_cast(PyObject *types, PyObject *oid)
     return PyDict_GetItemWithError(types, oid);
 }
 
-PyDoc_STRVAR(rows_doc,
-"rows(res, cursor, cursor_types, conn_types, global_types, fallback, limit) -> list | None\n\n"
-"Every row of ``res`` as tuples, converted as psycopg2 converts them: each column's\n"
-"typecaster looked up in ``cursor_types``, then ``conn_types``, then ``global_types``\n"
-"(dicts by type OID), else ``fallback(cursor, oid)``; then as :func:`convert`.\n"
-"None when ``res`` has more than ``limit`` rows (the caller converts those a slice\n"
-"at a time).");
-
+/* Each column's typecaster, looked up as psycopg2 does (a new list), or NULL on error. */
 static PyObject *
-fast_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+lookup_casts(void *res, PyObject *cur, PyObject *const *types, PyObject *fallback)
 {
-    void *res;
-    if (!unpack("rows", nargs, 7, args[0], &res))
-        return NULL;
-    PyObject *cur = args[1], *fallback = args[5];
-    long limit = PyLong_AsLong(args[6]);
-    if (limit == -1 && PyErr_Occurred())
-        return NULL;
-    int ntuples = pq.ntuples(res);
-    if (ntuples > limit)
-        Py_RETURN_NONE;
     int nfields = pq.nfields(res);
-    PyObject *casts = PyList_New(nfields), *rows = NULL;
+    PyObject *casts = PyList_New(nfields);
     if (casts == NULL)
         return NULL;
     for (int column = 0; column < nfields; column++) {
         PyObject *oid = PyLong_FromUnsignedLong(pq.ftype(res, column));
         if (oid == NULL)
             goto failed;
-        PyObject *cast = lookup_cast(args[2], oid);
+        PyObject *cast = lookup_cast(types[0], oid);
         if (cast == NULL && !PyErr_Occurred())
-            cast = lookup_cast(args[3], oid);
+            cast = lookup_cast(types[1], oid);
         if (cast == NULL && !PyErr_Occurred())
-            cast = lookup_cast(args[4], oid);
+            cast = lookup_cast(types[2], oid);
         if (cast != NULL) {
             Py_INCREF(cast);
         }
@@ -393,15 +376,55 @@ fast_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto failed;
         PyList_SET_ITEM(casts, column, cast);
     }
-    rows = PyList_New(0);
-    if (rows == NULL || append_rows(res, casts, cur, 0, ntuples, rows) < 0)
-        goto failed;
-    Py_DECREF(casts);
-    return rows;
+    return casts;
 failed:
-    Py_XDECREF(rows);
     Py_DECREF(casts);
     return NULL;
+}
+
+PyDoc_STRVAR(casts_doc,
+"casts(res, cursor, cursor_types, conn_types, global_types, fallback) -> list\n\n"
+"Each column's typecaster, as psycopg2 looks it up when a statement ends: in\n"
+"``cursor_types``, then ``conn_types``, then ``global_types`` (dicts by type OID),\n"
+"else ``fallback(cursor, oid)``. For :func:`convert`.");
+
+static PyObject *
+fast_casts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *res;
+    if (!unpack("casts", nargs, 6, args[0], &res))
+        return NULL;
+    return lookup_casts(res, args[1], args + 2, args[5]);
+}
+
+PyDoc_STRVAR(rows_doc,
+"rows(res, cursor, cursor_types, conn_types, global_types, fallback, limit) -> list | None\n\n"
+"Every row of ``res`` as tuples, converted as psycopg2 converts them: the casts of\n"
+":func:`casts`, then as :func:`convert`. None when ``res`` has more than ``limit``\n"
+"rows (the caller converts those a slice at a time).");
+
+static PyObject *
+fast_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *res;
+    if (!unpack("rows", nargs, 7, args[0], &res))
+        return NULL;
+    long limit = PyLong_AsLong(args[6]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    int ntuples = pq.ntuples(res);
+    if (ntuples > limit)
+        Py_RETURN_NONE;
+    PyObject *casts = lookup_casts(res, args[1], args + 2, args[5]);
+    if (casts == NULL)
+        return NULL;
+    PyObject *rows = PyList_New(0);
+    if (rows == NULL || append_rows(res, casts, args[1], 0, ntuples, rows) < 0) {
+        Py_XDECREF(rows);
+        rows = NULL;
+    }
+    Py_DECREF(casts);
+    return rows;
 }
 
 PyDoc_STRVAR(clear_doc, "clear(res) -> None\n\nPQclear(res); None does nothing.");
@@ -423,6 +446,7 @@ static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))fast_send, METH_FASTCALL, send_doc},
     {"pump", (PyCFunction)(void (*)(void))fast_pump, METH_FASTCALL, pump_doc},
     {"convert", (PyCFunction)(void (*)(void))fast_convert, METH_FASTCALL, convert_doc},
+    {"casts", (PyCFunction)(void (*)(void))fast_casts, METH_FASTCALL, casts_doc},
     {"rows", (PyCFunction)(void (*)(void))fast_rows, METH_FASTCALL, rows_doc},
     {"clear", fast_clear, METH_O, clear_doc},
     {NULL, NULL, 0, NULL},

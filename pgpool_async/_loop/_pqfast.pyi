@@ -18,6 +18,15 @@ def convert(
     rows: list[tuple[Any, ...]],
     /,
 ) -> list[tuple[Any, ...]]: ...
+def casts(
+    res: int,
+    cursor: Any,
+    cursor_types: dict[int, Any] | None,
+    conn_types: dict[int, Any] | None,
+    global_types: dict[int, Any] | None,
+    fallback: Callable[[Any, int], Callable[[bytes, Any], Any]],
+    /,
+) -> list[Callable[[bytes, Any], Any]]: ...
 def rows(
     res: int,
     cursor: Any,

@@ -322,31 +322,80 @@ class Result:
         res, codec = self._res, self._codec
         if res is None:  # built already, or a statement without rows
             return self._description
-        lib: Any = _libpq.libpq_gil()
-        self._description = tuple(
-            _column(
-                _decode(lib.PQfname(res, i), codec) or "",
-                lib.PQftype(res, i),
-                lib.PQfsize(res, i),
-                lib.PQfmod(res, i),
-                lib.PQftable(res, i),
-                lib.PQftablecol(res, i),
-            )
-            for i in range(lib.PQnfields(res))
-        )
+        self._description = _describe(res, codec)
         self._res = None
+        lib: Any = _libpq.libpq_gil()
         lib.PQclear(res)
         return self._description
+
+    def fetch(self, start: int, stop: int, into: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Rows ``start`` to ``stop``, appended to ``into`` (and returned)."""
+        into.extend(self.rows[start:stop])
+        return into
+
+    def count(self) -> int:
+        """How many rows there are to fetch."""
+        return len(self.rows)
 
     def __repr__(self) -> str:
         return f"<Result {self.statusmessage!r} rowcount={self.rowcount}>"
 
 
 class _RowsResult(Result):
-    """A :class:`Result` with rows: it owns its PGresult and frees it with itself
-    (statements without rows keep none, and skip this finalizer)."""
+    """A :class:`Result` whose rows are converted when they are fetched, as
+    psycopg2 converts them (:meth:`fetch`; ``rows``: all of them, converted at
+    first access): a value its typecaster refuses raises at the fetch of its
+    row, and typecasters run for the rows fetched only. The typecasters were
+    looked up when the statement ended, as psycopg2 does. It owns its PGresult
+    and frees it with itself."""
 
-    __slots__ = ()
+    __slots__ = ("_casts", "_cur", "_fast")
+
+    def __init__(
+        self,
+        ntuples: int,
+        statusmessage: str | None,
+        res: int,
+        codec: str,
+        casts: list[Callable[[bytes, PGCursor], Any]],
+        cur: PGCursor,
+        fast: Any,
+    ) -> None:
+        # (rows is left unset: __getattr__ converts them all when first read)
+        self.rowcount = ntuples
+        self.statusmessage = statusmessage
+        self.lastrowid = 0
+        self.returns_rows = True
+        self.query = None
+        self._res = res
+        self._codec = codec
+        self._description = None
+        self._casts = casts
+        self._cur = cur
+        self._fast = fast
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "rows":
+            raise AttributeError(name)
+        rows = self.fetch(0, self.rowcount, [])
+        self.rows = rows
+        return rows
+
+    def fetch(self, start: int, stop: int, into: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Rows ``start`` to ``stop`` converted now, appended to ``into``; if a
+        typecaster raises, ``into`` holds the rows converted before it."""
+        res = self._res
+        assert res is not None
+        return _convert_rows(self._fast, res, self._casts, self._cur, start, stop, into)
+
+    def count(self) -> int:
+        return self.rowcount
+
+    @property
+    def description(self) -> tuple[ext.Column, ...] | None:
+        if self._description is None and self._res is not None:
+            self._description = _describe(self._res, self._codec)
+        return self._description
 
     def __del__(self) -> None:
         res, self._res = self._res, None
@@ -354,6 +403,52 @@ class _RowsResult(Result):
             lib: Any = _libpq.libpq_gil()  # loaded: this result came from it
             with contextlib.suppress(Exception):  # (interpreter shutdown)
                 lib.PQclear(res)
+
+
+def _describe(res: int, codec: str) -> tuple[ext.Column, ...]:
+    lib: Any = _libpq.libpq_gil()
+    return tuple(
+        _column(
+            _decode(lib.PQfname(res, i), codec) or "",
+            lib.PQftype(res, i),
+            lib.PQfsize(res, i),
+            lib.PQfmod(res, i),
+            lib.PQftable(res, i),
+            lib.PQftablecol(res, i),
+        )
+        for i in range(lib.PQnfields(res))
+    )
+
+
+def _convert_rows(
+    fast: Any,
+    res: int,
+    casts: list[Callable[[bytes, PGCursor], Any]],
+    cur: PGCursor,
+    start: int,
+    stop: int,
+    rows: list[tuple[Any, ...]],
+) -> list[tuple[Any, ...]]:
+    """Rows ``start`` to ``stop`` of ``res``, converted by ``casts``, appended to ``rows``:
+    in the C module, else through ctypes."""
+    if fast is not None:
+        return fast.convert(res, casts, cur, start, stop, rows)  # type: ignore[no-any-return]
+    getvalue, getisnull = _cell_functions()
+    res_ptr = ctypes.c_void_p(res)
+    append = rows.append
+    nulls = [pgstate.null_caster(cast) for cast in casts]  # (psycopg2 calls these with None)
+    for r in range(start, stop):
+        append(
+            tuple(
+                [
+                    cast(value, cur)
+                    if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
+                    else (None if (null := nulls[c]) is None else null(None, cur))
+                    for c, cast in enumerate(casts)
+                ]
+            )
+        )
+    return rows
 
 
 def _column(name: str, oid: int, fsize: int, fmod: int, ftable: int, ftablecol: int) -> ext.Column:
@@ -515,6 +610,7 @@ class StatementRunner(Protocol):
         cursor: PGCursor | None = None,
         commit: bool = False,
         describe: bool = True,
+        take: int = -1,
     ) -> Result: ...
 
     async def commit(self) -> None: ...
@@ -597,7 +693,6 @@ class LoopStatementRunner:
         # or the late request would cancel that statement instead.
         self._cancel_sent: Any = None
         self._reader_off = False
-        self._pending: Result | None = None  # a large result whose rows are converted in turns
         self._status = -1  # the last result's ExecStatusType
         self._ended = False  # the statement's final NULL result was read
         self._state: pgstate.Layout | None = None  # psycopg2's fields (set by enter)
@@ -803,6 +898,7 @@ class LoopStatementRunner:
         cursor: PGCursor | None = None,
         commit: bool = False,
         describe: bool = True,
+        take: int = -1,
     ) -> Result:
         """Run one statement (``sql`` with psycopg2 placeholders, or a ``psycopg2.sql``
         object) as psycopg2's ``cursor.execute`` would, and return its :class:`Result`.
@@ -822,7 +918,10 @@ class LoopStatementRunner:
         COMMIT: the transaction is left failed, to be rolled back.
 
         ``describe=False``: the caller will not read ``description`` (it is None
-        then, ``returns_rows`` still tells), which spares keeping the libpq result.
+        then, ``returns_rows`` still tells), which spares keeping the libpq result;
+        then ``take`` rows are converted now (0, 1, or -1: all) and the Result's
+        ``rows`` are those. Otherwise rows are converted as they are fetched
+        (``Result.fetch``; ``rows``: all), as psycopg2 converts them.
 
         :raises psycopg2.Error: what psycopg2 would raise (same class, ``pgcode``,
             ``pgerror``, ``diag``); after an I/O failure the connection is closed.
@@ -874,7 +973,9 @@ class LoopStatementRunner:
             # so the outcome is psycopg2's whatever the statement is.
             await self._command(begin_text(raw))
             state.set_status(raw, STATUS_BEGIN)
-            return await self.execute(sql, params, cursor=cursor, commit=wanted_commit, describe=describe)
+            return await self.execute(
+                sql, params, cursor=cursor, commit=wanted_commit, describe=describe, take=take
+            )
         redo = False
         self._busy = True
         try:
@@ -886,13 +987,13 @@ class LoopStatementRunner:
             if begin and not self._went_well(expected) and self._glue_shows():
                 redo = True
             else:
-                result = self._result(cur, expected, commit, describe)
+                result = self._result(cur, expected, commit, describe, take)
                 if commit:
                     state.ended(raw)  # psycopg2's commit(): ready again, one more transaction ended
                 if cursor is not None:
                     result.query = statement  # psycopg2's cursor.query: the statement alone
-                if result.rows is None:  # a large result: converted a slice per loop turn
-                    result.rows = await self._rows_in_turns(cur)
+                if not describe and type(result) is _RowsResult:  # large: a slice per loop turn
+                    result.rows = await self._rows_in_turns(result)
                 return result
         finally:
             self._busy = False
@@ -906,7 +1007,9 @@ class LoopStatementRunner:
             await self._command(b"ROLLBACK")
         await self._command(begin_text(raw))
         state.set_status(raw, STATUS_BEGIN)
-        return await self.execute(sql, params, cursor=cursor, commit=wanted_commit, describe=describe)
+        return await self.execute(
+            sql, params, cursor=cursor, commit=wanted_commit, describe=describe, take=take
+        )
 
     def _began(self) -> bool:
         """After a statement sent behind our BEGIN: whether the BEGIN ran (its
@@ -1299,16 +1402,17 @@ class LoopStatementRunner:
 
     # -- results ----------------------------------------------------------------------------------
 
-    def _result(self, cur: PGCursor, expected: int, committed: bool = False, describe: bool = True) -> Result:
-        """The statement's outcome, or the exception psycopg2 would raise. Rows
-        are converted here unless there are many (``rows`` is None then: see
-        :meth:`_rows_in_turns`)."""
+    def _result(
+        self, cur: PGCursor, expected: int, committed: bool = False, describe: bool = True, take: int = -1
+    ) -> Result:
+        """The statement's outcome, or the exception psycopg2 would raise (see
+        :meth:`_ok_result` for when rows are converted)."""
         lib = self._lib
         res = self._last
         if self._went_well(expected):
             # The common case, decided without asking libpq again.
             assert res is not None
-            return self._ok_result(cur, res, self._status, committed, describe)
+            return self._ok_result(cur, res, self._status, committed, describe, take)
         if self._pg is None or self.raw.closed:
             raise psycopg2.OperationalError(
                 "the connection was closed while the statement ran (a cancel not answered in "
@@ -1339,7 +1443,7 @@ class LoopStatementRunner:
         if status == _PGRES_EMPTY_QUERY or self._count < expected:
             # (A comment-only statement behind our BEGIN yields only BEGIN's result.)
             raise psycopg2.ProgrammingError("can't execute an empty query")
-        return self._ok_result(cur, res, status, committed, describe)  # (it refuses other statuses)
+        return self._ok_result(cur, res, status, committed, describe, take)  # (it refuses other statuses)
 
     def _went_well(self, expected: int) -> bool:
         """The statement is over, every one of its ``expected`` results was read and
@@ -1352,7 +1456,9 @@ class LoopStatementRunner:
             and not self._copy_seen
         )
 
-    def _ok_result(self, cur: PGCursor, res: int, status: int, committed: bool, describe: bool) -> Result:
+    def _ok_result(
+        self, cur: PGCursor, res: int, status: int, committed: bool, describe: bool, take: int = -1
+    ) -> Result:
         """The Result of a statement that succeeded (``res``/``status``: the last
         result; with ``committed``, the statement's is the one before COMMIT's)."""
         lib = self._lib
@@ -1369,34 +1475,51 @@ class LoopStatementRunner:
         if status != _PGRES_TUPLES_OK:
             raise psycopg2.NotSupportedError(f"got server response with unsupported status {status}")
         fast = self._fast
-        rows: list[tuple[Any, ...]] | None = None
-        if fast is not None:
-            # The typecasters looked up and every row converted in one C call (None: large).
-            rows = fast.rows(
-                res, cur, cur.string_types, self.raw.string_types, ext.string_types, _fallback, _SLICE_ROWS
-            )
-            ntuples = len(rows) if rows is not None else lib.PQntuples(res)
-        else:
-            ntuples = lib.PQntuples(res)
-            if ntuples <= _SLICE_ROWS:
-                rows = self._convert(res, self._casts(res, cur), cur, 0, ntuples, [])
-        if rows is not None and not describe:
-            done = Result(rows, ntuples, statusmessage, 0, None)
-            done.returns_rows = True
-            return done  # (the PGresult stays ours: _clear frees it)
-        # The Result takes the PGresult (for its description): no longer ours to
-        # clear. (For a large result, _rows_in_turns reads it from the Result.)
+        if not describe:
+            # A one-hop call: what it returns is converted now, as psycopg2's fetch
+            # right after its execute would (take: 0 none, 1 the first row, -1 all).
+            rows: list[tuple[Any, ...]] | None
+            if take == -1 and fast is not None:
+                # The typecasters looked up and every row converted in one C call (None: large).
+                rows = fast.rows(
+                    res,
+                    cur,
+                    cur.string_types,
+                    self.raw.string_types,
+                    ext.string_types,
+                    _fallback,
+                    _SLICE_ROWS,
+                )
+                ntuples = len(rows) if rows is not None else lib.PQntuples(res)
+            else:
+                ntuples = lib.PQntuples(res)
+                rows = []
+                if take and (take == 1 or ntuples <= _SLICE_ROWS):
+                    stop = 1 if take == 1 else ntuples
+                    rows = _convert_rows(fast, res, self._casts(res, cur), cur, 0, min(stop, ntuples), rows)
+                elif take:
+                    rows = None
+            if rows is not None:
+                done = Result(rows, ntuples, statusmessage, 0, None)
+                done.returns_rows = True
+                return done  # (the PGresult stays ours: _clear frees it)
+        # The Result takes the PGresult (rows converted as fetched, its description):
+        # no longer ours to clear.
         if res == self._last:
             self._last = None
         else:
             self._prev = None
-        result = _RowsResult(rows, ntuples, statusmessage, 0, res, codec)  # type: ignore[arg-type]
-        self._pending = result if rows is None else None
-        return result
+        return _RowsResult(lib.PQntuples(res), statusmessage, res, codec, self._casts(res, cur), cur, fast)
 
     def _casts(self, res: int, cur: PGCursor) -> list[Callable[[bytes, PGCursor], Any]]:
         """Each column's typecaster, looked up as psycopg2 does: cursor,
         connection, then the global registry (the C module's ``rows`` does the same)."""
+        fast = self._fast
+        if fast is not None:
+            found: list[Callable[[bytes, PGCursor], Any]] = fast.casts(
+                res, cur, cur.string_types, self.raw.string_types, ext.string_types, _fallback
+            )
+            return found
         lib = self._lib
         cursor_types = cur.string_types
         conn_types = self.raw.string_types
@@ -1415,42 +1538,9 @@ class LoopStatementRunner:
             casts.append(cast)
         return casts
 
-    def _convert(
-        self,
-        res: int,
-        columns: list[Callable[[bytes, PGCursor], Any]],
-        cur: PGCursor,
-        start: int,
-        stop: int,
-        rows: list[tuple[Any, ...]],
-    ) -> list[tuple[Any, ...]]:
-        """Rows ``start`` to ``stop`` of ``res``, converted, appended to ``rows``."""
-        if self._fast is not None:
-            return self._fast.convert(res, columns, cur, start, stop, rows)  # type: ignore[no-any-return]
-        getvalue, getisnull = _cell_functions()
-        res_ptr = ctypes.c_void_p(res)
-        append = rows.append
-        nulls = [pgstate.null_caster(cast) for cast in columns]  # (psycopg2 calls these with None)
-        for r in range(start, stop):
-            append(
-                tuple(
-                    [
-                        cast(value, cur)
-                        if (value := getvalue(res_ptr, r, c)) or not getisnull(res_ptr, r, c)
-                        else (None if (null := nulls[c]) is None else null(None, cur))
-                        for c, cast in enumerate(columns)
-                    ]
-                )
-            )
-        return rows
-
-    async def _rows_in_turns(self, cur: PGCursor) -> list[tuple[Any, ...]]:
-        """The rows of the large result :meth:`_result` left pending, a slice at a
-        time, yielding to the loop whenever a turn took over ``turn_budget``."""
-        result, self._pending = self._pending, None
-        assert result is not None and result._res is not None
-        res = result._res
-        columns = self._casts(res, cur)
+    async def _rows_in_turns(self, result: _RowsResult) -> list[tuple[Any, ...]]:
+        """Every row of a large result, a slice at a time, yielding to the loop
+        whenever a turn took over ``turn_budget``."""
         ntuples = result.rowcount
         rows: list[tuple[Any, ...]] = []
         start = 0
@@ -1459,7 +1549,7 @@ class LoopStatementRunner:
         turn_started = clock()
         while start < ntuples:
             stop = min(start + _SLICE_ROWS, ntuples)
-            self._convert(res, columns, cur, start, stop, rows)
+            result.fetch(start, stop, rows)
             start = stop
             if start < ntuples and clock() - turn_started > budget:
                 await self._yield()
