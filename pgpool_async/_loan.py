@@ -159,13 +159,11 @@ class Loan:
         self.unawaited_name = ""
         self.last_on_loop = False  # the last call() ran on the loop (cursors read it on failure)
 
-    def statement(
+    def statement_of(
         self, name: str, method: Callable[..., Coroutine[Any, Any, T]], *args: Any
     ) -> Coroutine[Any, Any, T]:
-        """``method(*args)`` for a public statement method (``name``, e.g.
-        ``"conn.execute"``): the coroutine is counted until it starts, so a block
-        that ends while one was never awaited raises instead of committing
-        without it (see :meth:`check_finished`).
+        """``method(*args)``, a public statement method's coroutine (a cursor's),
+        counted as :meth:`statement` counts.
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
@@ -212,23 +210,48 @@ class Loan:
                 "(or use a nested transaction() block, a savepoint) where you catch it"
             )
 
-    async def call(self, func: Callable[..., T], *args: Any) -> T:
-        """``func(raw, *args)``, in turn: on the event loop when ``func`` is one of
-        the pool's statement functions with a loop version (``_ON_LOOP``) and the
-        runner can take the connection, else in a worker thread (for calls that
-        never call back into the loop). If the caller is cancelled meanwhile, the
-        server is asked to cancel the running statement, the statement (or the
-        thread) is waited for, then the cancellation is raised.
+    def call(self, func: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
+        """``func(raw, *args)`` (``await`` it), in turn: on the event loop when
+        ``func`` is one of the pool's statement functions with a loop version
+        (``_ON_LOOP``) and the runner can take the connection, else in a worker
+        thread (for calls that never call back into the loop). If the caller is
+        cancelled meanwhile, the server is asked to cancel the running statement,
+        the statement (or the thread) is waited for, then the cancellation is raised.
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        return self._run(func, args, False)
+
+    def statement(self, name: str, func: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
+        """:meth:`call` for a public statement method (``name``, e.g.
+        ``"conn.execute"``): the coroutine is counted until it starts, so a block
+        that ends while one was never awaited raises instead of committing
+        without it (see :meth:`check_finished`).
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
         if self.detached:
             raise ConnectionReleased(RELEASED)
+        self.unawaited += 1
+        self.unawaited_name = name
+        return self._run(func, args, True)
+
+    async def _run(self, func: Callable[..., T], args: tuple[Any, ...], counted: bool) -> T:
+        if counted:
+            self.unawaited -= 1
+        if self.detached:
+            raise ConnectionReleased(RELEASED)
         route = _ROUTES.get(func) if self.io != "thread" else None
-        if route == _HELPER and args[0] not in _EXTRACT:
-            route = None  # run_sync's user code: a thread
-        if route is not None and not self._loop_eligible():
-            route = None
+        if route is not None:
+            raw = self.raw
+            if route == _HELPER and args[0] not in _EXTRACT:
+                route = None  # run_sync's user code: a thread
+            elif raw.cursor_factory is not None or type(raw) is not PGConnection:
+                # Asked before each statement, so a cursor_factory set later takes
+                # effect at once: rows of other cursor factories are built by psycopg2
+                # only, and a connection subclass (e.g. LoggingConnection) expects its
+                # cursor() to run.
+                route = None
         turn = self.turn
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
@@ -245,11 +268,11 @@ class Loan:
                 # one-hop helper's statement and commit.
                 if route == _STATEMENT:
                     result = await runner.execute(args[0], args[1], describe=False, take=_TAKE[func])
-                    return _EXTRACT[func](result)  # type: ignore[no-any-return]
+                    return _EXTRACT[func](result)
                 if route == _COMMIT:
                     with failover.commit_in_flight(self.raw):
                         await runner.commit()
-                    return None  # type: ignore[return-value]
+                    return None
                 if route == _HELPER:
                     helper, raw = args[0], self.raw
                     # The commit travels with the statement (unless autocommit): it may have been done.
@@ -259,8 +282,8 @@ class Loan:
                         )
                     if helper is not blocking.execute and not result.returns_rows:
                         raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
-                    return _EXTRACT[helper](result)  # type: ignore[no-any-return]
-                return await _ON_LOOP[func](runner, *args)  # type: ignore[no-any-return]
+                    return _EXTRACT[helper](result)
+                return await _ON_LOOP[func](runner, *args)
             await self.leave_loop()  # (psycopg2 code next: it must see the connection)
             return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
         except psycopg2.Error as exc:
@@ -299,14 +322,6 @@ class Loan:
                 raise
 
     # -- the loop-native path (pool option io="auto"/"loop"; pgpool_async._loop.native) --
-
-    def _loop_eligible(self) -> bool:
-        """Whether statements may run on the loop now: asked before each one, so a
-        ``cursor_factory`` set on ``raw`` later takes effect at once. Rows of other
-        cursor factories are built by psycopg2 only, and a connection subclass
-        (e.g. LoggingConnection) expects its cursor() to run."""
-        raw = self.raw
-        return raw.cursor_factory is None and type(raw) is PGConnection
 
     def _loop_runner(self) -> StatementRunner | None:
         """The runner for a statement now, entered; None: use a thread. In turn."""

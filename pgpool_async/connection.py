@@ -122,23 +122,19 @@ class AsyncConnection:
 
     def execute(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, int]:
         """Execute a statement (``await`` it); returns the cursor's ``rowcount``."""
-        loan = self.loan
-        return loan.statement("conn.execute", loan.call, blocking.execute, sql, params)
+        return self.loan.statement("conn.execute", blocking.execute, sql, params)
 
     def fetchone(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, Any]:
         """Execute a query (``await`` it) and return its first row, or None."""
-        loan = self.loan
-        return loan.statement("conn.fetchone", loan.call, blocking.fetchone, sql, params)
+        return self.loan.statement("conn.fetchone", blocking.fetchone, sql, params)
 
     def fetchall(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, list[Any]]:
         """Execute a query (``await`` it) and return all its rows."""
-        loan = self.loan
-        return loan.statement("conn.fetchall", loan.call, blocking.fetchall, sql, params)
+        return self.loan.statement("conn.fetchall", blocking.fetchall, sql, params)
 
     def fetchval(self, sql: str | Composable, params: Params = None) -> Coroutine[Any, Any, Any]:
         """Execute a query (``await`` it) and return the first column of its first row, or None."""
-        loan = self.loan
-        return loan.statement("conn.fetchval", loan.call, blocking.fetchval, sql, params)
+        return self.loan.statement("conn.fetchval", blocking.fetchval, sql, params)
 
     def cursor(self, name: str | None = None, **kwargs: Any) -> AsyncCursor:
         """A cursor for ``async with conn.cursor() as cur``.

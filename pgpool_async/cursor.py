@@ -162,7 +162,7 @@ class AsyncCursor:
         """Execute a statement (``await`` it): on the event loop (``io="auto"``, a
         plain client-side cursor), else in a worker thread. A block that ends
         while one was never awaited raises :class:`~pgpool_async.StatementNotAwaited`."""
-        return self._loan.statement("cursor.execute", self._execute, sql, params)
+        return self._loan.statement_of("cursor.execute", self._execute, sql, params)
 
     async def _execute(self, sql: str, params: Params) -> None:
         if not self._on_loop_ok:
@@ -175,7 +175,7 @@ class AsyncCursor:
         """Execute a statement once per parameter set (``await`` it; one round trip
         each, as psycopg2 does; ``rowcount`` is their sum): on the event loop
         (``io="auto"``, a plain client-side cursor), else in one worker-thread call."""
-        return self._loan.statement("cursor.executemany", self._executemany, sql, seq)
+        return self._loan.statement_of("cursor.executemany", self._executemany, sql, seq)
 
     async def _executemany(self, sql: str, seq: Iterable[Params]) -> None:
         if not self._on_loop_ok:
@@ -226,7 +226,7 @@ class AsyncCursor:
 
     def callproc(self, name: str, params: Params = None) -> Coroutine[Any, Any, Any]:
         """Call a stored procedure or function (``await`` it)."""
-        return self._loan.statement("cursor.callproc", self._io, self._cur.callproc, name, params)
+        return self._loan.statement_of("cursor.callproc", self._io, self._cur.callproc, name, params)
 
     async def scroll(self, value: int, mode: Literal["relative", "absolute"] = "relative") -> None:
         """Move in the result as psycopg2's ``scroll``: locally for a client-side

@@ -66,6 +66,7 @@ T = TypeVar("T")
 logger = logging.getLogger("pgpool_async")
 _names = itertools.count(1)
 _STATUS_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+_STATUS_INERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
 _PSYCOPG2_READY = psycopg2.extensions.STATUS_READY
 CLOSED_MESSAGE = "connection pool is closed"
 
@@ -120,12 +121,14 @@ class _ConnectionContext:
                     )
                 if loan.turn.locked():
                     await loan.turn.wait_idle()  # a call another task started on it ends first
-                # A statement never awaited, or a failed transaction: roll back, say so.
-                loan.check_finished("the connection() block")
                 raw = loan.raw
                 # A connection its user closed has nothing to commit (psycopg2 and
                 # psycopg_pool skip it too); the return replaces it.
-                if not raw.closed and raw.get_transaction_status() != _STATUS_IDLE:
+                status = raw.get_transaction_status() if not raw.closed else _STATUS_IDLE
+                if loan.unawaited or status == _STATUS_INERROR:
+                    # A statement never awaited, or a failed transaction: roll back, say so.
+                    loan.check_finished("the connection() block")
+                if status != _STATUS_IDLE:
                     await loan.call(blocking.commit_if_open)
         finally:
             # On error, cancellation or a failed commit, the return rolls back.

@@ -397,6 +397,52 @@ fast_casts(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return lookup_casts(res, args[1], args + 2, args[5]);
 }
 
+PyDoc_STRVAR(head_doc,
+"head(res, cursor, cursor_types, conn_types, global_types, fallback, count) -> (list, int)\n\n"
+"The first ``count`` rows of ``res`` converted as :func:`rows` converts them (the\n"
+"typecasters looked up only if a row is converted), and how many rows it has.");
+
+static PyObject *
+fast_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    void *res;
+    if (!unpack("head", nargs, 7, args[0], &res))
+        return NULL;
+    long count = PyLong_AsLong(args[6]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    int ntuples = pq.ntuples(res);
+    long stop = count < ntuples ? count : ntuples;
+    PyObject *rows = PyList_New(0);
+    if (rows == NULL)
+        return NULL;
+    if (stop > 0) {
+        PyObject *casts = lookup_casts(res, args[1], args + 2, args[5]);
+        int failed = casts == NULL || append_rows(res, casts, args[1], 0, stop, rows) < 0;
+        Py_XDECREF(casts);
+        if (failed) {
+            Py_DECREF(rows);
+            return NULL;
+        }
+    }
+    return Py_BuildValue("(Ni)", rows, ntuples);
+}
+
+PyDoc_STRVAR(ntuples_doc, "ntuples(res) -> int\n\nPQntuples(res).");
+
+static PyObject *
+fast_ntuples(PyObject *self, PyObject *arg)
+{
+    void *res;
+    if (!check_bound() || !as_pointer(arg, &res))
+        return NULL;
+    if (res == NULL) {
+        PyErr_SetString(PyExc_ValueError, "ntuples(): a NULL pointer");
+        return NULL;
+    }
+    return PyLong_FromLong(pq.ntuples(res));
+}
+
 PyDoc_STRVAR(rows_doc,
 "rows(res, cursor, cursor_types, conn_types, global_types, fallback, limit) -> list | None\n\n"
 "Every row of ``res`` as tuples, converted as psycopg2 converts them: the casts of\n"
@@ -448,6 +494,8 @@ static PyMethodDef methods[] = {
     {"convert", (PyCFunction)(void (*)(void))fast_convert, METH_FASTCALL, convert_doc},
     {"casts", (PyCFunction)(void (*)(void))fast_casts, METH_FASTCALL, casts_doc},
     {"rows", (PyCFunction)(void (*)(void))fast_rows, METH_FASTCALL, rows_doc},
+    {"head", (PyCFunction)(void (*)(void))fast_head, METH_FASTCALL, head_doc},
+    {"ntuples", fast_ntuples, METH_O, ntuples_doc},
     {"clear", fast_clear, METH_O, clear_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -37,4 +37,15 @@ def rows(
     limit: int,
     /,
 ) -> list[tuple[Any, ...]] | None: ...
+def head(
+    res: int,
+    cursor: Any,
+    cursor_types: dict[int, Any] | None,
+    conn_types: dict[int, Any] | None,
+    global_types: dict[int, Any] | None,
+    fallback: Callable[[Any, int], Callable[[bytes, Any], Any]],
+    count: int,
+    /,
+) -> tuple[list[tuple[Any, ...]], int]: ...
+def ntuples(res: int, /) -> int: ...
 def clear(res: int | None, /) -> None: ...

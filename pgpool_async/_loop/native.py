@@ -696,6 +696,7 @@ class LoopStatementRunner:
         self._status = -1  # the last result's ExecStatusType
         self._ended = False  # the statement's final NULL result was read
         self._state: pgstate.Layout | None = None  # psycopg2's fields (set by enter)
+        self._notices: ctypes.c_void_p | None = None  # psycopg2's pending notices (a view)
 
     # -- ownership -----------------------------------------------------------------------
 
@@ -752,7 +753,9 @@ class LoopStatementRunner:
             self._trio = True
         else:
             raise PoolError("LoopStatementRunner runs on an asyncio or trio event loop: none is running")
-        self._state = pgstate.layout(raw)
+        self._state = state = pgstate.layout(raw)
+        if state is not None and self._notices is None:
+            self._notices = state.notices_word(raw)
         self._lib = lib
         self._fast = _accelerator()
         self._codec = ext.encodings[raw.encoding]
@@ -808,10 +811,10 @@ class LoopStatementRunner:
         psycopg2 does at the end of each of its statements (``poll()`` on an
         idle connection reads what is there, never waits). A connection found
         broken meanwhile is psycopg2's to report at its next use."""
-        state, raw = self._state, self.raw
-        if state is not None and not raw.closed and state.notices_pending(raw):
+        word = self._notices
+        if word is not None and word.value is not None and not self.raw.closed:
             with contextlib.suppress(psycopg2.Error):
-                raw.poll()
+                self.raw.poll()
 
     def close(self) -> None:
         """Close the psycopg2 connection now (it can't be trusted any more);
@@ -1479,18 +1482,14 @@ class LoopStatementRunner:
             # A one-hop call: what it returns is converted now, as psycopg2's fetch
             # right after its execute would (take: 0 none, 1 the first row, -1 all).
             rows: list[tuple[Any, ...]] | None
-            if take == -1 and fast is not None:
-                # The typecasters looked up and every row converted in one C call (None: large).
-                rows = fast.rows(
-                    res,
-                    cur,
-                    cur.string_types,
-                    self.raw.string_types,
-                    ext.string_types,
-                    _fallback,
-                    _SLICE_ROWS,
-                )
-                ntuples = len(rows) if rows is not None else lib.PQntuples(res)
+            if fast is not None:
+                # The typecasters looked up and the rows converted in one C call.
+                types = (cur.string_types, self.raw.string_types, ext.string_types, _fallback)
+                if take == -1:
+                    rows = fast.rows(res, cur, *types, _SLICE_ROWS)  # (None: large)
+                    ntuples = len(rows) if rows is not None else fast.ntuples(res)
+                else:
+                    rows, ntuples = fast.head(res, cur, *types, take)
             else:
                 ntuples = lib.PQntuples(res)
                 rows = []
@@ -1509,7 +1508,8 @@ class LoopStatementRunner:
             self._last = None
         else:
             self._prev = None
-        return _RowsResult(lib.PQntuples(res), statusmessage, res, codec, self._casts(res, cur), cur, fast)
+        ntuples = fast.ntuples(res) if fast is not None else lib.PQntuples(res)
+        return _RowsResult(ntuples, statusmessage, res, codec, self._casts(res, cur), cur, fast)
 
     def _casts(self, res: int, cur: PGCursor) -> list[Callable[[bytes, PGCursor], Any]]:
         """Each column's typecaster, looked up as psycopg2 does: cursor,

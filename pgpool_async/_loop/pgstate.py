@@ -76,10 +76,11 @@ class Layout:
         is closed for every caller, and ``close()`` still frees it."""
         ctypes.c_long.from_address(id(raw) + self.closed).value = _BROKEN
 
-    def notices_pending(self, raw: PGConnection) -> bool:
-        """True when libpq handed psycopg2 notices it has not yet moved into
-        ``raw.notices`` (it does so when its own code next runs: ``raw.poll()``)."""
-        return ctypes.c_void_p.from_address(id(raw) + self.notice_pending).value is not None
+    def notices_word(self, raw: PGConnection) -> ctypes.c_void_p:
+        """psycopg2's list of notices libpq handed it and it has not yet moved into
+        ``raw.notices`` (it does so when its own code next runs: ``raw.poll()``):
+        its ``value`` is None when there are none. Valid while ``raw`` lives."""
+        return ctypes.c_void_p.from_address(id(raw) + self.notice_pending)
 
 
 _found: Layout | None = None
