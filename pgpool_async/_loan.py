@@ -159,11 +159,9 @@ class Loan:
         self.unawaited_name = ""
         self.last_on_loop = False  # the last call() ran on the loop (cursors read it on failure)
 
-    def statement_of(
-        self, name: str, method: Callable[..., Coroutine[Any, Any, T]], *args: Any
-    ) -> Coroutine[Any, Any, T]:
-        """``method(*args)``, a public statement method's coroutine (a cursor's),
-        counted as :meth:`statement` counts.
+    def count_statement(self, name: str) -> None:
+        """A public statement method (``name``) made its coroutine, whose first
+        step is ``loan.unawaited -= 1``: counted as :meth:`statement` counts.
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
@@ -171,11 +169,6 @@ class Loan:
             raise ConnectionReleased(RELEASED)
         self.unawaited += 1
         self.unawaited_name = name
-        return self._started(method, *args)
-
-    async def _started(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        self.unawaited -= 1
-        return await method(*args)
 
     def check_finished(self, where: str) -> None:
         """At the normal end of a ``connection()`` or ``transaction()`` block,
@@ -230,10 +223,7 @@ class Loan:
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
-        if self.detached:
-            raise ConnectionReleased(RELEASED)
-        self.unawaited += 1
-        self.unawaited_name = name
+        self.count_statement(name)
         return self._run(func, args, True)
 
     async def _run(self, func: Callable[..., T], args: tuple[Any, ...], counted: bool) -> T:

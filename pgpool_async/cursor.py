@@ -162,9 +162,11 @@ class AsyncCursor:
         """Execute a statement (``await`` it): on the event loop (``io="auto"``, a
         plain client-side cursor), else in a worker thread. A block that ends
         while one was never awaited raises :class:`~pgpool_async.StatementNotAwaited`."""
-        return self._loan.statement_of("cursor.execute", self._execute, sql, params)
+        self._loan.count_statement("cursor.execute")
+        return self._execute(sql, params)
 
     async def _execute(self, sql: str, params: Params) -> None:
+        self._loan.unawaited -= 1
         if not self._on_loop_ok:
             await self._io(self._cur.execute, sql, params)
             return
@@ -175,9 +177,11 @@ class AsyncCursor:
         """Execute a statement once per parameter set (``await`` it; one round trip
         each, as psycopg2 does; ``rowcount`` is their sum): on the event loop
         (``io="auto"``, a plain client-side cursor), else in one worker-thread call."""
-        return self._loan.statement_of("cursor.executemany", self._executemany, sql, seq)
+        self._loan.count_statement("cursor.executemany")
+        return self._executemany(sql, seq)
 
     async def _executemany(self, sql: str, seq: Iterable[Params]) -> None:
+        self._loan.unawaited -= 1
         if not self._on_loop_ok:
             await self._io(self._cur.executemany, sql, list(seq))
             return
@@ -226,7 +230,12 @@ class AsyncCursor:
 
     def callproc(self, name: str, params: Params = None) -> Coroutine[Any, Any, Any]:
         """Call a stored procedure or function (``await`` it)."""
-        return self._loan.statement_of("cursor.callproc", self._io, self._cur.callproc, name, params)
+        self._loan.count_statement("cursor.callproc")
+        return self._callproc(name, params)
+
+    async def _callproc(self, name: str, params: Params) -> Any:
+        self._loan.unawaited -= 1
+        return await self._io(self._cur.callproc, name, params)
 
     async def scroll(self, value: int, mode: Literal["relative", "absolute"] = "relative") -> None:
         """Move in the result as psycopg2's ``scroll``: locally for a client-side
@@ -255,11 +264,11 @@ class AsyncCursor:
         result: bytes = self._cur.mogrify(sql, params)
         return result
 
-    async def _take(self, size: int) -> list[Any]:
+    def _take(self, size: int) -> list[Any] | None:
         """The next ``size`` rows of the loop path's result (negative: all that are
         left), converted now, as psycopg2's fetches convert them: a row whose value
-        a typecaster refuses raises, and the position moves past it. Many rows are
-        converted a slice at a time, yielding to the loop between slices."""
+        a typecaster refuses raises, and the position moves past it. None: more
+        rows than one slice, for :meth:`_take_in_slices`."""
         result = self._result
         assert result is not None
         self._check_open()
@@ -269,25 +278,32 @@ class AsyncCursor:
         start = self._pos
         end = result.count()
         stop = end if size < 0 else min(start + size, end)
+        if stop - start > _SLICE:
+            return None
         rows: list[Any] = []
         try:
-            while start + len(rows) < stop:
-                if rows:
-                    await anyio.lowlevel.checkpoint()  # (a large fetch: let the loop run)
-                result.fetch(start + len(rows), min(start + len(rows) + _SLICE, stop), rows)
+            result.fetch(start, stop, rows)
         except Exception:
             self._pos = start + len(rows) + 1  # past the row that failed, as psycopg2
-            raise
-        except BaseException:
-            self._pos = start + len(rows)  # cancelled between slices: what was taken is gone
             raise
         self._pos = stop
         return rows
 
+    async def _take_in_slices(self, size: int) -> list[Any]:
+        """:meth:`_take` for many rows: a slice at a time, letting the loop run between."""
+        rows: list[Any] = []
+        while True:
+            taken = self._take(_SLICE if size < 0 else min(size - len(rows), _SLICE))
+            assert taken is not None
+            rows += taken
+            if not taken or (size >= 0 and len(rows) >= size):
+                return rows
+            await anyio.lowlevel.checkpoint()  # (cancelled here: the rows taken are gone)
+
     async def fetchone(self) -> Any:
         """The next row, or None."""
         if self._result is not None:
-            rows = await self._take(1)
+            rows = self._take(1)
             return rows[0] if rows else None
         if self.server_side:
             return await self._io(self._cur.fetchone)
@@ -298,7 +314,8 @@ class AsyncCursor:
         that are left, as psycopg2)."""
         size = self._cur.arraysize if size is None else size
         if self._result is not None:
-            return await self._take(size)
+            rows = self._take(size)
+            return rows if rows is not None else await self._take_in_slices(size)
         if self.server_side:
             return await self._io(self._cur.fetchmany, size)
         return self._cur.fetchmany(size)
@@ -307,7 +324,8 @@ class AsyncCursor:
         """All remaining rows (a server-side cursor: all of them in memory, so
         prefer ``async for``)."""
         if self._result is not None:
-            return await self._take(-1)
+            rows = self._take(-1)
+            return rows if rows is not None else await self._take_in_slices(-1)
         if self.server_side:
             return await self._io(self._cur.fetchall)
         return self._cur.fetchall()
