@@ -277,10 +277,7 @@ class Loan:
             await self.leave_loop()  # (psycopg2 code next: it must see the connection)
             return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
         except psycopg2.Error as exc:
-            if self.first_error is None:
-                self.first_error = exc
-            if self.fit is not None:
-                self.fit.saw_error(self.raw, exc)  # a read-only server is retired on return
+            self._saw_error(exc)
             raise
         except BaseException as exc:
             # A cancelled statement was cancelled on the server too (QueryCanceled).
@@ -305,11 +302,17 @@ class Loan:
             try:
                 return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
             except psycopg2.Error as exc:
-                if self.first_error is None:
-                    self.first_error = exc
-                if self.fit is not None:
-                    self.fit.saw_error(self.raw, exc)
+                self._saw_error(exc)
                 raise
+
+    def _saw_error(self, exc: psycopg2.Error) -> None:
+        """A call on the connection raised ``exc``: the transaction's first error
+        (TransactionFailed names it), and the pool's judge of the server sees it (a
+        read-only server is retired on return)."""
+        if self.first_error is None:
+            self.first_error = exc
+        if self.fit is not None:
+            self.fit.saw_error(self.raw, exc)
 
     # -- the loop-native path (pool option io="auto"/"loop"; pgpool_async._loop.native) --
 

@@ -118,23 +118,12 @@ class AsyncCursor:
 
     def _state(self, before: Result | None) -> _Described:
         """A copy of what this cursor shows now (``before``: the loop path's last
-        result, or None: the psycopg2 cursor's own)."""
-        if before is None:
-            cur = self._cur
-            state = _Described([], cur.rowcount, cur.statusmessage, cur.lastrowid, None)
-            state.query, state.returns_rows, state.described = (
-                cur.query,
-                cur.description is not None,
-                cur.description,
-            )
-            return state
-        state = _Described([], before.rowcount, before.statusmessage, before.lastrowid, None)
-        state.source = before  # (its rows stay fetchable, converted as fetched)
-        state.query, state.returns_rows, state.described = (
-            before.query,
-            before.returns_rows,
-            before.description,
-        )
+        result, whose rows stay fetchable; None: the psycopg2 cursor's own)."""
+        shown: Any = self._cur if before is None else before
+        state = _Described([], shown.rowcount, shown.statusmessage, shown.lastrowid, None)
+        state.query, state.described = shown.query, shown.description
+        state.returns_rows = state.described is not None if before is None else before.returns_rows
+        state.source = before
         return state
 
     def _after_failure(self, before: Result | None, sql: str, params: Params, exc: BaseException) -> None:

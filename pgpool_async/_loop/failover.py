@@ -102,7 +102,7 @@ class ServerFit:
         hot_standby, read_only = status("in_hot_standby"), status("default_transaction_read_only")
         if hot_standby is None and read_only is None:
             # A server older than 14 reports neither: the error must be the server's
-            # unless this session asked for read-only itself.
+            # unless this connection asked for read-only itself.
             server_wide = not raw.readonly
         elif self.wants == "primary":
             server_wide = hot_standby == "on"

@@ -1038,9 +1038,8 @@ class LoopStatementRunner:
             return False
         status = raw.get_transaction_status()
         if self._count == 1:
-            return bool(
-                status == _PQTRANS_IDLE
-            )  # (sent while idle: BEGIN cannot fail but with the connection)
+            # (It was sent while the server was idle: BEGIN fails only with the connection.)
+            return bool(status == _PQTRANS_IDLE)
         return bool(
             self._count == 2
             and status == _PQTRANS_INERROR
@@ -1050,25 +1049,20 @@ class LoopStatementRunner:
     async def commit(self) -> None:
         """psycopg2's ``commit()``: COMMIT if psycopg2 began a transaction (its
         ``status``), else nothing; psycopg2's state is ready again either way."""
-        self._check()
-        raw = self.raw
-        if raw.autocommit or raw.status != STATUS_BEGIN:
-            return
-        try:
-            await self._command(b"COMMIT")
-        finally:
-            assert self._state is not None
-            self._state.ended(raw)
+        await self._end(b"COMMIT")
 
     async def rollback(self) -> None:
         """psycopg2's ``rollback()``: ROLLBACK if psycopg2 began a transaction (its
         ``status``), else nothing; psycopg2's state is ready again either way."""
+        await self._end(b"ROLLBACK")
+
+    async def _end(self, query: bytes) -> None:
         self._check()
         raw = self.raw
         if raw.autocommit or raw.status != STATUS_BEGIN:
             return
         try:
-            await self._command(b"ROLLBACK")
+            await self._command(query)
         finally:
             assert self._state is not None
             self._state.ended(raw)
