@@ -87,7 +87,7 @@ def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, 
         [
             str(python),
             "-c",
-            "from pgpool_async._loop import native; native.preload(); print(native.accelerated())",
+            "from pgpool_async._loop import pqcalls; pqcalls.preload(); print(pqcalls.accelerated())",
         ]
     )
     if shutil.which("cc") or shutil.which("gcc"):
