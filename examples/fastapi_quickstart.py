@@ -1,6 +1,7 @@
 """The shortest complete FastAPI app on the pool: a write, a read, a psycopg2 report, a COPY stream.
 
-Run: ``PGPOOL_DSN=... uvicorn examples.fastapi_quickstart:app`` (``pip install -e '.[fastapi]'``).
+Run: ``PGPOOL_DSN=... python examples/fastapi_quickstart.py`` (``pip install -e '.[fastapi]'``), then
+``curl -X POST localhost:8000/items/apple``. ``PORT`` picks the port (default 8000).
 The larger ``examples/fastapi_app.py`` adds transfers, 409s and a deferred foreign key.
 """
 
@@ -70,3 +71,9 @@ async def export() -> StreamingResponse:  # a COPY streamed in chunks; a client 
 
 
 # --8<-- [end:app]
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")), log_level="warning")
