@@ -300,3 +300,16 @@ def test_fastapi_quickstart_example(quickstart_server: str) -> None:
         assert export.status_code == 200 and export.text == f"{item},apple\n"
         health = client.get("/health")
         assert health.status_code == 200, health.text
+
+
+@pytest.mark.single_io("reads the README: no pool")
+def test_readme_is_a_landing_page_whose_links_resolve() -> None:
+    """Under 200 lines, with a chart, and every relative link (into docs/, the changelog,
+    the charts) names a file of the repository."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert any(link.endswith(".png") for link in local), "the README shows no chart"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, missing
