@@ -3,6 +3,7 @@
 - ``pip install -e '.[embedded]'`` alone: ``python -m pgpool_async demo`` (its own server)
   and every example that needs no extra;
 - ``pip install -e '.[fastapi]'``: the FastAPI example, served by uvicorn, over HTTP;
+- ``pip install -e '.[docs]'``: ``mkdocs build --strict`` builds the documentation site;
 - every direct dependency at the lowest version ``pyproject.toml`` allows
   (``uv pip install --resolution lowest-direct -e '.[test]'``): the test suite, less the
   ``slow`` tests (this file among them: venvs and fault scenarios), ``test_quality.py``
@@ -115,6 +116,18 @@ def test_fastapi_extra_serves_the_fastapi_example(venvs: Path, dsn: str) -> None
             assert client.get("/accounts/502").json() == {"id": 502, "balance": 7}
             assert "502,7\n" in client.get("/export.csv").text
             assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.timeout(900)
+def test_docs_extra_builds_the_site_strictly(venvs: Path, tmp_path: Path) -> None:
+    """A clean venv with ``.[docs]`` alone builds the documentation site with
+    ``mkdocs build --strict`` (broken links, anchors, includes or references fail)."""
+    python = pip_venv(venvs / "docs", "docs")
+    sh(
+        [str(python), "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        env=clean_env(NO_MKDOCS_2_WARNING="1"),
+    )
+    assert (tmp_path / "site" / "reference" / "pgpool_async" / "index.html").exists()
 
 
 @pytest.fixture(scope="module")
