@@ -43,6 +43,10 @@ PUBLIC_MODULES = [
     "pgpool_async.testing",
     "pgpool_async.testing.throwaway",
     "pgpool_async.testing.faultproxy",
+    "pgpool_async.testing.pgbouncer",
+    "pgpool_async.testing.standby",
+    "pgpool_async.testing.load",
+    "pgpool_async.testing.netns",
 ]
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
