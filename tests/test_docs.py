@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -317,3 +318,32 @@ def test_readme_is_a_landing_page_whose_links_resolve() -> None:
     assert any(link.endswith(".png") for link in local), "the README shows no chart"
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, missing
+
+
+@pytest.mark.single_io("draws charts from committed results: no pool")
+def test_benchmark_charts_render_with_their_provenance(tmp_path: Path) -> None:
+    """``python -m benchmarks.report`` draws the four charts the docs show from the
+    committed results, each labelled with the machine, commit and date of its data;
+    the committed PNGs are the ones the docs link."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = ["select1.png", "overload.png", "waiters.png", "fastapi.png"]
+    for name in names:
+        drawn = tmp_path / name
+        assert drawn.read_bytes().startswith(b"\x89PNG"), name
+        assert (DOCS / "img" / name).exists(), f"docs/img/{name} is not committed"
+    from benchmarks.charts import provenance
+
+    for results in ("latest.json", "web.json"):
+        data = json.loads((ROOT / "benchmarks" / "results" / results).read_text())
+        line = provenance(data)
+        assert data["machine"]["source"]["commit"] in line and data["started_at"][:10] in line, line
+        assert "cores" in line and "Python" in line, line
+    pages = "".join(p.read_text() for p in _doc_pages())
+    assert all(f"img/{name}" in pages for name in names)
