@@ -47,7 +47,7 @@ LegacyConn = SyncConnection(db)  # a raw psycopg2 connection for sync `def` endp
 
 @app.post("/items/{name}")
 async def add(name: str, conn: Conn) -> int:  # committed before the 2xx; rolled back if it raises
-    return await conn.fetchval("INSERT INTO items (name) VALUES (%s) RETURNING id", (name,))  # type: ignore[no-any-return]
+    return await conn.fetchval("INSERT INTO items (name) VALUES (%s) RETURNING id", (name,))
 
 
 @app.get("/items/{item_id}")

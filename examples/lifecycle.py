@@ -22,17 +22,17 @@ log = logging.getLogger("example")
 
 
 # --8<-- [start:hooks]
-def set_search_path(raw):  # type: ignore[no-untyped-def]  # each new connection; committed
+def set_search_path(raw):  # each new connection; committed
     with raw.cursor() as cur:
         cur.execute("SET search_path TO public")
 
 
-def reset_session(raw):  # type: ignore[no-untyped-def]  # each return, after the rollback, outside a transaction
+def reset_session(raw):  # each return, after the rollback, outside a transaction
     with raw.cursor() as cur:
         cur.execute("RESET ALL")
 
 
-async def alert(pool):  # type: ignore[no-untyped-def]  # refilling minconn keeps failing
+async def alert(pool):  # refilling minconn keeps failing
     log.error("pool %s cannot reconnect", pool.name)
 
 

@@ -11,7 +11,7 @@ import anyio
 from pgpool_async import AsyncConnectionPool
 
 
-def legacy_report(raw_conn, month):  # type: ignore[no-untyped-def]  # psycopg2 code, unchanged
+def legacy_report(raw_conn, month):  # psycopg2 code, unchanged
     with raw_conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM notes WHERE to_char(at, 'YYYY-MM') = %s", (month,))
         return cur.fetchone()[0]

@@ -15,7 +15,7 @@ print(pool)
 
 
 # --8<-- [start:session]
-def discard_all(raw):  # type: ignore[no-untyped-def]
+def discard_all(raw):
     # The pool runs reset outside any transaction, as DISCARD ALL requires.
     with raw.cursor() as cur:
         cur.execute("DISCARD ALL")
