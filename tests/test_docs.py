@@ -120,6 +120,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert "AsyncConnectionPool(1, 10, dsn, timeout=5)" in home
 
 
+@pytest.mark.single_io("reads mkdocs.yml: no pool")
 def test_every_page_is_in_the_nav() -> None:
     """A page left out of ``nav`` is built but unreachable: every page is listed, except
     the guides other parts of the project add to ``docs/`` before they join the nav."""
