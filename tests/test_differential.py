@@ -38,7 +38,14 @@ from .fix_differential import NOARG, Case, Step, psycopg2_view, report, run_thre
 pytestmark = [pytest.mark.anyio, pytest.mark.single_io("builds pools with explicit io")]
 
 
-@pytest.fixture(params=["asyncio", "trio", pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")])
+# uvloop runs its loop in C, where pytest-timeout's SIGALRM is never seen: a hang there
+# must end the run (the thread method) rather than stall it.
+_UVLOOP = pytest.param(
+    ("asyncio", {"use_uvloop": True}), id="uvloop", marks=pytest.mark.timeout(120, method="thread")
+)
+
+
+@pytest.fixture(params=["asyncio", "trio", _UVLOOP])
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     """Every case on asyncio, trio and uvloop: the loop path waits differently on each."""
     return request.param

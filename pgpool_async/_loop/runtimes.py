@@ -10,6 +10,10 @@ between two of them is the runtime's business, and only that lives here:
   task asks the server to cancel, then waits on futures that refuse
   cancellation (:class:`_Uncancellable`) until the statement is over or
   ``cancel_grace`` has passed (then the runner closes the connection).
+  uvloop stops watching a socket with an error (``EPOLLERR``: a reset
+  connection, a TCP timeout) without calling the reader, so on uvloop the
+  statement is also pumped once right after it is sent and then every
+  :data:`UVLOOP_RECHECK` seconds while it waits: an error there ends it.
 - :class:`TrioWaiter`: ``trio.lowlevel.wait_readable``/``wait_writable`` per
   wait; a cancelled task waits for the statement's end in a shielded scope
   bounded by ``cancel_grace``.
@@ -26,7 +30,10 @@ from typing import Any, Protocol
 
 from ..errors import PoolError
 
-__all__ = ["AsyncioWaiter", "Pumped", "TrioWaiter", "Waiter", "on_loop", "waiter_for"]
+__all__ = ["UVLOOP_RECHECK", "AsyncioWaiter", "Pumped", "TrioWaiter", "Waiter", "on_loop", "waiter_for"]
+
+#: Seconds between two looks at a statement's socket on uvloop (see above).
+UVLOOP_RECHECK = 1.0
 
 
 class Pumped(Protocol):
@@ -108,11 +115,23 @@ class _Uncancellable(asyncio.Future[None]):
 class AsyncioWaiter:
     """Waits on asyncio (and uvloop): a reader callback walks the protocol."""
 
-    __slots__ = ("_abort_handle", "_fd", "_fut", "_reader_off", "_runner", "_writing", "loop")
+    __slots__ = (
+        "_abort_handle",
+        "_fd",
+        "_fut",
+        "_reader_off",
+        "_recheck_handle",
+        "_runner",
+        "_uvloop",
+        "_writing",
+        "loop",
+    )
 
     def __init__(self, runner: Pumped, loop: asyncio.AbstractEventLoop) -> None:
         self.loop: asyncio.AbstractEventLoop | None = loop
         self._runner = runner
+        self._uvloop = type(loop).__module__.split(".")[0] == "uvloop"
+        self._recheck_handle: asyncio.TimerHandle | None = None
         self._fd = -1
         self._fut: asyncio.Future[None] | None = None
         self._reader_off = False
@@ -146,6 +165,10 @@ class AsyncioWaiter:
         if self._reader_off:
             self._reader_off = False
             loop.add_reader(fd, self._on_readable)
+        if self._uvloop:
+            if self._runner.pump():  # (an error already on the socket: uvloop won't call us)
+                return
+            self._recheck_handle = loop.call_later(UVLOOP_RECHECK, self._recheck)
         # One plain future per statement (the task awaits it on asyncio's fast
         # path); the reader callback walks the protocol and sets it when done.
         fut = loop.create_future()
@@ -164,6 +187,20 @@ class AsyncioWaiter:
             raise
         finally:
             self._fut = None
+            if self._recheck_handle is not None:
+                self._recheck_handle.cancel()
+                self._recheck_handle = None
+
+    def _recheck(self) -> None:
+        """uvloop: look at the socket ourselves (see the module's docstring)."""
+        self._recheck_handle = None
+        fut = self._fut
+        if fut is None or fut.done() or not self._runner.entered:
+            return
+        if self._runner.pump():
+            fut.set_result(None)
+            return
+        self._recheck_handle = self._loop().call_later(UVLOOP_RECHECK, self._recheck)
 
     async def _drain_cancelled(self) -> None:
         """Ask the server to cancel the statement, then wait (at most
