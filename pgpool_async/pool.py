@@ -287,6 +287,35 @@ class AsyncConnectionPool:
         self._closed_done: anyio.Event | None = None
         self._never_opened_closed = False
 
+    @classmethod
+    def over(
+        cls,
+        engine: Any,
+        *,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        name: str | None = None,
+        io: str | None = None,
+        leak_threshold: float | None = None,
+    ) -> AsyncConnectionPool:
+        """An async pool whose connections are ``engine``'s: a ``ThreadedConnectionPool``
+        (psycopg2's, this package's, or a subclass of either) that threads keep
+        using. One budget: the engine's ``maxconn`` counts what threads and tasks
+        hold; a task waits (FIFO, up to ``timeout``) for any return, a thread's
+        ``putconn`` included. Opening takes nothing from the engine; ``close()``
+        ends the face only, ``closeall()`` closes the engine too. See
+        ``docs/from-psycopg2-pools.md``.
+
+        :raises PoolConfigError: ``engine`` is a ``SimpleConnectionPool`` (not
+            thread-safe) or not a pool; bad options.
+        :raises PoolClosed: the engine is closed.
+        """
+        from ._engine import EngineFace  # (it builds on this class)
+
+        return EngineFace(
+            engine, timeout=timeout, max_waiting=max_waiting, name=name, io=io, leak_threshold=leak_threshold
+        )
+
     # -- properties ---------------------------------------------------------
 
     @property

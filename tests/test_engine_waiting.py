@@ -77,12 +77,12 @@ def test_waiters_served_in_order_by_any_return(dsn: str) -> None:
         pool.putconn(held[1], close=True)  # a closed slot: the next waiter opens one
         threads[1].join(5)
         assert served == [0, 1]
-        pool.putconn(got[0])  # type: ignore[arg-type]
+        pool.putconn(got[0])
         threads[2].join(5)
         assert served == [0, 1, 2]
         _engine_true(pool)
         for i in (1, 2):
-            pool.putconn(got[i])  # type: ignore[arg-type]
+            pool.putconn(got[i])
         _engine_true(pool)
         assert len(pool._used) == 0
 

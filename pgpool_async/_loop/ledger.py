@@ -45,6 +45,22 @@ class SlotState(enum.Enum):
     CLOSED = "closed"  # off the books; its connection is closed or being closed
 
 
+class _NoWaiters:
+    """The wait queue of a ledger that serves none (:meth:`Ledger.serve_no_queue`)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def first(self) -> Any:
+        return None
+
+    def hand(self, waiter: Any, slot: Slot) -> None:
+        raise AssertionError("a ledger with no queue hands nothing")
+
+
+_NO_WAITERS = _NoWaiters()
+
+
 class Return(enum.Enum):
     """How a connection a borrower gave back comes back: the I/O the pool does
     (decided by :func:`decide_return`)."""
@@ -418,6 +434,33 @@ class Ledger:
         plan += self.assign(usable)
         self._notify_if_empty()
         return plan
+
+    # -- an engine's connections (AsyncConnectionPool.over) ----------------------
+
+    def serve_no_queue(self) -> None:
+        """Hand nothing to waiters and open nothing for them: the pool is a face
+        over an engine, which serves its waiters itself (``_engine.py``)."""
+        self._waiting = _NO_WAITERS
+
+    def adopt(self, raw: PGConnection, key: Hashable | None) -> Slot:
+        """A connection just taken from an engine, on the books and lent under
+        ``key`` at once (it never lies idle here: it goes back to its engine)."""
+        slot = Slot(raw, self.generation, float("inf"))
+        self._size += 1
+        self._lend(slot, key)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """A lent or returning slot leaves the books with no closing planned: its
+        connection went back to its engine. No-op for a slot already off them."""
+        if slot.state is SlotState.LENT:
+            self._unlend(slot)
+        elif slot.state is SlotState.RETURNING:
+            self._returning.discard(slot)
+        else:
+            return
+        self._off_books(slot)
+        self._notify_if_empty()
 
     # -- opening --------------------------------------------------------------
 
