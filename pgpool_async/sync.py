@@ -18,11 +18,17 @@ Differences from psycopg2 a user may notice: ``putconn`` after ``closeall`` clos
 the connection instead of raising (nothing leaks from a ``finally`` block), and
 pool errors are the :mod:`pgpool_async.errors` subclasses of ``PoolError``.
 
-The state changes are small methods that do no I/O (``_take_idle``,
-``_reserve``, ``_adopt``, ``_detach``, ``_checkin`` ...); the I/O helpers
-(``_open_connection``, ``_reset``, ``close_quietly``) touch no pool state. The
-async pool calls the first kind on its event loop and the second in worker
-threads: it never shares the lock with a thread doing I/O.
+``getconn(key, timeout=...)`` waits (FIFO) instead of raising "connection pool
+exhausted"; without ``timeout``, psycopg2's behaviour.
+
+These pools are separate from the default ``AsyncConnectionPool(minconn, maxconn,
+dsn)``, which keeps connections of its own. ``AsyncConnectionPool.over(pool)``
+makes one of them the engine of an async face (``_engine.py``): the state
+changes, small methods that do no I/O (``_take_or_queue``, ``_leave_queue``,
+``_give_back_clean``, ``_adopt``, ``_release_slot`` ...), are called on its
+event loop under the lock; the I/O helpers (``_open_connection``,
+``close_quietly``), which touch no pool state, in worker threads. Tasks and
+threads wait in one queue (:class:`Waiter`).
 """
 
 from __future__ import annotations
