@@ -25,6 +25,7 @@ the pool's own worker threads, so the event loop never stalls::
 
 from __future__ import annotations
 
+from . import _engine  # noqa: F401  (AsyncConnectionPool.over's faces)
 from .connection import AsyncConnection
 from .cursor import AsyncCursor, Transaction
 from .errors import (

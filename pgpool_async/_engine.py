@@ -715,5 +715,8 @@ class EngineFace(AsyncConnectionPool):
         )
 
 
+AsyncConnectionPool._face = EngineFace
+
+
 def _no_loop(fn: Callable[..., object], *args: Any) -> None:
     """The face is not open yet: nothing can be waiting on it."""

@@ -33,7 +33,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -310,11 +310,15 @@ class AsyncConnectionPool:
             thread-safe) or not a pool; bad options.
         :raises PoolClosed: the engine is closed.
         """
-        from ._engine import EngineFace  # (it builds on this class)
-
-        return EngineFace(
+        face = AsyncConnectionPool._face
+        assert face is not None, "pgpool_async/__init__.py imports _engine.py, which sets it"
+        return face(
             engine, timeout=timeout, max_waiting=max_waiting, name=name, io=io, leak_threshold=leak_threshold
         )
+
+    #: The class of :meth:`over`'s faces, set by ``_engine.py`` (which builds on this
+    #: class, so this module cannot import it); the package's ``__init__`` imports it.
+    _face: ClassVar[Callable[..., AsyncConnectionPool] | None] = None
 
     # -- properties ---------------------------------------------------------
 
