@@ -108,7 +108,12 @@ def _threadsafe_caller() -> Callable[..., None]:
 
         return call_trio
 
+    loop_thread = threading.get_ident()
+
     def call_asyncio(fn: Callable[..., object], *args: Any) -> None:
+        if threading.get_ident() == loop_thread:  # a task's return: no wake-up write needed
+            loop.call_soon(fn, *args)
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(fn, *args)
 
@@ -205,7 +210,10 @@ class _Request:
 
     def wake(self) -> None:
         """The engine served this request (called under its lock, any thread)."""
-        self.face._call_soon(self.face._engine_served, self)
+        face = self.face
+        if threading.get_ident() == face._loop_thread and face._serve_now(self):
+            return  # (a task's return handed it on: no loop round trip)
+        face._call_soon(face._engine_served, self)
 
 
 class EngineFace(AsyncConnectionPool):
@@ -250,6 +258,7 @@ class EngineFace(AsyncConnectionPool):
         self._native = isinstance(engine, sync._Engine)
         self._ledger.serve_no_queue()
         self._call_soon: Callable[..., None] = _no_loop
+        self._loop_thread = -1  # the event loop's thread, once open
         # psycopg2's engine: requests taken one at a time, in order.
         self._queue: deque[tuple[Waiter, Hashable | None]] = deque()
         self._taking = False
@@ -276,6 +285,7 @@ class EngineFace(AsyncConnectionPool):
         await super().open()
         if first:
             self._call_soon = _threadsafe_caller()
+            self._loop_thread = threading.get_ident()
             if not self._native:
                 call_soon, returned = self._call_soon, self._on_engine_return
                 self._returned = anyio.Event()
@@ -454,6 +464,18 @@ class EngineFace(AsyncConnectionPool):
             self._engine._release_slot()
         elif isinstance(got, PGConnection):
             self._engine_checkin(got)
+
+    def _serve_now(self, request: _Request) -> bool:
+        """The common hand-off, done at once on the loop thread, under the engine's
+        lock: a connection to a request still waiting. Anything else (which may
+        need that lock) returns False, for :meth:`_engine_served` to do soon."""
+        got = request.engine_waiter.result if request.engine_waiter is not None else None
+        waiter = request.waiter
+        if request.claimed or not isinstance(got, PGConnection) or waiter is None or waiter.done:
+            return False
+        request.claimed = True
+        self._waiting.serve(waiter, self._ledger.adopt(got, request.key))
+        return True
 
     def _engine_served(self, request: _Request) -> None:
         """On the loop, after the engine handed ``request`` something."""

@@ -343,9 +343,13 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
 
         :raises PoolError: the connection is not lent by this pool.
         """
-        if self._detach(conn, None) is None:
-            return False
-        return self._checkin(conn)
+        with self._lock:  # (_detach then _checkin, in one hold of the lock)
+            if self.closed:
+                return False
+            del self._used[self._owner_key(conn, None)]
+            del self._rused[id(conn)]
+            self._hand_or_keep(conn)
+            return True
 
     def _getconn_waiting(self, key: Hashable | None, timeout: float) -> PGConnection:
         """getconn, waiting up to ``timeout`` seconds in the queue."""

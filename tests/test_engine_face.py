@@ -203,6 +203,32 @@ async def test_copy_over_an_engine(make_engine: Callable[..., Any], dsn: str) ->
     server_query(dsn, "DROP TABLE t_face_copy")
 
 
+async def test_listen_over_an_engine_and_unlisten_on_return(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine(2)
+    async with AsyncConnectionPool.over(engine, timeout=5) as pool:
+        listener = await pool.getconn()
+        raw = listener.raw
+        await listener.listen("face_jobs")
+        async with pool.connection() as sender:
+            await sender.notify("face_jobs", "job 1")
+        got = [n.payload async for n in listener.notifies(stop_after=1, timeout=5)]
+        assert got == ["job 1"]
+        await pool.putconn(listener)  # UNLISTEN * before the engine has it back
+        assert not engine._used
+        if raw in engine._pool:  # (psycopg2's engine closed it: above its minconn)
+            channels = await in_thread(_listening, raw)
+            assert channels == []
+        engine_true(engine)
+
+
+def _listening(raw: Any) -> list[Any]:
+    with raw.cursor() as cur:
+        cur.execute("SELECT pg_listening_channels()")
+        rows = cur.fetchall()
+    raw.rollback()
+    return rows
+
+
 async def test_broken_connection_goes_back_closed(make_engine: Callable[..., Any], dsn: str) -> None:
     engine = make_engine(1)
     async with AsyncConnectionPool.over(engine) as pool:
