@@ -120,6 +120,11 @@ def _threadsafe_caller() -> Callable[..., None]:
     return call_asyncio
 
 
+#: Set while a face's worker thread calls the engine's putconn: that return is not a
+#: thread's, and is not taken for a waiting task (see EngineFace._grab_for_first).
+_face_return = threading.local()
+
+
 def _put_back(engine: Any, raw: PGConnection, close: bool, session_changed: bool, listened: bool) -> None:
     """In a worker thread: make ``raw`` clean (rollback, ``set_session``
     defaults, ``UNLISTEN *``) and give it to the engine's ``putconn``; closed
@@ -128,10 +133,13 @@ def _put_back(engine: Any, raw: PGConnection, close: bool, session_changed: bool
     nothing: it is closed here."""
     if not close and not raw.closed:
         close = _RESET.reset_in_thread(raw, bool(raw.autocommit), session_changed, listened) is not True
+    _face_return.active = True
     try:
         engine.putconn(raw, close=close or bool(raw.closed))
     except Exception:  # psycopg2: the engine is closed, or the connection not its own any more
         close_quietly(raw)
+    finally:
+        _face_return.active = False
 
 
 class _Hook:
@@ -265,6 +273,9 @@ class EngineFace(AsyncConnectionPool):
         self._returns = 0  # engine returns seen (any thread): a request retries after one
         self._returned: anyio.Event | None = None
         self._listener: Callable[[], None] | None = None
+        # Tasks to start from loop callbacks (_later): (instead, func, args).
+        self._later_queue: deque[tuple[Callable[[], object], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._later_added: anyio.Event | None = None
 
     @property
     def engine(self) -> Any:
@@ -286,12 +297,17 @@ class EngineFace(AsyncConnectionPool):
         if first:
             self._call_soon = _threadsafe_caller()
             self._loop_thread = threading.get_ident()
+            self._later_added = anyio.Event()
+            self._tasks.spawn(self._start_later)
             if not self._native:
                 call_soon, returned = self._call_soon, self._on_engine_return
                 self._returned = anyio.Event()
 
+                grab = self._grab_for_first
+
                 def listener() -> None:  # any thread
                     self._returns += 1
+                    grab()
                     call_soon(returned)
 
                 self._listener = listener
@@ -494,13 +510,41 @@ class EngineFace(AsyncConnectionPool):
             self._deliver(request, got)
 
     def _spawn_open(self, request: _Request) -> None:
-        try:
-            self._tasks.spawn(self._open_for, request)
-        except PoolClosed as exc:
+        def instead() -> None:  # the face's tasks are gone
             self._engine._release_slot()
             if not request.claimed:
                 request.claimed = True
-                self._serve(request, error=exc)
+                self._serve(request, error=PoolClosed(f"pool {self.name!r} is closed"))
+
+        self._later(instead, self._open_for, request)
+
+    def _later(self, instead: Callable[[], object], func: Callable[..., Any], *args: Any) -> None:
+        """Start ``func(*args)`` as a pool task, from anywhere on the loop thread:
+        a loop callback too (the engine's hand-offs arrive as callbacks, where
+        anyio cannot start a task), through :meth:`_start_later`. ``instead()``
+        runs if the face's tasks are gone (closed) before it starts."""
+        if self._later_added is None or not self._tasks.running:
+            instead()
+            return
+        self._later_queue.append((instead, func, args))
+        self._later_added.set()
+
+    async def _start_later(self) -> None:
+        """A pool task: start what :meth:`_later` queued; at the end (the face
+        closing), run what is left's ``instead``."""
+        try:
+            while True:
+                added = self._later_added
+                assert added is not None
+                while self._later_queue:
+                    _, func, args = self._later_queue.popleft()
+                    self._tasks.spawn(func, *args)
+                await added.wait()
+                self._later_added = anyio.Event()
+        finally:
+            self._later_added = None
+            while self._later_queue:
+                self._later_queue.popleft()[0]()
 
     async def _open_for(self, request: _Request) -> None:
         """Open a connection in the engine's slot reserved for ``request``."""
@@ -556,12 +600,12 @@ class EngineFace(AsyncConnectionPool):
             self._put_back_later(slot.raw, close=False)
 
     def _put_back_later(self, raw: PGConnection, close: bool) -> None:
-        try:
-            self._tasks.spawn(self._offload.run_return, _put_back, self._engine, raw, close, False, False)
-        except PoolClosed:  # no task can run any more: a thread of its own
+        def instead() -> None:  # no task can run any more: a thread of its own
             threading.Thread(
                 target=_put_back, args=(self._engine, raw, close, False, False), daemon=True
             ).start()
+
+        self._later(instead, self._offload.run_return, _put_back, self._engine, raw, close, False, False)
 
     # -- psycopg2's engine (or another): getconn in a thread, one at a time ------
 
@@ -578,6 +622,42 @@ class EngineFace(AsyncConnectionPool):
                 self._waiting.leave(waiter)
                 raise
         return await self._await_waiter(waiter, self._kick)
+
+    def _grab_for_first(self) -> None:
+        """In a thread that just gave psycopg2's engine a connection back: if a
+        task waits and the engine has one idle, take it now for the first task,
+        under the engine's lock, without I/O (psycopg2's ``_getconn`` pops an idle
+        one). Otherwise threads retrying ``getconn`` would nearly always win the
+        race against a worker-thread hop, and tasks would starve. Not for the
+        face's own returns: those are left to the race, so that threads, which
+        psycopg2 never queues, are not starved either (each side gets the
+        other's returns)."""
+        if getattr(_face_return, "active", False):
+            return
+        queue, engine = self._queue, self._engine
+        try:
+            waiter, key = queue[0]
+        except IndexError:
+            return
+        lock = getattr(engine, "_lock", None)
+        if waiter.done or lock is None:
+            return
+        with lock:
+            if engine.closed or not engine._pool or (key is not None and key in engine._used):
+                return
+            raw = engine._getconn(key)
+        self._call_soon(self._grabbed, raw, waiter, key)
+
+    def _grabbed(self, raw: PGConnection, waiter: Waiter, key: Hashable | None) -> None:
+        """On the loop: a connection :meth:`_grab_for_first` took for ``waiter``."""
+        if waiter.done or not looks_alive(raw):
+            self._put_back_later(raw, close=not looks_alive(raw))
+            return
+        with contextlib.suppress(ValueError):
+            self._queue.remove((waiter, key))
+        slot = self._ledger.adopt(raw, key)
+        if not self._waiting.serve(waiter, slot):
+            self._give_back_unused(slot)
 
     def _on_engine_return(self) -> None:
         """On the loop: the engine's putconn or closeall was called."""
@@ -621,7 +701,8 @@ class EngineFace(AsyncConnectionPool):
                     self._stats.connections_lost += 1
                     await self._offload.run_return(_put_back, engine, raw, True, False, False)
                     continue
-                queue.popleft()
+                if queue and queue[0][0] is waiter:  # (else served meanwhile: _grabbed)
+                    queue.popleft()
                 slot = self._ledger.adopt(raw, key)
                 if not self._waiting.serve(waiter, slot):
                     self._give_back_unused(slot)

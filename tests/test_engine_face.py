@@ -284,6 +284,27 @@ async def test_task_woken_by_a_threads_putconn(make_engine: Callable[..., Any]) 
         assert not engine._used
 
 
+async def test_task_woken_by_a_threads_closing_putconn(make_engine: Callable[..., Any]) -> None:
+    """The slot a thread frees (``putconn(conn, close=True)``) goes to the waiting
+    task, which gets a new connection in it."""
+    engine = make_engine(1)
+    held = await in_thread(engine.getconn)
+    async with AsyncConnectionPool.over(engine, timeout=10) as pool:
+        async with anyio.create_task_group() as tg:
+
+            async def give_back_closed() -> None:
+                await until(lambda: pool.get_stats()["requests_waiting"] == 1)
+                await in_thread(lambda: engine.putconn(held, close=True))
+
+            tg.start_soon(give_back_closed)
+            with anyio.fail_after(5):
+                async with pool.connection() as conn:
+                    assert conn.raw is not held
+                    assert await conn.fetchval("SELECT 1") == 1
+        assert not engine._used
+        engine_true(engine)
+
+
 async def test_thread_woken_by_a_tasks_return(make_engine: Callable[..., Any], kind: str) -> None:
     if kind != "ours":
         pytest.skip("psycopg2's getconn never waits: only this package's engine has getconn(timeout=)")
