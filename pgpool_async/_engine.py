@@ -276,6 +276,8 @@ class EngineFace(AsyncConnectionPool):
         # Tasks to start from loop callbacks (_later): (instead, func, args).
         self._later_queue: deque[tuple[Callable[[], object], Callable[..., Any], tuple[Any, ...]]] = deque()
         self._later_added: anyio.Event | None = None
+        # One loop-native runner per engine connection this face has lent (by id).
+        self._runners: dict[int, native.LoopStatementRunner] = {}
 
     @property
     def engine(self) -> Any:
@@ -426,7 +428,7 @@ class EngineFace(AsyncConnectionPool):
                 engine._forget(got)
                 self._close_off_loop([got])
                 continue
-            slot = self._ledger.adopt(got, key)
+            slot = self._adopt(got, key)
             try:
                 await anyio.lowlevel.checkpoint()  # every call is a checkpoint (trio's rule)
             except BaseException:
@@ -490,7 +492,7 @@ class EngineFace(AsyncConnectionPool):
         if request.claimed or not isinstance(got, PGConnection) or waiter is None or waiter.done:
             return False
         request.claimed = True
-        self._waiting.serve(waiter, self._ledger.adopt(got, request.key))
+        self._waiting.serve(waiter, self._adopt(got, request.key))
         return True
 
     def _engine_served(self, request: _Request) -> None:
@@ -572,7 +574,7 @@ class EngineFace(AsyncConnectionPool):
             self._engine_checkin(raw)  # it gave up meanwhile: unused, clean
             return
         request.claimed = True
-        slot = self._ledger.adopt(raw, request.key)
+        slot = self._adopt(raw, request.key)
         assert request.waiter is not None
         if not self._waiting.serve(request.waiter, slot):
             self._give_back_unused(slot)
@@ -580,6 +582,21 @@ class EngineFace(AsyncConnectionPool):
     def _serve(self, request: _Request, error: BaseException) -> None:
         if request.waiter is not None:
             self._waiting.serve(request.waiter, error=error)
+
+    def _adopt(self, raw: PGConnection, key: Hashable | None) -> Slot:
+        """A connection just taken from the engine, on the face's books, lent under
+        ``key``, with the loop-native runner it had last time here, if any (made
+        once per connection, not per loan: it is only let go between loans)."""
+        slot = self._ledger.adopt(raw, key)
+        if self.io != "thread":
+            runners = self._runners
+            runner = runners.get(id(raw))
+            if runner is None or runner.raw is not raw:
+                if len(runners) >= 2 * self.maxconn:  # connections the engine dropped since
+                    self._runners = runners = {k: r for k, r in runners.items() if not r.raw.closed}
+                runner = runners[id(raw)] = native.LoopStatementRunner(raw)
+            slot.runner = runner
+        return slot
 
     def _engine_checkin(self, raw: PGConnection) -> None:
         """A connection of this package's engine, unused or clean, back on the loop."""
@@ -655,7 +672,7 @@ class EngineFace(AsyncConnectionPool):
             return
         with contextlib.suppress(ValueError):
             self._queue.remove((waiter, key))
-        slot = self._ledger.adopt(raw, key)
+        slot = self._adopt(raw, key)
         if not self._waiting.serve(waiter, slot):
             self._give_back_unused(slot)
 
@@ -703,7 +720,7 @@ class EngineFace(AsyncConnectionPool):
                     continue
                 if queue and queue[0][0] is waiter:  # (else served meanwhile: _grabbed)
                     queue.popleft()
-                slot = self._ledger.adopt(raw, key)
+                slot = self._adopt(raw, key)
                 if not self._waiting.serve(waiter, slot):
                     self._give_back_unused(slot)
         finally:
