@@ -417,7 +417,7 @@ class EngineFace(AsyncConnectionPool):
         while True:  # each pass that does not return drops a broken idle connection
             request = _Request(self, key)
             try:
-                got = engine._take_or_queue(key, request.wake)
+                got = engine._take_or_queue(key, request.wake, self)
             except PoolClosed as exc:
                 raise PoolClosed(f"the engine of pool {self.name!r} is closed") from exc
             if isinstance(got, (sync.Waiter, sync._Reserved)):
@@ -599,12 +599,15 @@ class EngineFace(AsyncConnectionPool):
         return slot
 
     def _engine_checkin(self, raw: PGConnection) -> None:
-        """A connection of this package's engine, unused or clean, back on the loop."""
+        """A connection of this package's engine, unused or clean, back on the loop.
+        Its runner stays entered if it goes straight to another task of this face
+        (the loop keeps watching it); else it is let go first, under the engine's lock."""
         try:
-            kept = self._engine._give_back_clean(raw)
+            kept = self._engine._give_back_clean(raw, self, functools.partial(native.release, raw))
         except PoolError:  # the engine no longer knows it
             kept = False
         if not kept:
+            native.release(raw)
             self._close_off_loop([raw])
 
     def _give_back_unused(self, slot: Slot) -> None:
@@ -761,7 +764,6 @@ class EngineFace(AsyncConnectionPool):
         )
         ledger = self._ledger
         if route is Return.ENGINE:  # no I/O: the engine's lock only
-            native.release(raw)
             ledger.release(slot)
             self._engine_checkin(raw)
             return None

@@ -78,11 +78,12 @@ class Waiter:
     open a connection in), or a :class:`PoolClosed` to raise.
     """
 
-    __slots__ = ("key", "result", "wake")
+    __slots__ = ("key", "owner", "result", "wake")
 
-    def __init__(self, key: Hashable | None, wake: Callable[[], object]) -> None:
+    def __init__(self, key: Hashable | None, wake: Callable[[], object], owner: object = None) -> None:
         self.key = key
         self.wake = wake
+        self.owner = owner  # who queued it (an async face), for _give_back_clean
         self.result: PGConnection | _Reserved | PoolClosed | None = None
 
 
@@ -281,10 +282,14 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             self._hand_or_keep(conn)
             return True
 
-    def _hand_or_keep(self, conn: PGConnection) -> None:
+    def _hand_or_keep(
+        self, conn: PGConnection, owner: object = None, elsewhere: Callable[[], object] | None = None
+    ) -> None:
         """A clean connection off the books: to the first waiter, lent under its
         key, else idle (under the lock). A waiter whose key was lent meanwhile
-        gets that connection (psycopg2's keys) and the next one is served."""
+        gets that connection (psycopg2's keys) and the next one is served.
+        ``elsewhere()`` is called first unless the connection goes to a waiter
+        queued by ``owner``."""
         while self._waiters:
             waiter = self._waiters.popleft()
             held = self._used.get(waiter.key) if waiter.key is not None else None
@@ -292,16 +297,20 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
                 waiter.result = held
                 waiter.wake()
                 continue
+            if elsewhere is not None and (owner is None or waiter.owner is not owner):
+                elsewhere()
             self._lend(conn, waiter.key)
             waiter.result = conn
             waiter.wake()
             return
+        if elsewhere is not None:
+            elsewhere()
         self._pool.append(conn)
 
     # -- waiting (threads and async faces, one FIFO queue) ----------------------
 
     def _take_or_queue(
-        self, key: Hashable | None, wake: Callable[[], object]
+        self, key: Hashable | None, wake: Callable[[], object], owner: object = None
     ) -> PGConnection | _Reserved | Waiter:
         """At once: the connection lent under ``key``, an idle one (lent, not yet
         checked), or :data:`RESERVED` (a free slot: open a connection in it);
@@ -321,7 +330,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
                 if self.size < self.maxconn:
                     self._pending += 1
                     return RESERVED
-            waiter = Waiter(key, wake)
+            waiter = Waiter(key, wake, owner)
             self._waiters.append(waiter)
             return waiter
 
@@ -336,10 +345,15 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
                 return None
             return waiter.result
 
-    def _give_back_clean(self, conn: PGConnection) -> bool:
+    def _give_back_clean(
+        self, conn: PGConnection, owner: object = None, elsewhere: Callable[[], object] | None = None
+    ) -> bool:
         """Check in a lent connection known clean (no transaction, nothing to
-        reset): no I/O, the lock only; the next waiter gets it. False if the pool
-        is closed (the caller closes it).
+        reset): no I/O, the lock only; the next waiter gets it. ``elsewhere()``
+        is called first, under the lock, unless that waiter was queued by
+        ``owner`` (an async face lets its loop stop watching the connection,
+        unless another of its tasks gets it). False if the pool is closed (the
+        caller closes it; ``elsewhere`` not called).
 
         :raises PoolError: the connection is not lent by this pool.
         """
@@ -348,7 +362,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
                 return False
             del self._used[self._owner_key(conn, None)]
             del self._rused[id(conn)]
-            self._hand_or_keep(conn)
+            self._hand_or_keep(conn, owner, elsewhere)
             return True
 
     def _getconn_waiting(self, key: Hashable | None, timeout: float) -> PGConnection:
