@@ -276,8 +276,9 @@ class EngineFace(AsyncConnectionPool):
         # Tasks to start from loop callbacks (_later): (instead, func, args).
         self._later_queue: deque[tuple[Callable[[], object], Callable[..., Any], tuple[Any, ...]]] = deque()
         self._later_added: anyio.Event | None = None
-        # One loop-native runner per engine connection this face has lent (by id).
-        self._runners: dict[int, native.LoopStatementRunner] = {}
+        # The slot (and its loop-native runner) of each engine connection this face
+        # has lent, by id: made once per connection, not per loan.
+        self._slots: dict[int, Slot] = {}
 
     @property
     def engine(self) -> Any:
@@ -585,17 +586,20 @@ class EngineFace(AsyncConnectionPool):
 
     def _adopt(self, raw: PGConnection, key: Hashable | None) -> Slot:
         """A connection just taken from the engine, on the face's books, lent under
-        ``key``, with the loop-native runner it had last time here, if any (made
-        once per connection, not per loan: it is only let go between loans)."""
-        slot = self._ledger.adopt(raw, key)
-        if self.io != "thread":
-            runners = self._runners
-            runner = runners.get(id(raw))
-            if runner is None or runner.raw is not raw:
-                if len(runners) >= 2 * self.maxconn:  # connections the engine dropped since
-                    self._runners = runners = {k: r for k, r in runners.items() if not r.raw.closed}
-                runner = runners[id(raw)] = native.LoopStatementRunner(raw)
-            slot.runner = runner
+        ``key``, in the slot (with the loop-native runner) it had last time here,
+        if any: made once per connection, not per loan (a runner is only let go
+        between loans)."""
+        slots = self._slots
+        before = slots.get(id(raw))
+        slot = self._ledger.adopt(raw, key, before)
+        if slot is not before:
+            if len(slots) >= 2 * self.maxconn:  # connections the engine dropped since
+                self._slots = slots = {k: s for k, s in slots.items() if not s.raw.closed}
+            slots[id(raw)] = slot
+            if before is not None and before.raw is raw:
+                slot.runner = before.runner
+        if self.io != "thread" and slot.runner is None:
+            slot.runner = native.LoopStatementRunner(raw)
         return slot
 
     def _engine_checkin(self, raw: PGConnection) -> None:

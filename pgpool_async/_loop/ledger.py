@@ -442,10 +442,16 @@ class Ledger:
         over an engine, which serves its waiters itself (``_engine.py``)."""
         self._waiting = _NO_WAITERS
 
-    def adopt(self, raw: PGConnection, key: Hashable | None) -> Slot:
+    def adopt(self, raw: PGConnection, key: Hashable | None, reuse: Slot | None = None) -> Slot:
         """A connection just taken from an engine, on the books and lent under
-        ``key`` at once (it never lies idle here: it goes back to its engine)."""
-        slot = Slot(raw, self.generation, float("inf"))
+        ``key`` at once (it never lies idle here: it goes back to its engine).
+        ``reuse``: the slot it had here before, if off the books, else a new one."""
+        if reuse is not None and reuse.raw is raw and reuse.state is SlotState.CLOSED:
+            slot = reuse
+            slot.closed_by_pool = False
+            slot.generation = self.generation
+        else:
+            slot = Slot(raw, self.generation, float("inf"))
         self._size += 1
         self._lend(slot, key)
         return slot
