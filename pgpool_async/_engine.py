@@ -142,6 +142,20 @@ def _put_back(engine: Any, raw: PGConnection, close: bool, session_changed: bool
         _face_return.active = False
 
 
+def _forget_lent(engine: Any, raws: list[PGConnection]) -> None:
+    """Take connections a dropped face held off the engine's books (they are
+    being closed): its budget is whole again."""
+    if isinstance(engine, sync._Engine):
+        for raw in raws:
+            engine._forget(raw)
+        return
+    with engine._lock:  # psycopg2's documented state, as its _putconn keeps it
+        for raw in raws:
+            key = engine._rused.pop(id(raw), None)
+            if key is not None:
+                engine._used.pop(key, None)
+
+
 class _Hook:
     """psycopg2's engine tells no one of a return: its instance's ``putconn``
     and ``closeall`` are wrapped (once per engine, while a face is open) to
@@ -273,9 +287,7 @@ class EngineFace(AsyncConnectionPool):
         self._returns = 0  # engine returns seen (any thread): a request retries after one
         self._returned: anyio.Event | None = None
         self._listener: Callable[[], None] | None = None
-        # Tasks to start from loop callbacks (_later): (instead, func, args).
-        self._later_queue: deque[tuple[Callable[[], object], Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._later_added: anyio.Event | None = None
+        self._starter: _Later | None = None  # starts tasks asked for from loop callbacks
         # The slot (and its loop-native runner) of each engine connection this face
         # has lent, by id: made once per connection, not per loan.
         self._slots: dict[int, Slot] = {}
@@ -300,18 +312,21 @@ class EngineFace(AsyncConnectionPool):
         if first:
             self._call_soon = _threadsafe_caller()
             self._loop_thread = threading.get_ident()
-            self._later_added = anyio.Event()
-            self._tasks.spawn(self._start_later)
+            self._starter = _Later(self._tasks)
+            self._tasks.spawn(self._starter.run)
             if not self._native:
-                call_soon, returned = self._call_soon, self._on_engine_return
                 self._returned = anyio.Event()
-
-                grab = self._grab_for_first
+                # Held by the engine's hook: weakly, so a face dropped unclosed is collected.
+                face = weakref.ref(self)
+                call_soon = self._call_soon
 
                 def listener() -> None:  # any thread
-                    self._returns += 1
-                    grab()
-                    call_soon(returned)
+                    alive = face()
+                    if alive is not None:
+                        alive._returns += 1
+                        alive._grab_for_first()
+                        del alive
+                        call_soon(_kick_weakly, face)
 
                 self._listener = listener
                 _listen(self._engine, listener)
@@ -376,9 +391,18 @@ class EngineFace(AsyncConnectionPool):
         raise PoolError("a face over an engine replaces no connections: the engine owns them")
 
     def __del__(self) -> None:
+        """Dropped open (never closed): the base pool warns and closes the
+        connections lent to tasks; the engine is told they are gone, so its
+        ``_used`` keeps none that nobody holds."""
         listener = getattr(self, "_listener", None)
         if listener is not None:
             _unlisten(self._engine, listener)
+        if getattr(self, "_opened", False) and self._closed_done is None:
+            lent = [slot.raw for slot in self._ledger.lent()]
+            if lent:
+                # In a thread of its own: garbage collection may run here while this
+                # thread holds the engine's lock.
+                threading.Thread(target=_forget_lent, args=(self._engine, lent), daemon=True).start()
         super().__del__()
 
     # -- taking -----------------------------------------------------------------
@@ -524,30 +548,13 @@ class EngineFace(AsyncConnectionPool):
     def _later(self, instead: Callable[[], object], func: Callable[..., Any], *args: Any) -> None:
         """Start ``func(*args)`` as a pool task, from anywhere on the loop thread:
         a loop callback too (the engine's hand-offs arrive as callbacks, where
-        anyio cannot start a task), through :meth:`_start_later`. ``instead()``
-        runs if the face's tasks are gone (closed) before it starts."""
-        if self._later_added is None or not self._tasks.running:
+        anyio cannot start a task), through :class:`_Later`. ``instead()`` runs
+        if the face's tasks are gone (closed) before it starts."""
+        later = self._starter
+        if later is None or not self._tasks.running:
             instead()
-            return
-        self._later_queue.append((instead, func, args))
-        self._later_added.set()
-
-    async def _start_later(self) -> None:
-        """A pool task: start what :meth:`_later` queued; at the end (the face
-        closing), run what is left's ``instead``."""
-        try:
-            while True:
-                added = self._later_added
-                assert added is not None
-                while self._later_queue:
-                    _, func, args = self._later_queue.popleft()
-                    self._tasks.spawn(func, *args)
-                await added.wait()
-                self._later_added = anyio.Event()
-        finally:
-            self._later_added = None
-            while self._later_queue:
-                self._later_queue.popleft()[0]()
+        else:
+            later.add(instead, func, args)
 
     async def _open_for(self, request: _Request) -> None:
         """Open a connection in the engine's slot reserved for ``request``."""
@@ -682,10 +689,6 @@ class EngineFace(AsyncConnectionPool):
         slot = self._adopt(raw, key)
         if not self._waiting.serve(waiter, slot):
             self._give_back_unused(slot)
-
-    def _on_engine_return(self) -> None:
-        """On the loop: the engine's putconn or closeall was called."""
-        self._kick()
 
     def _kick(self) -> None:
         """Wake the taking task: something was returned, or a request left."""
@@ -842,6 +845,42 @@ class EngineFace(AsyncConnectionPool):
 
 
 AsyncConnectionPool._face = EngineFace
+
+
+class _Later:
+    """Tasks asked for from loop callbacks, started by one pool task (:meth:`run`),
+    which holds no reference to the face (a face dropped unclosed is collected)."""
+
+    def __init__(self, tasks: Any) -> None:
+        self._tasks = tasks
+        self._queue: deque[tuple[Callable[[], object], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._added = anyio.Event()
+
+    def add(self, instead: Callable[[], object], func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._queue.append((instead, func, args))
+        self._added.set()
+
+    def _start(self, instead: Callable[[], object], func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._tasks.spawn(func, *args)
+
+    async def run(self) -> None:
+        """Start what was added; at the end (the face closing), run what is left's ``instead``."""
+        try:
+            while True:
+                added = self._added
+                while self._queue:
+                    self._start(*self._queue.popleft())  # (no local keeps the face while waiting)
+                await added.wait()
+                self._added = anyio.Event()
+        finally:
+            while self._queue:
+                self._queue.popleft()[0]()
+
+
+def _kick_weakly(face: weakref.ref[EngineFace]) -> None:
+    alive = face()
+    if alive is not None:
+        alive._kick()
 
 
 def _no_loop(fn: Callable[..., object], *args: Any) -> None:

@@ -8,9 +8,11 @@ pooling doc's ``DictConnectionPool`` (a psycopg2 subclass overriding
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -560,6 +562,24 @@ async def test_closed_engine_wakes_a_waiting_task(make_engine: Callable[..., Any
             with pytest.raises(PoolClosed), anyio.fail_after(5):
                 await pool.getconn()
     assert held.closed
+
+
+async def test_a_dropped_face_gives_its_budget_back(make_engine: Callable[..., Any]) -> None:
+    engine = make_engine(1)
+
+    async def use_and_drop() -> weakref.ref[AsyncConnectionPool]:
+        pool = AsyncConnectionPool.over(engine)
+        await pool.open()
+        conn = await pool.getconn()
+        await conn.fetchval("SELECT 1")
+        del conn  # (reported as a leak; the pool goes with it)
+        return weakref.ref(pool)
+
+    with pytest.warns(ResourceWarning, match="never closed"):
+        ref = await use_and_drop()
+        await until(lambda: gc.collect() >= 0 and ref() is None)
+    await until(lambda: not engine._used)
+    engine_true(engine)
 
 
 def test_package_texts_say_what_is_true() -> None:
