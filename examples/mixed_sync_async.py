@@ -31,6 +31,15 @@ JOBS = 25  # per worker
 SETUP = "DROP TABLE IF EXISTS mixed_jobs; CREATE TABLE mixed_jobs (side text, n int)"
 
 
+# --8<-- [start:engine]
+def make_engine(dsn: str, app_name: str) -> psycopg2.pool.ThreadedConnectionPool:
+    """The module-level pool the threaded code already has (it connects: call it in a thread).
+    minconn = maxconn: psycopg2's pool closes every connection returned above minconn."""
+    return psycopg2.pool.ThreadedConnectionPool(MAXCONN, MAXCONN, dsn, application_name=app_name)
+
+
+# --8<-- [end:engine]
+# --8<-- [start:jobs]
 def legacy_job(engine: psycopg2.pool.ThreadedConnectionPool, n: int) -> None:
     """Untouched psycopg2 code, as the WSGI views or Celery tasks have it."""
     while True:
@@ -55,6 +64,7 @@ async def async_job(pool: AsyncConnectionPool, n: int) -> None:
         await conn.execute("SELECT pg_sleep(0.002)")
 
 
+# --8<-- [end:jobs]
 def count_backends(dsn: str, app_name: str) -> int:
     rows = run_sql(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app_name,))
     return int(rows[0][0])
@@ -63,11 +73,7 @@ def count_backends(dsn: str, app_name: str) -> int:
 async def main(dsn: str) -> None:
     app_name = f"mixed-{uuid.uuid4().hex[:8]}"
     await anyio.to_thread.run_sync(run_sql, dsn, SETUP)
-    # minconn = maxconn: psycopg2's pool closes every connection returned above
-    # minconn, so connections stay open and are shared instead of churned.
-    engine = await anyio.to_thread.run_sync(
-        lambda: psycopg2.pool.ThreadedConnectionPool(MAXCONN, MAXCONN, dsn, application_name=app_name)
-    )
+    engine = await anyio.to_thread.run_sync(make_engine, dsn, app_name)
     seen: list[int] = []
     done = threading.Event()
 
@@ -88,7 +94,9 @@ async def main(dsn: str) -> None:
             await anyio.sleep(0.01)
 
     started = time.monotonic()
-    async with AsyncConnectionPool.over(engine, timeout=30) as pool:
+    # --8<-- [start:over]
+    async with AsyncConnectionPool.over(engine, timeout=30) as pool:  # the engine's connections
+        # --8<-- [end:over]
         async with anyio.create_task_group() as watcher:
             watcher.start_soon(watch)
             async with anyio.create_task_group() as tg:

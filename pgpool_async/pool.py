@@ -334,6 +334,7 @@ class AsyncConnectionPool:
 
     @property
     def reconnect_timeout(self) -> float:
+        """Seconds of failing to refill ``minconn`` before ``reconnect_failed(pool)`` is called."""
         return self._opener.reconnect_timeout
 
     @property
