@@ -33,7 +33,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -47,7 +47,7 @@ from ._loan import Loan
 from ._loop import failover, native, txpooling
 from ._loop.health import Health, HookFailed, HookLog, looks_alive
 from ._loop.leaks import call_site
-from ._loop.ledger import Ledger, Plan, Slot, SlotState
+from ._loop.ledger import Ledger, Plan, Return, Slot, SlotState, decide_return
 from ._loop.opener import Opener
 from ._loop.stats import PoolStats
 from ._loop.upkeep import Upkeep
@@ -286,6 +286,39 @@ class AsyncConnectionPool:
         self._opened = False
         self._closed_done: anyio.Event | None = None
         self._never_opened_closed = False
+
+    @classmethod
+    def over(
+        cls,
+        engine: Any,
+        *,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        name: str | None = None,
+        io: str | None = None,
+        leak_threshold: float | None = None,
+    ) -> AsyncConnectionPool:
+        """An async pool whose connections are ``engine``'s: a ``ThreadedConnectionPool``
+        (psycopg2's, this package's, or a subclass of either) that threads keep
+        using. One budget: the engine's ``maxconn`` counts what threads and tasks
+        hold; a task waits (FIFO, up to ``timeout``) for any return, a thread's
+        ``putconn`` included. Opening takes nothing from the engine; ``close()``
+        ends the face only, ``closeall()`` closes the engine too. See
+        ``docs/from-psycopg2-pools.md``.
+
+        :raises PoolConfigError: ``engine`` is a ``SimpleConnectionPool`` (not
+            thread-safe) or not a pool; bad options.
+        :raises PoolClosed: the engine is closed.
+        """
+        face = AsyncConnectionPool._face
+        assert face is not None, "pgpool_async/__init__.py imports _engine.py, which sets it"
+        return face(
+            engine, timeout=timeout, max_waiting=max_waiting, name=name, io=io, leak_threshold=leak_threshold
+        )
+
+    #: The class of :meth:`over`'s faces, set by ``_engine.py`` (which builds on this
+    #: class, so this module cannot import it); the package's ``__init__`` imports it.
+    _face: ClassVar[Callable[..., AsyncConnectionPool] | None] = None
 
     # -- properties ---------------------------------------------------------
 
@@ -763,24 +796,32 @@ class AsyncConnectionPool:
             close = True
             self._retire_server(raw)
         ledger = self._ledger
-        if (
-            not close
-            and loan is not None
-            and loan.loop_settled()  # (no call running: the turn is free)
-            and not loan.session_changed
-            and not loan.listened
-            and self._health.reset is None
-            and not raw.closed
-            and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
-            and raw.status == _PSYCOPG2_READY  # (psycopg2's: not after a COMMIT sent as SQL)
-            and not was_shut_down(raw)
-        ):
-            # The common case: no I/O, no thread. None: to be closed (retired, or the
-            # pool closing or shrunk): in _finish_return, which putconn waits for.
-            plan = ledger.return_clean(slot, self._usable)
-            if plan is not None:
-                self._apply(plan)
-                return None
+        closed = bool(raw.closed)
+        now = time.monotonic()
+        settled = clean = False
+        if loan is not None and loan.loop_settled():  # (no call running: the turn is free)
+            settled = True
+            clean = (
+                not loan.session_changed
+                and not loan.listened
+                and self._health.reset is None
+                and not closed
+                and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
+                and raw.status == _PSYCOPG2_READY  # (psycopg2's: not after a COMMIT sent as SQL)
+            )
+        route = decide_return(
+            close=close,
+            settled=settled,
+            clean=clean,
+            closed=closed,
+            shut_down=was_shut_down(raw),
+            must_close=ledger.must_close(slot, now),
+        )
+        if route is Return.KEEP:
+            # The common case: no I/O, no thread.
+            self._apply(ledger.keep(slot, self._usable, now))
+            return None
+        # Anything else waits for a call still running, then decides again (_finish_return).
         ledger.begin_return(slot)
         done = anyio.Event()
         try:
@@ -801,7 +842,15 @@ class AsyncConnectionPool:
             if slot.state is SlotState.CLOSED:
                 return
             raw = slot.raw
-            if close or raw.closed or was_shut_down(raw) or self._ledger.must_close(slot):
+            route = decide_return(
+                close=close,
+                settled=True,
+                clean=False,
+                closed=bool(raw.closed),
+                shut_down=was_shut_down(raw),
+                must_close=self._ledger.must_close(slot),
+            )
+            if route is Return.CLOSE:
                 if raw.closed and not close:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))
