@@ -307,9 +307,9 @@ async def test_task_woken_by_a_threads_closing_putconn(make_engine: Callable[...
         engine_true(engine)
 
 
+# psycopg2's getconn never waits: only this package's engine has getconn(timeout=).
+@pytest.mark.parametrize("kind", ["ours"], indirect=True)
 async def test_thread_woken_by_a_tasks_return(make_engine: Callable[..., Any], kind: str) -> None:
-    if kind != "ours":
-        pytest.skip("psycopg2's getconn never waits: only this package's engine has getconn(timeout=)")
     engine = make_engine(1)
     async with AsyncConnectionPool.over(engine) as pool:
         conn = await pool.getconn()
@@ -448,8 +448,6 @@ async def _cancel_waiting_getconn(pool: AsyncConnectionPool, how: str, anyio_bac
         with anyio.move_on_after(0.1):
             async with pool.connection():
                 pass
-    elif anyio_backend != "asyncio":
-        pytest.skip("task.cancel() and wait_for are asyncio's")
     elif how == "task.cancel":
         task = asyncio.ensure_future(pool.getconn())
         await asyncio.sleep(0.1)
@@ -461,8 +459,21 @@ async def _cancel_waiting_getconn(pool: AsyncConnectionPool, how: str, anyio_bac
             await asyncio.wait_for(pool.getconn(), 0.1)
 
 
-@pytest.mark.parametrize("how", ["scope", "scope-block", "task.cancel", "wait_for"])
+@pytest.mark.parametrize("how", ["scope", "scope-block"])
 async def test_cancelled_while_waiting(make_engine: Callable[..., Any], how: str, anyio_backend: str) -> None:
+    await _cancelled_while_waiting(make_engine, how, anyio_backend)
+
+
+# task.cancel() and wait_for are asyncio's.
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["task.cancel", "wait_for"])
+async def test_cancelled_while_waiting_asyncio(
+    make_engine: Callable[..., Any], how: str, anyio_backend: str
+) -> None:
+    await _cancelled_while_waiting(make_engine, how, anyio_backend)
+
+
+async def _cancelled_while_waiting(make_engine: Callable[..., Any], how: str, anyio_backend: str) -> None:
     engine = make_engine(1)
     held = await in_thread(engine.getconn)
     async with AsyncConnectionPool.over(engine, timeout=10) as pool:
