@@ -100,6 +100,7 @@ def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, 
         ("basic.py", "rows after 20 workers: 21"),
         ("from_psycopg2.py", "same counts both ways: True"),
         ("listen_worker.py", "processed 20 jobs, in order: True"),
+        ("mixed_sync_async.py", "never above maxconn: True"),
     ]:
         out = sh([str(python), f"examples/{example}"], env=clean_env(PGPOOL_DSN=dsn))
         assert expected in out, (example, out)
