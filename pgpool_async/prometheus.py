@@ -43,6 +43,7 @@ from .pool import AsyncConnectionPool
 __all__ = ["PoolCollector", "register"]
 
 _POOL = "db_client_connection_pool_name"
+_LABELS = [_POOL]
 
 
 class PoolCollector(Collector):
