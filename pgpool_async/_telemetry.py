@@ -29,7 +29,7 @@ from psycopg2.extensions import cursor as PGCursor
 from ._loop.stats import PoolStats
 from .errors import PoolConfigError
 
-__all__ = ["PoolTelemetry", "is_plain_cursor_class", "statement_text"]
+__all__ = ["METER_SLOT", "TRACE_SLOT", "PoolTelemetry", "is_plain_cursor_class", "statement_text"]
 
 logger = logging.getLogger("pgpool_async")
 
@@ -41,6 +41,19 @@ try:  # optional: the otel extra
 except ImportError:  # pragma: no cover - exercised by the packaging tests' clean venv
     _otel_trace = None  # type: ignore[assignment]
 
+
+class _NoOpenTelemetry:
+    """The API's global provider slots, when the API is not installed: never set."""
+
+    _TRACER_PROVIDER = None
+    _METER_PROVIDER = None
+
+
+#: Where the API keeps the providers an app sets (``set_tracer_provider``,
+#: ``set_meter_provider``): read by the hot path as plain attributes, no call.
+TRACE_SLOT: Any = _otel_trace if _otel_trace is not None else _NoOpenTelemetry
+METER_SLOT: Any = _metrics_globals if _otel_trace is not None else _NoOpenTelemetry
+
 _SYSTEM = "postgresql"
 _SCOPE = "pgpool_async"
 
@@ -49,12 +62,12 @@ _SCOPE = "pgpool_async"
 
 def _tracing_configured() -> bool:
     """A tracer provider was set (an SDK, or anything but the API's no-op)."""
-    return _otel_trace is not None and _otel_trace._TRACER_PROVIDER is not None
+    return TRACE_SLOT._TRACER_PROVIDER is not None
 
 
 def _metering_configured() -> bool:
     """A meter provider was set."""
-    return _otel_trace is not None and _metrics_globals._METER_PROVIDER is not None
+    return METER_SLOT._METER_PROVIDER is not None
 
 
 def _wake_providers() -> None:
@@ -284,8 +297,11 @@ class PoolTelemetry:
     # -- spans ---------------------------------------------------------------------
 
     def live(self) -> bool:
-        """Worth a :meth:`begin`: telemetry on and a tracer or meter provider set."""
-        return self.enabled and (_otel_trace._TRACER_PROVIDER is not None or _metering_configured())
+        """Worth a :meth:`begin`: telemetry on and a tracer or meter provider set
+        (:meth:`Loan._run <pgpool_async._loan.Loan._run>` inlines this test)."""
+        return self.enabled and (
+            TRACE_SLOT._TRACER_PROVIDER is not None or METER_SLOT._METER_PROVIDER is not None
+        )
 
     def begin(self, raw: PGConnection, sql: Any) -> _Statement:
         """Start a statement's span (a child of the caller's current span) with
@@ -325,7 +341,7 @@ class PoolTelemetry:
 
     def metering(self) -> bool:
         """Worth timing checkouts: an exporter reads the totals, or a meter provider is set."""
-        if self.enabled and _metering_configured():
+        if self.enabled and METER_SLOT._METER_PROVIDER is not None:
             _instruments()  # (the gauges too, for a provider set after open())
             return True
         return self.exported
