@@ -26,12 +26,12 @@ from ._loop import failover
 from ._loop.failover import ServerFit
 from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
 from ._loop.stats import PoolStats
-from ._telemetry import METER_SLOT, TRACE_SLOT, PoolTelemetry
+from ._telemetry import METER_SLOT, TRACE_SLOT, PoolTelemetry, sql_commenter
 from ._thread import blocking
 from ._thread.offload import Offloader
 from .errors import ConnectionReleased, StatementNotAwaited, TransactionFailed
 
-__all__ = ["RELEASED", "Loan", "Turn"]
+__all__ = ["RELEASED", "Loan", "Turn", "run_cursor_method"]
 
 T = TypeVar("T")
 
@@ -269,10 +269,14 @@ class Loan:
         if telemetry.enabled and (
             TRACE_SLOT._TRACER_PROVIDER is not None or METER_SLOT._METER_PROVIDER is not None
         ):
-            if sql is None:
-                sql = _statement_of(func, args)
             if sql is not None:
                 statement = telemetry.begin(self.raw, sql)
+            else:
+                sql = _statement_of(func, args)
+                if sql is not None:
+                    statement = telemetry.begin(self.raw, sql)
+                    if self.raw.cursor_factory is not None:
+                        args = _with_sql_comment(statement, self.raw, func, args)
         turn = self.turn
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
@@ -532,6 +536,29 @@ _ROUTES: dict[Callable[..., Any], int] = {
 }
 
 
+def run_cursor_method(raw: PGConnection, method: Callable[..., T], sql: Any, *args: Any) -> T:
+    """``method(sql, *args)`` in a worker thread: a psycopg2 cursor's ``execute`` or
+    ``executemany`` that the loop path does not run (its span, per-path count and
+    SQL comment come from ``sql``, as for the pool's other statement functions)."""
+    return method(sql, *args)
+
+
+def _with_sql_comment(
+    statement: Any, raw: PGConnection, func: Callable[..., Any], args: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """``args`` with the statement's text commented as OpenTelemetry's psycopg2
+    instrumentation would comment it (its SQL commenter on), else unchanged: the
+    instrumentation itself adds nothing where the pool makes the span."""
+    commenter = sql_commenter(raw)
+    if commenter is None:
+        return args
+    where = _STATEMENT_TEXT[func]
+    if isinstance(where, str):
+        return args  # (COMMIT/ROLLBACK: psycopg2's commit() and rollback() carry no comment)
+    index = 1 if where == _HELPER_TEXT else where
+    return (*args[:index], statement.commented(args[index], commenter), *args[index + 1 :])
+
+
 def _statement_of(func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """The statement text of a :meth:`Loan.call` (for its span and the per-path
     count), or None when the call is not a statement of the pool's (user code,
@@ -554,6 +581,7 @@ _STATEMENT_TEXT: dict[Callable[..., Any], int | str] = {
     failover.commit_sql: 0,
     blocking.cursor_execute: 1,
     blocking.run_and_commit: _HELPER_TEXT,
+    run_cursor_method: 1,
 }
 
 

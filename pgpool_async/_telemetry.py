@@ -29,7 +29,14 @@ from psycopg2.extensions import cursor as PGCursor
 from ._loop.stats import PoolStats
 from .errors import PoolConfigError
 
-__all__ = ["METER_SLOT", "TRACE_SLOT", "PoolTelemetry", "is_plain_cursor_class", "statement_text"]
+__all__ = [
+    "METER_SLOT",
+    "TRACE_SLOT",
+    "PoolTelemetry",
+    "is_plain_cursor_class",
+    "sql_commenter",
+    "statement_text",
+]
 
 logger = logging.getLogger("pgpool_async")
 
@@ -142,6 +149,37 @@ def is_plain_cursor_class(cls: type) -> bool:
     return False
 
 
+_COMMENTERS: dict[Any, Any] = {}
+
+
+def sql_commenter(raw: PGConnection) -> Any:
+    """The psycopg2 instrumentation's cursor tracer of ``raw``'s
+    ``TracedCursorFactory`` when its SQL commenter is on (``enable_commenter=True``),
+    else None. Found in the factory's ``execute`` closure, as the instrumentation
+    keeps it there; a layout this does not recognise means no comment."""
+    factory = raw.cursor_factory
+    if factory is None or factory is PGCursor:
+        return None
+    try:
+        return _COMMENTERS[factory]
+    except (KeyError, TypeError):
+        pass
+    found = None
+    for cell in getattr(getattr(factory, "execute", None), "__closure__", None) or ():
+        try:
+            tracer = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if getattr(tracer, "_commenter_enabled", False) and hasattr(
+            tracer, "_update_args_with_added_sql_comment"
+        ):
+            found = tracer
+            break
+    if isinstance(factory, type) and is_plain_cursor_class(factory):
+        _COMMENTERS[factory] = found  # (bounded as _PLAIN_CURSORS is)
+    return found
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -189,6 +227,21 @@ class _Statement:
 
     def failed(self, exc: BaseException) -> None:
         self.error = exc
+
+    def commented(self, sql: Any, commenter: Any) -> Any:
+        """``sql`` with the instrumentation's SQL comment (``traceparent`` of this
+        span, and what its ``commenter_options`` keep) appended, as its cursor would
+        send it; ``sql`` unchanged if it is not a string or the comment fails."""
+        if self.span is None or not isinstance(sql, str):
+            return sql
+        token = _otel_context.attach(_otel_trace.set_span_in_context(self.span))
+        try:
+            # (the cursor is only read for MySQL or a psycopg2.sql object, neither here)
+            return commenter._update_args_with_added_sql_comment((sql,), None)[0]
+        except Exception:  # the instrumentation changed: send the statement as written
+            return sql
+        finally:
+            _otel_context.detach(token)
 
     def in_thread(self) -> Any:
         """Make this span current (and other instrumentation quiet) for a call

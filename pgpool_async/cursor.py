@@ -20,7 +20,7 @@ import psycopg2
 from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 
-from ._loan import Loan
+from ._loan import Loan, run_cursor_method
 from ._loop import failover
 from ._loop.native import Result
 from ._telemetry import is_plain_cursor_class
@@ -164,7 +164,8 @@ class AsyncCursor:
     async def _execute(self, sql: str, params: Params) -> None:
         self._loan.unawaited -= 1
         if not self._on_loop_ok:
-            await self._io_statement(sql, self._cur.execute, sql, params)
+            self._result = None  # the psycopg2 cursor holds what comes next
+            await self._loan.call(run_cursor_method, self._cur.execute, sql, params)
             return
         self._result = await self._loop_execute(sql, params)
         self._pos = 0
@@ -179,7 +180,8 @@ class AsyncCursor:
     async def _executemany(self, sql: str, seq: Iterable[Params]) -> None:
         self._loan.unawaited -= 1
         if not self._on_loop_ok:
-            await self._io_statement(sql, self._cur.executemany, sql, list(seq))
+            self._result = None
+            await self._loan.call(run_cursor_method, self._cur.executemany, sql, list(seq))
             return
         self._check_open()  # (an empty seq too, as psycopg2)
         total = 0

@@ -383,3 +383,33 @@ async def test_metrics_move_as_the_pool_lends_waits_times_out_and_opens(otel: Ot
 async def _return_and_wait(pool: AsyncConnectionPool, conn: Any, waited: anyio.Event) -> None:
     await pool.putconn(conn)
     await waited.wait()
+
+
+async def test_the_sql_commenter_is_honoured(otel: Otel, dsn: str) -> None:
+    """``instrument(enable_commenter=True)``: the statement the server runs carries
+    the traceparent of the pool's span for it, on both paths."""
+    from opentelemetry.instrumentation.psycopg2 import Psycopg2Instrumentor
+
+    instrumentor = Psycopg2Instrumentor()
+    instrumentor.instrument(enable_commenter=True)
+    try:
+        async with AsyncConnectionPool(1, 1, dsn) as pool:
+            otel.exporter.clear()
+            with otel.tracer.start_as_current_span("request"):
+                seen = [await pool.fetchval("SELECT current_query()")]
+                async with pool.connection() as conn:
+                    seen.append(await conn.fetchval("SELECT current_query()"))
+                    async with conn.cursor() as cur:
+                        await cur.execute("SELECT current_query()")
+                        seen.append((await cur.fetchone())[0])
+            spans = [s for s in otel.db_spans() if s.attributes["db.query.text"] == "SELECT current_query()"]  # type: ignore[index]
+            assert len(spans) == 3
+            for query, span in zip(seen, spans, strict=True):
+                assert span.context is not None
+                ctx = span.context
+                traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+                assert f"traceparent='{traceparent}'" in query, query
+            # (the three, and the block's COMMIT)
+            assert pool.get_stats().get("statements_in_threads", 0) == (4 if pool.io == "thread" else 0)
+    finally:
+        instrumentor.uninstrument()
