@@ -413,3 +413,33 @@ async def test_the_sql_commenter_is_honoured(otel: Otel, dsn: str) -> None:
             assert pool.get_stats().get("statements_in_threads", 0) == (4 if pool.io == "thread" else 0)
     finally:
         instrumentor.uninstrument()
+
+
+@pytest.mark.single_io("runs a child process with the default io")
+def test_without_opentelemetry_the_package_imports_and_runs(dsn: str) -> None:
+    """``opentelemetry`` made unimportable before pgpool_async is imported: a pool
+    runs statements, counts them, and telemetry is simply off."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['opentelemetry'] = None\n"
+        "import asyncio\n"
+        "from pgpool_async import AsyncConnectionPool\n"
+        "from pgpool_async import _telemetry\n"
+        "assert _telemetry._otel_trace is None\n"
+        "async def main():\n"
+        "    async with AsyncConnectionPool(1, 1, sys.argv[1]) as pool:\n"
+        "        assert await pool.fetchval('SELECT 41 + 1') == 42\n"
+        "        async with pool.connection() as conn, conn.cursor() as cur:\n"
+        "            await cur.execute('SELECT 1')\n"
+        "        assert not pool._telemetry.enabled and not pool._telemetry.live()\n"
+        "        stats = pool.get_stats()\n"
+        "        print(stats.get('statements_on_loop', 0) + stats.get('statements_in_threads', 0))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, dsn], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == 3  # (fetchval, the cursor's execute, the block's COMMIT)
