@@ -18,6 +18,14 @@ Workloads, ``--tasks`` concurrent tasks on a pool of ``--size``: ``fetchval``
 (``pool.fetchval("SELECT 1")``, one-hop) and ``block`` (``async with
 pool.connection()`` and three ``conn.fetchval``, one COMMIT). Prints ops/s and the
 cost per statement against ``off``; ``--io`` picks the pools' io (default auto).
+
+``--ops N --setting S --workloads W``: instead, run N operations of W in one task
+with setting S, for an instruction count (the README's table)::
+
+    ir() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 | grep Collected; }
+    ir python -m benchmarks.telemetry --dsn ... --ops 0 --setting api --workloads fetchval
+    ir python -m benchmarks.telemetry --dsn ... --ops 1000 --setting api --workloads fetchval
+    # (the difference over 1000: instructions per operation)
 """
 
 from __future__ import annotations
@@ -179,6 +187,22 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
     return "\n".join(lines)
 
 
+async def count(dsn: str, args: argparse.Namespace) -> None:
+    """``--ops``: 50 operations to warm up, then ``args.ops`` of the first workload, one task."""
+    op = WORKLOADS[args.workloads[0]]
+    with _sdk(args.setting.startswith("sdk")) as tracer:
+        telemetry = not args.setting.endswith("off")
+        async with AsyncConnectionPool(1, 1, dsn, io=args.io, telemetry=telemetry) as pool:
+            for _ in range(50):
+                await op(pool)
+            for _ in range(args.ops):
+                if tracer is None:
+                    await op(pool)
+                else:
+                    with tracer.start_as_current_span("request"):
+                        await op(pool)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.telemetry", description=__doc__.split("\n")[0]
@@ -191,8 +215,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--io", default="auto", choices=("auto", "loop", "thread"))
     parser.add_argument("--workloads", default="fetchval,block")
+    parser.add_argument("--ops", type=int, help="run this many operations in one task (for callgrind)")
+    parser.add_argument("--setting", default="api", choices=CONFIGS, help="with --ops")
     args = parser.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
+    if args.ops is not None:
+        with server(args.dsn or os.environ.get("PGPOOL_DSN")) as (dsn, _source):
+            asyncio.run(count(dsn, args))
+        return
     with server(args.dsn or os.environ.get("PGPOOL_DSN")) as (dsn, _source):
         results = asyncio.run(measure(dsn, args))
     print(report(results, args))

@@ -9,9 +9,11 @@ the pool reports waits, loans, connects and timeouts to it.
 
 OpenTelemetry is optional: without ``opentelemetry-api`` nothing is traced or
 metered and nothing else changes. With the API but no SDK configured (no
-tracer or meter provider set), each statement pays one module attribute read:
-the check reads the API's global provider slots directly, since
-``get_tracer_provider()`` also looks at ``os.environ`` on every call.
+tracer or meter provider set), each statement pays two attribute reads: the
+check reads the API's global provider slots directly, since
+``get_tracer_provider()`` also looks at ``os.environ`` on every call. An API
+whose slots are not where this module looks (a future release) is treated as
+not installed, with a log line, rather than guessed at.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ try:  # optional: the otel extra
     from opentelemetry import metrics as _otel_metrics
     from opentelemetry import trace as _otel_trace
     from opentelemetry.metrics import _internal as _metrics_globals
-except ImportError:  # pragma: no cover - exercised by the packaging tests' clean venv
+
+    if not (hasattr(_otel_trace, "_TRACER_PROVIDER") and hasattr(_metrics_globals, "_METER_PROVIDER")):
+        logger.info("pgpool_async: this opentelemetry-api keeps its providers elsewhere: telemetry is off")
+        _otel_trace = None  # type: ignore[assignment]
+except ImportError:  # (tests/test_telemetry.py runs a child process without it)
     _otel_trace = None  # type: ignore[assignment]
 
 
@@ -196,7 +202,7 @@ def loop_refusal(raw: Any) -> tuple[str, bool] | None:
     feature: their rows and cursors are psycopg2's); None: it can."""
     kind = type(raw)
     if kind is not PGConnection:
-        if isinstance(raw, PGConnection):
+        if issubclass(kind, PGConnection):  # (a proxy passes isinstance: it forwards __class__)
             # Its own cursor() or execute would not run on the loop path.
             return f"the connection class {_qualname(kind)} (psycopg2 runs its cursors)", _psycopg2_own(kind)
         return f"the connection is wrapped by {_qualname(kind)}, a proxy the pool does not know", False

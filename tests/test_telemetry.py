@@ -306,6 +306,30 @@ async def test_io_loop_refuses_what_it_cannot_run_and_auto_says_so(
 
 
 @pytest.mark.single_io("passes io itself")
+async def test_a_proxied_connection_is_refused_by_io_loop_and_logged_by_auto(
+    dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection wrapped in a proxy (as ddtrace and Elastic APM wrap psycopg2's)."""
+    import wrapt
+
+    class Proxy(wrapt.ObjectProxy):  # type: ignore[misc]
+        pass
+
+    connect = psycopg2.connect
+    monkeypatch.setattr(psycopg2, "connect", lambda *args, **kwargs: Proxy(connect(*args, **kwargs)))
+    async with AsyncConnectionPool(1, 1, dsn, io="loop") as pool:
+        with pytest.raises(PoolConfigError, match=r"wrapped by .*Proxy, a proxy the pool does not know"):
+            await pool.fetchval("SELECT 1")
+    caplog.set_level(logging.INFO, logger="pgpool_async")
+    async with AsyncConnectionPool(1, 1, dsn, io="auto", name="proxied") as pool:
+        assert await pool.fetchval("SELECT 1") == 1
+        assert await pool.fetchval("SELECT 2") == 2
+        assert pool.get_stats()["statements_in_threads"] == 2
+    said = [r.getMessage() for r in caplog.records if "worker threads" in r.getMessage()]
+    assert len(said) == 1 and "'proxied'" in said[0] and "a proxy" in said[0], said
+
+
+@pytest.mark.single_io("passes io itself")
 async def test_psycopg2s_own_classes_run_in_threads_and_are_logged(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
