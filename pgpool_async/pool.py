@@ -161,7 +161,9 @@ class AsyncConnectionPool:
       (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
       ``"thread"``: every call in the pool's worker threads. ``"loop"``: as
       ``"auto"``, but ``open()`` raises :class:`PoolConfigError` if the loop
-      path is not available in this process.
+      path is not available in this process, and so does a statement on a
+      connection it cannot run (a class, cursor factory or proxy the pool does
+      not know; ``"auto"`` runs those in threads and logs it once at INFO).
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
