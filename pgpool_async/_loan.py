@@ -263,24 +263,24 @@ class Loan:
                 # cursor() to run. Said once per pool (io="auto"), refused (io="loop");
                 # OpenTelemetry's traced cursor factory stays on the loop.
                 route = None if self.telemetry.off_loop(raw) else route
-        telemetry = self.telemetry
-        statement = None
-        # telemetry.live(), inlined: with no provider set, two attribute reads per statement.
-        if telemetry.enabled and (
-            TRACE_SLOT._TRACER_PROVIDER is not None or METER_SLOT._METER_PROVIDER is not None
-        ):
-            if sql is not None:
-                statement = telemetry.begin(self.raw, sql)
-            else:
-                sql = _statement_of(func, args)
-                if sql is not None:
-                    statement = telemetry.begin(self.raw, sql)
-                    if self.raw.cursor_factory is not None:
-                        args = _with_sql_comment(statement, self.raw, func, args)
         turn = self.turn
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
+        telemetry = self.telemetry
+        statement = None
         try:
+            # telemetry.live(), inlined: with no provider set, two attribute reads per statement.
+            if telemetry.enabled and (
+                TRACE_SLOT._TRACER_PROVIDER is not None or METER_SLOT._METER_PROVIDER is not None
+            ):
+                if sql is not None:
+                    statement = telemetry.begin(self.raw, sql)
+                else:
+                    sql = _statement_of(func, args)
+                    if sql is not None:
+                        statement = telemetry.begin(self.raw, sql)
+                        if self.raw.cursor_factory is not None:
+                            args = _with_sql_comment(statement, self.raw, func, args)
             runner = None
             if route is not None:
                 runner = self.runner
