@@ -53,6 +53,7 @@ from ._loop.stats import PoolStats
 from ._loop.upkeep import Upkeep
 from ._loop.waiting import Waiter, WaitQueue, current_time
 from ._redact import redact_connect_args
+from ._telemetry import PoolTelemetry
 from ._thread import blocking
 from ._thread.background import BackgroundTasks
 from ._thread.blocking import Params, close_all, run_and_commit
@@ -160,7 +161,9 @@ class AsyncConnectionPool:
       (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
       ``"thread"``: every call in the pool's worker threads. ``"loop"``: as
       ``"auto"``, but ``open()`` raises :class:`PoolConfigError` if the loop
-      path is not available in this process.
+      path is not available in this process, and so does a statement on a
+      connection it cannot run (a class, cursor factory or proxy the pool does
+      not know; ``"auto"`` runs those in threads and logs it once at INFO).
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
@@ -189,6 +192,9 @@ class AsyncConnectionPool:
       ``target_session_attrs`` in the DSN, a connection whose server changed role
       (a ``ReadOnlySqlTransaction``, or the role PostgreSQL 14+ reports) is
       discarded on return with every idle one to the same host.
+    - ``telemetry`` (default True): with OpenTelemetry's API installed and a
+      tracer or meter provider set by the app, a CLIENT span per statement and
+      the pool's metrics (see ``docs/observability.md``); False: none for this pool.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
     opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
@@ -216,6 +222,7 @@ class AsyncConnectionPool:
         reconnect_failed: Callable[[AsyncConnectionPool], Any] | None = None,
         leak_threshold: float | None = None,
         transaction_pooling: bool = False,
+        telemetry: bool = True,
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
@@ -251,6 +258,7 @@ class AsyncConnectionPool:
         self._target = redact_connect_args(describe_target(params), args, kwargs)
         self._health = health
         self._stats = PoolStats()
+        self._telemetry = PoolTelemetry(self.name, io, self._stats, telemetry)
         self._hook_log = HookLog(logger, self.name)
         self._waiting = WaitQueue()
         self._ledger = Ledger(minconn, maxconn, self._waiting)
@@ -272,6 +280,7 @@ class AsyncConnectionPool:
             usable=usable,
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=_weak(self._call_reconnect_failed),
+            connected=self._telemetry.connected,
         )
         self._upkeep = Upkeep(
             name=self.name,
@@ -370,10 +379,11 @@ class AsyncConnectionPool:
                     f'io="loop" is not available here ({reason}): use io="auto" or "thread"'
                 )
         self._opened = True
+        self._telemetry.opened(self)
         await self._tasks.start()
         self._tasks.spawn(
             self._waiting.enforce_deadlines,
-            _timeout_error(self.name, self._ledger, self._stats, self._opener),
+            _timeout_error(self.name, self._ledger, self._stats, self._opener, self._telemetry),
         )
         self._tasks.spawn(self._upkeep.run)
         self._apply(self._ledger.assign(self._usable))
@@ -593,6 +603,8 @@ class AsyncConnectionPool:
                 ):
                     break
             conn = self._lend(slot)
+            if self._telemetry.metering():
+                self._telemetry.waited(current_time() - deadline + wait)
         if into is not None:
             into._conn = conn
         return conn
@@ -783,7 +795,10 @@ class AsyncConnectionPool:
         """Take a lent connection back; no await. Returns an event set when the
         return's I/O is done, or None if it needed none."""
         slot, loan = conn._detach()
-        self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
+        used = time.monotonic() - conn.lent_at
+        self._stats.usage_ms += int(used * 1000)
+        if self._telemetry.metering():
+            self._telemetry.used(used)
         return self._start_return_slot(slot, loan, close)
 
     def _start_return_slot(self, slot: Slot, loan: Loan | None, close: bool) -> anyio.Event | None:
@@ -996,12 +1011,13 @@ async def _back_pressure(done: anyio.Event | None) -> None:
 
 
 def _timeout_error(
-    name: str, ledger: Ledger, stats: PoolStats, opener: Opener
+    name: str, ledger: Ledger, stats: PoolStats, opener: Opener, telemetry: PoolTelemetry
 ) -> Callable[[Waiter], BaseException]:
     """The deadline task's error for a waiter; holds no reference to the pool."""
 
     def error(waiter: Waiter) -> BaseException:
         stats.requests_errors += 1
+        telemetry.timed_out()
         exc = PoolTimeout(
             f"couldn't get a connection after {waiter.timeout:.2f} sec (pool {name!r}: "
             f"{ledger.lent_count} in use, {ledger.opening_count} opening, max {ledger.maxconn})"

@@ -41,6 +41,7 @@ PUBLIC_MODULES = [
     "pgpool_async.extras",
     "pgpool_async.copying",
     "pgpool_async.notifications",
+    "pgpool_async.prometheus",
     "pgpool_async.testing",
     "pgpool_async.testing.throwaway",
     "pgpool_async.testing.faultproxy",

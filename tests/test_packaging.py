@@ -73,13 +73,14 @@ def venvs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.timeout(900)
 def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, dsn: str) -> None:
     python = pip_venv(venvs / "embedded", "embedded")
-    # Clean: what the issue found missing (sniffio), and the other extras, are absent.
+    # Clean: what the issue found missing (sniffio), and the other extras (OpenTelemetry
+    # and Prometheus too: the demo and examples below run without them), are absent.
     absent = sh(
         [
             str(python),
             "-c",
             "import importlib.util as u; print([m for m in ('sniffio', 'fastapi', "
-            "'trio', 'uvicorn') if u.find_spec(m)])",
+            "'trio', 'uvicorn', 'opentelemetry', 'prometheus_client') if u.find_spec(m)])",
         ]
     )
     assert absent.strip() == "[]"
