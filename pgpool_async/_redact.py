@@ -20,7 +20,14 @@ from urllib.parse import unquote
 import psycopg2
 import psycopg2.extensions
 
-__all__ = ["connect_args_error", "dsn_error_message", "redact", "redact_connect_args", "secrets_in"]
+__all__ = [
+    "connect_args_error",
+    "dsn_error_message",
+    "redact",
+    "redact_connect_args",
+    "redacted_connect_error",
+    "secrets_in",
+]
 
 MASK = "***"
 
@@ -139,3 +146,34 @@ def redact_connect_args(text: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     secrets = secrets_in(dsn) if isinstance(dsn, str) else []
     password = kwargs.get("password")
     return redact(text, [*secrets, *([str(password)] if password else [])])
+
+
+URI_PASSWORD_HINT = (
+    "a password in a postgresql:// URI that has '/', '@', ':' or '%' in it must be "
+    "percent-encoded (urllib.parse.quote(password, safe='')), or passed as the password "
+    "keyword argument"
+)
+
+
+def redacted_connect_error(
+    exc: psycopg2.Error, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> psycopg2.Error | None:
+    """A copy of ``exc`` (a failed ``psycopg2.connect(*args, **kwargs)``) whose
+    message holds no password of the arguments, or None when it holds none.
+
+    libpq quotes what it could not use, and a URI password with an unencoded
+    ``/`` or ``@`` is read as the port or the host: its pieces then appear in
+    libpq's message ("invalid integer value ... for connection option
+    \"port\"", "could not translate host name ..."). The copy is of the same
+    class, its message masked and followed by how to write the password."""
+    text = str(exc)
+    dsn = args[0] if args else kwargs.get("dsn")
+    secrets = secrets_in(dsn) if isinstance(dsn, str) else []
+    password = kwargs.get("password")
+    if password:
+        secrets.append(str(password))
+    cleaned = redact(text, secrets)
+    if cleaned == text:
+        return None
+    hint = URI_PASSWORD_HINT if isinstance(dsn, str) and "://" in dsn else MALFORMED_PASSWORD
+    return type(exc)(f"{cleaned.strip()} ({hint})")

@@ -111,10 +111,16 @@ class AsyncConnection:
 
         The escape hatch for any psycopg2 code: cursors created inside ``func``
         must not escape it. ``func`` may call back into the event loop with
-        ``anyio.from_thread.run``. Cancelling the caller waits for ``func`` to
-        finish (a thread cannot be interrupted), then raises the cancellation.
+        ``anyio.from_thread.run``. Cancelling the caller (any way: a scope,
+        ``task.cancel()``, ``wait_for``) asks the server to cancel the statement
+        ``func`` is running (psycopg2 raises ``QueryCanceledError`` in ``func``),
+        waits for ``func`` to finish (a thread cannot be interrupted), then raises
+        the cancellation; if ``func`` is still busy a grace period later, the
+        connection's socket is shut down so it fails at once (the pool then
+        discards the connection).
         """
-        return await self.loan.call_user(func, *args)
+        loan = self.loan
+        return await loan.call_user(func, *args, on_cancel=loan.cancel_statement)
 
     # The statement methods are counted until awaited (Loan.statement: a block
     # ending with one never awaited raises); a released connection raises when

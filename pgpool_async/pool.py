@@ -732,8 +732,10 @@ class AsyncConnectionPool:
     async def run_sync(self, func: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
         """Borrow a connection, run ``func(raw_connection, *args)`` and commit in a
         single worker-thread call, then return the connection (rolled back on error).
-        ``func`` may call back into the loop with ``anyio.from_thread``."""
-        return await self._borrow_and_run(Loan.call_user, func, args, timeout)
+        ``func`` may call back into the loop with ``anyio.from_thread``. A cancelled
+        caller cancels the statement ``func`` is running, as
+        :meth:`AsyncConnection.run_sync` does."""
+        return await self._borrow_and_run(_call_user_cancellable, func, args, timeout)
 
     async def execute(self, sql: str, params: Params = None, *, timeout: float | None = None) -> int:
         """Run one statement on a pooled connection and commit; returns ``rowcount``."""
@@ -999,6 +1001,11 @@ def _let_go(slots: list[Slot]) -> list[PGConnection]:
             native.release(slot.raw)
         raws.append(slot.raw)
     return raws
+
+
+def _call_user_cancellable(loan: Loan, func: Callable[..., T], *args: Any) -> Awaitable[T]:
+    """``loan.call_user`` whose caller, cancelled, cancels the running statement."""
+    return loan.call_user(func, *args, on_cancel=loan.cancel_statement)
 
 
 async def _back_pressure(done: anyio.Event | None) -> None:

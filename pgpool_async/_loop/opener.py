@@ -33,6 +33,7 @@ import anyio
 import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
+from .._redact import redacted_connect_error
 from .._thread.blocking import close_quietly
 from .._thread.offload import Offloader
 from ..errors import PoolClosed, is_permanent_connect_error
@@ -243,17 +244,28 @@ class Opener:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             logger.warning(
-                "pool %r: cannot connect to %s (%s); retrying in the background with backoff",
+                "pool %r: cannot connect to %s (%s); %s",
                 self._name,
                 self._target,
                 message,
+                "open() fails on it: retrying would not help"
+                if self.permanent_error is exc
+                else "retrying in the background with backoff",
             )
         else:
             logger.debug("pool %r: connect to %s failed again: %s", self._name, self._target, message)
 
     def _connect_in_thread(self, attempt: _Attempt) -> PGConnection:
         """In a worker thread: open and set up one connection."""
-        raw: PGConnection = psycopg2.connect(*self._args, **self._kwargs)
+        cleaned: psycopg2.Error | None = None
+        try:
+            raw: PGConnection = psycopg2.connect(*self._args, **self._kwargs)
+        except psycopg2.Error as exc:
+            cleaned = redacted_connect_error(exc, self._args, self._kwargs)
+            if cleaned is None:
+                raise
+        if cleaned is not None:
+            raise cleaned  # outside the except: the original, which quotes it, is not its context
         try:
             self._health.set_up_in_thread(raw, self._autocommit)
         except BaseException:
