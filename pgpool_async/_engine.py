@@ -299,6 +299,19 @@ class EngineFace(AsyncConnectionPool):
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _occupancy(self) -> Callable[[], str]:
+        """The engine's budget, which threads share: what a timeout message says."""
+        engine, ledger = self._engine, self._ledger
+
+        def text() -> str:
+            return (
+                f"{ledger.lent_count} lent to tasks; the engine has {len(engine._used)} of its "
+                f"maxconn {engine.maxconn} in use by threads and tasks: raise the engine's maxconn, "
+                "return connections sooner, or raise the timeout"
+            )
+
+        return text
+
     async def open(self) -> None:
         """Start serving; takes nothing from the engine (which keeps its own
         ``minconn``), so it opens at once even while threads hold every connection.

@@ -353,6 +353,16 @@ class AsyncConnectionPool:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _occupancy(self) -> Callable[[], str]:
+        """What a timeout message says of the connections (a function holding the
+        ledger, not the pool)."""
+        ledger = self._ledger
+
+        def text() -> str:
+            return f"{ledger.lent_count} in use, {ledger.opening_count} opening, max {ledger.maxconn}"
+
+        return text
+
     async def open(self) -> None:
         """Open ``minconn`` connections, in worker threads, and start serving.
 
@@ -383,7 +393,7 @@ class AsyncConnectionPool:
         await self._tasks.start()
         self._tasks.spawn(
             self._waiting.enforce_deadlines,
-            _timeout_error(self.name, self._ledger, self._stats, self._opener, self._telemetry),
+            _timeout_error(self.name, self._occupancy(), self._stats, self._opener, self._telemetry),
         )
         self._tasks.spawn(self._upkeep.run)
         self._apply(self._ledger.assign(self._usable))
@@ -1018,7 +1028,7 @@ async def _back_pressure(done: anyio.Event | None) -> None:
 
 
 def _timeout_error(
-    name: str, ledger: Ledger, stats: PoolStats, opener: Opener, telemetry: PoolTelemetry
+    name: str, occupancy: Callable[[], str], stats: PoolStats, opener: Opener, telemetry: PoolTelemetry
 ) -> Callable[[Waiter], BaseException]:
     """The deadline task's error for a waiter; holds no reference to the pool."""
 
@@ -1026,8 +1036,7 @@ def _timeout_error(
         stats.requests_errors += 1
         telemetry.timed_out()
         exc = PoolTimeout(
-            f"couldn't get a connection after {waiter.timeout:.2f} sec (pool {name!r}: "
-            f"{ledger.lent_count} in use, {ledger.opening_count} opening, max {ledger.maxconn})"
+            f"couldn't get a connection after {waiter.timeout:.2f} sec (pool {name!r}: {occupancy()})"
         )
         exc.__cause__ = opener.last_error
         return exc

@@ -371,9 +371,12 @@ async def test_pool_timeout_on_schedule(make_engine: Callable[..., Any]) -> None
     held = await in_thread(engine.getconn)
     async with AsyncConnectionPool.over(engine, timeout=10) as pool:
         started = time.monotonic()
-        with pytest.raises(PoolTimeout):
+        with pytest.raises(PoolTimeout) as info:
             await pool.getconn(timeout=0.3)
         assert 0.25 <= time.monotonic() - started < 3.0
+        # The message counts what the threads hold, and names the fix.
+        assert "the engine has 1 of its maxconn 1 in use by threads and tasks" in str(info.value)
+        assert "raise the engine's maxconn" in str(info.value)
         assert list(engine._used.values()) == [held]
         if isinstance(engine, ThreadedConnectionPool):
             assert not engine._waiters
