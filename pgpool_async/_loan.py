@@ -210,7 +210,8 @@ class Loan:
             raise TransactionFailed(
                 f"the transaction failed earlier ({named}) and the code went on, so {where} "
                 "rolled it back: nothing was committed. Let the error propagate, or roll back "
-                "(or use a nested transaction() block, a savepoint) where you catch it"
+                "(or use a nested transaction() block, a savepoint) where you catch it",
+                getattr(first, "pgcode", None),
             )
 
     def call(self, func: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:

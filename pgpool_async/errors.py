@@ -97,9 +97,15 @@ class TransactionFailed(PoolError):
     caught and the code went on. PostgreSQL turns the COMMIT of a failed
     transaction into a ROLLBACK, so every write of the transaction is gone; this
     error says so instead of a silent success. The message names the first
-    error of the loan. Catch errors inside a nested ``transaction()`` block (a
-    savepoint) to go on after them.
+    error of the loan, and ``pgcode`` is its SQLSTATE (None when it had none).
+    Catch errors inside a nested ``transaction()`` block (a savepoint) to go on
+    after them.
     """
+
+    def __init__(self, message: str, pgcode: str | None = None) -> None:
+        super().__init__(message)
+        # (psycopg2.Error's pgcode is read-only; its pickling hook sets it)
+        self.__setstate__({"pgerror": None, "pgcode": pgcode})  # type: ignore[no-untyped-call]
 
 
 class StatementNotAwaited(PoolError):

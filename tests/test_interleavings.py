@@ -548,16 +548,6 @@ class Run:
         assert conn is not None
         self.model.sent(before)
         result: Any = None
-        if step["via"] == "run_sync":
-            # A thread can't be interrupted: the cancellation arrives once it is done.
-            with anyio.CancelScope() as scope:
-
-                def cancel_then_sleep(raw: Any) -> Any:
-                    anyio.from_thread.run_sync(scope.cancel)
-                    return _raw_statement(raw, "SELECT pg_sleep(0.01)", None)
-
-                result = await conn.run_sync(cancel_then_sleep)
-            return "cancelled" if scope.cancelled_caught else result
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
             scope = anyio.CancelScope()
@@ -566,6 +556,9 @@ class Run:
                 try:
                     if step["via"] == "fetchval":
                         result = await conn.fetchval("SELECT pg_sleep(5)")
+                    elif step["via"] == "run_sync":
+                        # psycopg2 code in a thread: its statement is cancelled on the server too.
+                        result = await conn.run_sync(_raw_statement, "SELECT pg_sleep(5)", None)
                     else:
                         async with conn.cursor() as cur:
                             await cur.execute("SELECT pg_sleep(5)")
