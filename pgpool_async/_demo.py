@@ -12,6 +12,7 @@ The summary is the same plain lines either way.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import sys
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import psycopg2
 
 from .pool import AsyncConnectionPool
 from .testing.throwaway import ThrowawayPostgres
@@ -236,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     demo.add_argument("--plain", action="store_true", help="plain progress lines, even on a terminal")
     args = parser.parse_args(argv)
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        parser.error("--backend trio needs trio: pip install 'pgpool_async[trio]'")
     dsn = os.environ.get("PGPOOL_DSN")
     server = None
     if not dsn:
@@ -245,6 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  listening on 127.0.0.1:{server.port} (removed at exit)", flush=True)
     try:
         anyio.run(lambda: run_demo(dsn, args.tasks, args.pool, live=not args.plain), backend=args.backend)
+    except psycopg2.Error as exc:  # (the pool's own errors are psycopg2.Error too)
+        hint = "check PGPOOL_DSN, or unset it for a throwaway server" if server is None else "see above"
+        print(f"the demo could not use the database: {str(exc).strip()} ({hint})", file=sys.stderr)
+        return 1
     finally:
         if server is not None:
             server.destroy()
