@@ -285,7 +285,7 @@ async def wait_for_in_blackhole(lab: NetLab, kind: str = "pgpool_async") -> Scen
         outcome = "returned"
         try:
             await asyncio.wait_for(pool.fetchval("SELECT pg_sleep(0.5)"), 3)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             outcome = "TimeoutError"
         except Exception as exc:
             outcome = type(exc).__name__
