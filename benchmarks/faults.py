@@ -82,10 +82,14 @@ __all__ = [
 
 #: libpq options of the blackhole scenario: keepalives after 1 s idle, every 1 s,
 #: 1 probe; unacknowledged data gives up after 1 s; connects after 2 s.
-KEEPALIVE_OPTIONS = (
-    "keepalives=1 keepalives_idle=1 keepalives_interval=1 keepalives_count=1 "
-    "tcp_user_timeout=1000 connect_timeout=2"
-)
+KEEPALIVE_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 1,
+    "keepalives_interval": 1,
+    "keepalives_count": 1,
+    "tcp_user_timeout": 1000,
+    "connect_timeout": 2,
+}
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(pgpool_async.__file__))
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _BUCKET = 0.1  # seconds: throughput is compared in 100 ms buckets
@@ -611,7 +615,7 @@ async def blackhole(
         pool = AsyncConnectionPool(
             size,
             size,
-            f"{proxy.dsn(dsn)} {KEEPALIVE_OPTIONS}",
+            psycopg2.extensions.make_dsn(proxy.dsn(dsn), **KEEPALIVE_OPTIONS),
             application_name=app_name,
             timeout=timeout,
             name=name,

@@ -24,6 +24,7 @@ from pgpool_async import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRe
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
+from .fix_dsn import tcp_address
 from .gates import assert_pool_sound, in_use, poll, pool_threads, wait_backends, wait_closed_down
 
 pytestmark = pytest.mark.anyio
@@ -199,7 +200,6 @@ async def test_defect4_discard_all_reset_works_without_autocommit(
 
 
 async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn: str, app_name: str) -> None:
-    params = dict(p.split("=", 1) for p in dsn.split())
     called = anyio.Event()
     seen: list[AsyncConnectionPool] = []
 
@@ -208,7 +208,7 @@ async def test_defect5_async_reconnect_failed_is_awaited(anyio_backend: str, dsn
         seen.append(pool)
         called.set()
 
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         options = pool_kwargs(app_name, reconnect_timeout=0.2, reconnect_failed=failed)
         async with AsyncConnectionPool(1, 1, proxy.dsn(dsn), **options) as pool:
             proxy.refuse()

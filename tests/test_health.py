@@ -13,6 +13,7 @@ from pgpool_async import AsyncConnectionPool, PoolConfigError, PoolTimeout
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
+from .fix_dsn import tcp_address
 
 pytestmark = pytest.mark.anyio
 
@@ -147,9 +148,8 @@ async def test_minconn_refilled_by_background_task(dsn: str, app_name: str) -> N
 
 
 async def test_reconnect_failed_and_waiters_time_out_with_cause(dsn: str) -> None:
-    params = dict(p.split("=") for p in dsn.split())
     failed: list[AsyncConnectionPool] = []
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         async with AsyncConnectionPool(
             2, 2, proxy.dsn(dsn), reconnect_timeout=0.5, reconnect_failed=failed.append, timeout=5
         ) as pool:

@@ -25,6 +25,7 @@ from pgpool_async import (
 )
 
 from .conftest import backends, server_query, wait_backends_gone
+from .fix_dsn import with_params
 
 pytestmark = pytest.mark.anyio
 
@@ -268,7 +269,7 @@ async def test_terminated_idle_connection_replaced(dsn: str, app_name: str) -> N
 
 
 async def test_repr_and_errors_never_show_password(dsn: str) -> None:
-    pool = AsyncConnectionPool(1, 2, dsn + " password=s3cr3t-pw", name="web")
+    pool = AsyncConnectionPool(1, 2, with_params(dsn, password="s3cr3t-pw"), name="web")
     assert "s3cr3t" not in repr(pool)
     async with pool:
         conn = await pool.getconn()
@@ -326,7 +327,7 @@ async def test_autocommit_option(dsn: str, app_name: str) -> None:
 async def test_connect_timeout_default_and_override(dsn: str) -> None:
     pool = AsyncConnectionPool(1, 1, dsn, timeout=7.5)
     assert pool._connect_kwargs["connect_timeout"] == 8
-    pool = AsyncConnectionPool(1, 1, dsn + " connect_timeout=3")
+    pool = AsyncConnectionPool(1, 1, with_params(dsn, connect_timeout=3))
     assert "connect_timeout" not in pool._connect_kwargs
     pool = AsyncConnectionPool(1, 1, dsn, timeout=math.inf)
     assert pool._connect_kwargs["connect_timeout"] == 2
