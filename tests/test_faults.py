@@ -21,9 +21,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
+from benchmarks._harness import busy_threads
 from benchmarks.faults import (
     blackhole,
-    busy_threads,
     churn,
     outage_immediate,
     restart_under_load,
