@@ -1,0 +1,238 @@
+"""The suite where users run it, beyond the interpreter and the DSN of this run.
+
+- Every declared Python: the package declares the Pythons it supports (``requires-python``
+  and its ``Programming Language :: Python :: 3.x`` classifiers). This run covers the
+  interpreter it runs on; for the lowest and the highest declared ones that are not this
+  interpreter, a venv is built with ``pip install -e '.[test]'`` and the non-slow suite runs
+  there (with both ``io`` paths, each on its own throwaway server; the two runs go side by
+  side, as each mostly waits on the server). The interpreters are found on ``PATH``
+  (``python3.10``) or under pyenv. Slow, so marked ``slow``; CI runs them. Where an
+  interpreter is missing the test skips with the reason, and fails under ``CI``.
+- ``PGPOOL_TEST_DSN`` given as a URL (``postgresql://user@host:port/db``, the form most
+  users have): a handful of the tests that add keywords to the DSN or proxy its address
+  run in a child pytest with the session's server given that way.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from .conftest import server_query
+from .fix_dsn import as_url, tcp_address, with_params
+
+pytestmark = pytest.mark.single_io("runs the suite in child processes, which run both io paths")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment less anything pointing at this venv, a database or pytest options."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in {
+            "VIRTUAL_ENV",
+            "PYTHONPATH",
+            "PGPOOL_DSN",
+            "PGPOOL_TEST_DSN",
+            "PGPOOL_TEST_IO",
+            "PYTEST_ADDOPTS",
+        }
+    }
+    env.update(extra)
+    return env
+
+
+def _summary(out: str) -> str:
+    """pytest's last line (``N passed, M skipped in T s``)."""
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+# -- PGPOOL_TEST_DSN as a URL ----------------------------------------------------------
+
+
+def test_the_dsn_helpers_take_a_url(dsn: str, app_name: str) -> None:
+    url = as_url(dsn)
+    assert url.startswith("postgresql://")
+    assert psycopg2.extensions.parse_dsn(url) == psycopg2.extensions.parse_dsn(dsn)
+    named = with_params(url, application_name=app_name, connect_timeout=5)
+    assert server_query(named, "SELECT current_setting('application_name')") == [(app_name,)]
+    assert tcp_address(url) == tcp_address(dsn)
+    host, _ = tcp_address(dsn)
+    assert tcp_address(f"postgresql://postgres@{host}/postgres") == (host, 5432)  # libpq's default port
+    with pytest.raises(pytest.skip.Exception, match="Unix socket"):
+        tcp_address("host=/var/run/postgresql dbname=x")
+
+
+#: Tests that add keywords to the DSN or hand its address to a proxy (one or two of each kind).
+URL_DSN_TESTS = [
+    "tests/test_permanent_connect_errors.py::test_unknown_database_and_role_are_permanent",
+    "tests/test_pool.py::test_repr_and_errors_never_show_password",
+    "tests/test_pool.py::test_connect_timeout_default_and_override",
+    "tests/test_native.py::test_a_cancelled_statement_is_cancelled_on_the_server",
+    "tests/test_native.py::test_a_killed_backend_closes_the_connection",
+    "tests/test_failover.py::test_a_read_only_transaction_of_the_caller_retires_nothing",
+    "tests/test_engine.py::test_connect_outside_lock",
+    "tests/test_health.py::test_reconnect_failed_and_waiters_time_out_with_cause",
+    "tests/test_cancellation.py::test_cancel_while_worker_connects",
+]
+
+
+@pytest.mark.timeout(300)
+def test_a_url_test_dsn_runs_the_tests_that_build_dsns(dsn: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *URL_DSN_TESTS],
+        cwd=ROOT,
+        env=clean_env(PGPOOL_TEST_DSN=as_url(dsn), PGPOOL_TEST_IO="loop"),
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    # Each ran (the async ones on asyncio and trio), none skipped.
+    ran = re.fullmatch(r"(\d+) passed in [\d.]+s(?: \(.*\))?", _summary(proc.stdout))
+    assert ran and int(ran[1]) >= len(URL_DSN_TESTS), out[-5000:]
+
+
+# -- every declared Python -------------------------------------------------------------
+
+
+def declared_pythons() -> list[tuple[int, int]]:
+    """The Pythons pyproject.toml declares (oldest first). Read as text: tomllib is 3.11+."""
+    text = (ROOT / "pyproject.toml").read_text()
+    found = sorted(
+        (int(major), int(minor))
+        for major, minor in re.findall(r'"Programming Language :: Python :: (\d+)\.(\d+)"', text)
+    )
+    floor = re.search(r'^requires-python = ">=(\d+)\.(\d+)"', text, re.MULTILINE)
+    assert floor and found, "pyproject.toml declares requires-python >=3.x and the 3.x classifiers"
+    assert found[0] == (int(floor[1]), int(floor[2])), "requires-python and the lowest classifier agree"
+    return found
+
+
+def find_python(version: tuple[int, int]) -> str | None:
+    """An interpreter of this minor version: ``python3.X`` on PATH, else pyenv's newest."""
+    name = f"python{version[0]}.{version[1]}"
+    candidates = [shutil.which(name) or ""]
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    pattern = os.path.join(root, "versions", f"{version[0]}.{version[1]}.*", "bin", name)
+    candidates += sorted(glob.glob(pattern), key=lambda p: [int(x) for x in re.findall(r"\d+", p)[-3:]])[::-1]
+    for path in candidates:
+        if path and os.access(path, os.X_OK):
+            probe = subprocess.run(
+                [path, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True
+            )
+            if probe.returncode == 0 and probe.stdout.split() == [str(v) for v in version]:
+                return path
+    return None
+
+
+def _ends() -> list[tuple[int, int]]:
+    declared = declared_pythons()
+    return sorted({declared[0], declared[-1]} - {sys.version_info[:2]})
+
+
+class SuiteRun:
+    """The non-slow suite on another interpreter, in a fresh venv, in the background."""
+
+    def __init__(self, version: tuple[int, int], where: Path) -> None:
+        self.version = version
+        self.where = where
+        self.python = find_python(version)
+        self.proc: subprocess.Popen[str] | None = None
+        self.failed_setup = ""
+        self.log = where.with_suffix(".log")
+        self.started = time.monotonic()
+
+    def start(self) -> None:
+        if self.python is None:
+            return
+        version = ".".join(map(str, self.version))
+        # Its own mypy cache: two runs (and this one) check the package at the same time.
+        env = clean_env(MYPY_CACHE_DIR=str(self.where / "mypy_cache"))
+        # One editable install at a time (each writes the build's files into the source
+        # tree), then the suites side by side.
+        lock = self.where.parent / "install.lock"
+        script = (
+            f'set -e; flock {lock} sh -c "{self.python} -m venv {self.where}/venv && '
+            f"{self.where}/venv/bin/pip install -q -e '.[test]'\"; "
+            f"echo 'python {version} venv built'; "
+            f"exec {self.where}/venv/bin/python -m pytest -q -p no:cacheprovider -m 'not slow'"
+        )
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+
+    def wait(self, timeout: float) -> tuple[int, str, float]:
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = -9
+        return code, self.log.read_text(), time.monotonic() - self.started
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def suite_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[int, int], SuiteRun]]:
+    """One background run per declared end Python other than this one, started together."""
+    base = tmp_path_factory.mktemp("pythons")
+    runs = {v: SuiteRun(v, base / f"py{v[0]}{v[1]}") for v in _ends()}
+    for run in runs.values():
+        run.where.mkdir()
+        run.start()
+    try:
+        yield runs
+    finally:
+        for run in runs.values():
+            run.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("version", _ends(), ids=lambda v: f"py{v[0]}.{v[1]}")
+def test_the_suite_passes_on_each_end_python(
+    version: tuple[int, int], suite_runs: dict[tuple[int, int], SuiteRun]
+) -> None:
+    run = suite_runs[version]
+    name = "python{}.{}".format(*version)
+    if run.python is None:
+        why = f"{name} is not installed (on PATH or under pyenv): the suite cannot be run on it"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI must run this test)")
+        pytest.skip(why)
+    code, out, took = run.wait(timeout=2300)
+    summary = _summary(out)
+    print(f"{name} ({run.python}): {summary} (with the venv build: {took:.0f} s)")
+    assert code == 0, out[-8000:]
+    assert re.match(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary, out[
+        -8000:
+    ]
