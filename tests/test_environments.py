@@ -15,10 +15,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -183,6 +186,8 @@ class SuiteRun:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 text=True,
+                start_new_session=True,  # its own process group: stop() ends all of it
+                preexec_fn=_die_with_parent,
             )
 
     def wait(self, timeout: float) -> tuple[int, str, float]:
@@ -190,15 +195,27 @@ class SuiteRun:
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.stop()
             code = -9
         return code, self.log.read_text(), time.monotonic() - self.started
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Interrupt the run (pytest then tears down its server), then kill what is left."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, grace in ((signal.SIGINT, 30.0), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+                return
+
+
+def _die_with_parent() -> None:
+    """In the child: interrupted by the kernel if this pytest dies without cleaning up
+    (Linux), so the child pytest still tears down its throwaway server."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
 
 @pytest.fixture(scope="module")
