@@ -1,11 +1,13 @@
 """The repository's shape: no import cycle in the package or the benchmarks (not even
 through ``TYPE_CHECKING`` or function-level imports), a public surface that is
-``__init__.py`` plus a few public modules, and benchmark modules that are each run
-(``python -m benchmarks.x``) or used by one that is."""
+``__init__.py`` plus a few public modules, benchmark modules that are each run
+(``python -m benchmarks.x``) or used by one that is, and a map of the tests
+(tests/README.md) that names every file in tests/."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,15 @@ def test_internal_modules_are_private() -> None:
     } | {p for p in public if p.startswith("testing/")}
     for name in pgpool_async.__all__:
         assert hasattr(pgpool_async, name), name
+
+
+def test_the_tests_map_names_every_test_file() -> None:
+    """tests/README.md maps modules to test files: it names every file in tests/, and only those."""
+    tests = Path(__file__).resolve().parent
+    text = (tests / "README.md").read_text()
+    files = {p.name for p in tests.iterdir() if p.suffix in {".py", ".md"}} - {"__init__.py", "README.md"}
+    named = set(re.findall(r"`([\w.]+\.(?:py|md))`", text))
+    missing = sorted(files - named)
+    assert not missing, f"tests/README.md does not name {missing}: add each to its table"
+    gone = sorted(n for n in named if "/" not in n and n.startswith(("test_", "fix_")) and n not in files)
+    assert not gone, f"tests/README.md names files that are not in tests/: {gone}"
