@@ -82,7 +82,7 @@ def test_the_dsn_helpers_take_a_url(dsn: str, app_name: str) -> None:
 
 #: Tests that add keywords to the DSN or hand its address to a proxy (one or two of each kind).
 URL_DSN_TESTS = [
-    "tests/test_permanent_connect_errors.py::test_unknown_database_and_role_are_permanent",
+    "tests/test_errors.py::test_unknown_database_and_role_are_permanent",
     "tests/test_pool.py::test_repr_and_errors_never_show_password",
     "tests/test_pool.py::test_connect_timeout_default_and_override",
     "tests/test_native.py::test_a_cancelled_statement_is_cancelled_on_the_server",
