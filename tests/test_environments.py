@@ -160,16 +160,23 @@ class SuiteRun:
         self.started = time.monotonic()
 
     def start(self) -> None:
+        """Build the venv (here, so nothing outlives this process but the run itself), then
+        start the suite in it."""
         venv = self.where / "venv"
+        env = clean_env()
+        for args in (
+            [self.python, "-m", "venv", str(venv)],
+            [f"{venv}/bin/pip", "install", "-q", "-e", ".[test]"],
+        ):
+            done = subprocess.run(
+                args, cwd=ROOT, env=env, timeout=900, capture_output=True, text=True, stdin=subprocess.DEVNULL
+            )
+            assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
         # Its own mypy cache: test_quality.py checks the package with this interpreter.
-        env = clean_env(MYPY_CACHE_DIR=str(self.where / "mypy_cache"))
-        script = (
-            f"set -e; {self.python} -m venv {venv}; {venv}/bin/pip install -q -e '.[test]'; "
-            f"exec {venv}/bin/python -m pytest -q -p no:cacheprovider -m 'not slow'"
-        )
+        env["MYPY_CACHE_DIR"] = str(self.where / "mypy_cache")
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                ["bash", "-c", script],
+                [f"{venv}/bin/python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow"],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
