@@ -210,7 +210,10 @@ class SuiteRun:
 
 def _die_with_parent() -> None:
     """In the child: interrupted by the kernel if this pytest dies without cleaning up
-    (Linux), so the child pytest still tears down its throwaway server."""
+    (Linux), so the child pytest still tears down its throwaway server. SIGINT is set back
+    to its default first: a pytest started in the background ignores it, and so would
+    the child (Python keeps an inherited SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
 
