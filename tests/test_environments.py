@@ -240,5 +240,6 @@ def test_the_suite_passes_on_each_end_python(version: tuple[int, int], tmp_path:
     summary = _summary(out)
     print(f"{name} ({python}): {summary} (with the venv build: {took:.0f} s)")
     assert code == 0, out[-8000:]
-    passed = re.match(r"\d+ passed", summary) and "failed" not in summary and "error" not in summary
-    assert passed, out[-8000:]
+    # "2 xfailed" is fine; "1 failed" or "1 error" is not.
+    failed = re.search(r"\b\d+ (failed|errors?)\b", summary)
+    assert re.match(r"\d+ passed", summary) and not failed, out[-8000:]
