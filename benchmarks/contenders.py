@@ -294,6 +294,55 @@ class PgpoolFetchvalAutocommit(PgpoolFetchval):
     realistic = frozenset()  # pool.fetch* is one round trip in either mode
 
 
+# A face over a ThreadedConnectionPool (AsyncConnectionPool.over): the engine's
+# connections, shared with threads (none here: the face's own cost).
+
+
+class PgpoolOverEngine(PgpoolConnection):
+    """``AsyncConnectionPool.over(pgpool_async.ThreadedConnectionPool(...))``: checkout
+    and clean return on the loop, under the engine's lock."""
+
+    key = "pgpool-over"
+    name = "pgpool_async over its ThreadedConnectionPool"
+    overload = False
+    waiters = False
+    checkout_name = "pgpool_async over its ThreadedConnectionPool: pass"
+    checkout_sleep0 = False
+    realistic = frozenset()
+    engine_class: ClassVar[str] = "pgpool_async"
+
+    async def open(self, spec: PoolSpec) -> None:
+        import anyio.to_thread
+        import psycopg2.pool
+
+        from pgpool_async import AsyncConnectionPool, ThreadedConnectionPool
+
+        cls: Any = (
+            ThreadedConnectionPool
+            if self.engine_class == "pgpool_async"
+            else psycopg2.pool.ThreadedConnectionPool
+        )
+        self.engine = await anyio.to_thread.run_sync(lambda: cls(spec.minsize, spec.maxsize, spec.dsn))
+        self.pool = AsyncConnectionPool.over(self.engine, io=self.io)
+        await self.pool.open()
+
+    async def close(self) -> None:
+        import anyio.to_thread
+
+        await self.pool.close()
+        await anyio.to_thread.run_sync(self.engine.closeall)
+
+
+class PgpoolOverPsycopg2(PgpoolOverEngine):
+    """``AsyncConnectionPool.over(psycopg2.pool.ThreadedConnectionPool(...))``: getconn
+    and putconn in worker threads (psycopg2's may do I/O under its lock)."""
+
+    key = "pgpool-over-psycopg2"
+    name = "pgpool_async over psycopg2's ThreadedConnectionPool"
+    checkout_name = "pgpool_async over psycopg2's ThreadedConnectionPool: pass"
+    engine_class = "psycopg2"
+
+
 # The old path, next to the default: one thread hop per statement.
 
 
@@ -838,6 +887,8 @@ CONTENDERS: tuple[ContenderClass, ...] = (
     PgpoolFetchval,
     PgpoolFetchvalAutocommit,
     PgpoolConnectionThread,
+    PgpoolOverEngine,
+    PgpoolOverPsycopg2,
     PgpoolConnectionAutocommitThread,
     PgpoolFetchvalThread,
     PgpoolFetchvalAutocommitThread,

@@ -566,3 +566,9 @@ def render(results: Results, stalls: dict[str, Figures], memory: dict[str, Figur
 def _ordered(figures: dict[str, Figures]) -> dict[str, Figures]:
     order = [BASELINE_KEY, *(key for cls in CONTENDERS for key in (cls.key, cls.key + SLEEP0))]
     return {key: figures[key] for key in order if key in figures}
+
+
+if __name__ == "__main__":  # python -m benchmarks.report: the charts, from the results JSON
+    from .charts import main
+
+    raise SystemExit(main())

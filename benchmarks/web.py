@@ -34,6 +34,7 @@ the rounds. wrk (Debian package ``wrk``) is the load generator: 1 thread, 64 con
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -411,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     from .machine import machine_info, server_info
     from .run import server
 
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with server(opts.dsn) as (dsn, source):
         setup(dsn)
         machine = machine_info()
@@ -442,10 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     opts.json.write_text(
         json.dumps(
             {
+                "command": "python -m benchmarks.web " + " ".join(args),
+                "started_at": started_at,
                 "machine": machine,
                 "server": srv,
                 "server_source": source,
-                "settings": vars(opts) | {"json": str(opts.json)},
+                "settings": vars(opts) | {"json": _shown(opts.json), "dsn": "given" if opts.dsn else None},
                 "results": results,
                 "table": table,
             },
@@ -453,6 +457,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it: no local directory in the results."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def report(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:

@@ -13,6 +13,7 @@ from pgpool_async import AsyncConnectionPool, PoolTimeout
 from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 
+# --8<-- [start:main]
 async def main(dsn: str) -> None:
     async with AsyncConnectionPool(1, 10, dsn, timeout=5) as pool:
         await pool.execute("DROP TABLE IF EXISTS example_t; CREATE TABLE example_t (x int)")
@@ -60,6 +61,8 @@ async def main(dsn: str) -> None:
             await pool.putconn(conn)
         print(pool)
 
+
+# --8<-- [end:main]
 
 if __name__ == "__main__":
     dsn = os.environ.get("PGPOOL_DSN")

@@ -87,6 +87,7 @@ async def balance(account: int, pool: DB) -> dict[str, int]:
     return {"id": account, "balance": value}
 
 
+# --8<-- [start:transfer]
 @app.post("/transfers")
 async def transfer(t: Transfer, conn: Conn) -> dict[str, Any]:
     """Both UPDATEs or neither: an exception rolls the transaction back."""
@@ -102,6 +103,9 @@ async def transfer(t: Transfer, conn: Conn) -> dict[str, Any]:
     if moved != 2:
         raise HTTPException(404, "no such account")  # rolled back too
     return {"ok": True, **dataclasses.asdict(t)}
+
+
+# --8<-- [end:transfer]
 
 
 @app.post("/audit")

@@ -15,6 +15,7 @@ from pgpool_async import AsyncConnectionPool
 from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 
+# --8<-- [start:main]
 async def main(dsn: str) -> None:
     async with AsyncConnectionPool(1, 5, dsn, timeout=5) as pool:
         await pool.execute(
@@ -45,6 +46,8 @@ async def main(dsn: str) -> None:
         stats = pool.get_stats()
         print("all connections back:", stats["pool_available"] == stats["pool_size"])
 
+
+# --8<-- [end:main]
 
 if __name__ == "__main__":
     dsn = os.environ.get("PGPOOL_DSN")

@@ -661,6 +661,14 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int
 _S = ctypes.c_char_p
 
+
+class PGnotify(ctypes.Structure):
+    """libpq's ``PGnotify``: the public head of the struct (libpq's own list
+    link follows it; only libpq allocates or frees one)."""
+
+    _fields_ = [("relname", ctypes.c_char_p), ("be_pid", ctypes.c_int), ("extra", ctypes.c_char_p)]
+
+
 _PROTOTYPES: dict[str, tuple[list[type], type | None]] = {
     # connection
     "PQstatus": ([_P], _I),
@@ -682,6 +690,7 @@ _PROTOTYPES: dict[str, tuple[list[type], type | None]] = {
     "PQputCopyEnd": ([_P, _S], _I),
     "PQgetCopyData": ([_P, ctypes.POINTER(ctypes.c_char_p), _I], _I),
     "PQfreemem": ([_P], None),
+    "PQnotifies": ([_P], ctypes.POINTER(PGnotify)),
     # results
     "PQresultStatus": ([_P], _I),
     "PQresultErrorMessage": ([_P], _S),

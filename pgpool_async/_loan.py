@@ -25,11 +25,13 @@ from . import _libpq
 from ._loop import failover
 from ._loop.failover import ServerFit
 from ._loop.native import LoopStatementRunner, NativeUnavailable, Result, StatementRunner
+from ._loop.stats import PoolStats
+from ._telemetry import METER_SLOT, TRACE_SLOT, PoolTelemetry, sql_commenter
 from ._thread import blocking
 from ._thread.offload import Offloader
 from .errors import ConnectionReleased, StatementNotAwaited, TransactionFailed
 
-__all__ = ["RELEASED", "Loan", "Turn"]
+__all__ = ["RELEASED", "Loan", "Turn", "run_cursor_method"]
 
 T = TypeVar("T")
 
@@ -123,6 +125,8 @@ class Loan:
         "raw",
         "runner",
         "session_changed",
+        "stats",
+        "telemetry",
         "turn",
         "tx_depth",
         "unawaited",
@@ -136,6 +140,7 @@ class Loan:
         io: str = "thread",
         runner: StatementRunner | None = None,
         fit: ServerFit | None = None,
+        telemetry: PoolTelemetry | None = None,
     ) -> None:
         self.detached = False  # the connection went back to the pool
         self.raw = raw
@@ -158,6 +163,11 @@ class Loan:
         self.unawaited = 0
         self.unawaited_name = ""
         self.last_on_loop = False  # the last call() ran on the loop (cursors read it on failure)
+        # The pool's spans, metrics and per-path statement counts (_telemetry.py).
+        if telemetry is None:
+            telemetry = PoolTelemetry("(no pool)", io, PoolStats(), enabled=False)
+        self.telemetry = telemetry
+        self.stats = telemetry.stats
 
     def count_statement(self, name: str) -> None:
         """A public statement method (``name``) made its coroutine, whose first
@@ -226,11 +236,21 @@ class Loan:
         self.count_statement(name)
         return self._run(func, args, True)
 
-    async def _run(self, func: Callable[..., T], args: tuple[Any, ...], counted: bool) -> T:
+    def call_statement(self, sql: Any, func: Callable[..., T], *args: Any) -> Coroutine[Any, Any, T]:
+        """:meth:`call` for a statement (``sql``: its text, for the span) that runs
+        in a thread whatever ``func`` is (a cursor psycopg2 must run itself).
+
+        :raises ConnectionReleased: the connection went back to the pool.
+        """
+        return self._run(func, args, False, sql)
+
+    async def _run(self, func: Callable[..., T], args: tuple[Any, ...], counted: bool, sql: Any = None) -> T:
         if counted:
             self.unawaited -= 1
         if self.detached:
             raise ConnectionReleased(RELEASED)
+        # (The routes' results are T by construction: the tables above pair each function
+        # with its loop version, which mypy cannot follow; hence the ignores below.)
         route = _ROUTES.get(func) if self.io != "thread" else None
         if route is not None:
             raw = self.raw
@@ -240,12 +260,27 @@ class Loan:
                 # Asked before each statement, so a cursor_factory set later takes
                 # effect at once: rows of other cursor factories are built by psycopg2
                 # only, and a connection subclass (e.g. LoggingConnection) expects its
-                # cursor() to run.
-                route = None
+                # cursor() to run. Said once per pool (io="auto"), refused (io="loop");
+                # OpenTelemetry's traced cursor factory stays on the loop.
+                route = None if self.telemetry.off_loop(raw) else route
         turn = self.turn
         if not turn.try_take():
             await turn.__aenter__()  # in line behind another task's call
+        telemetry = self.telemetry
+        statement = None
         try:
+            # telemetry.live(), inlined: with no provider set, two attribute reads per statement.
+            if telemetry.enabled and (
+                TRACE_SLOT._TRACER_PROVIDER is not None or METER_SLOT._METER_PROVIDER is not None
+            ):
+                if sql is not None:
+                    statement = telemetry.begin(self.raw, sql)
+                else:
+                    sql = _statement_of(func, args)
+                    if sql is not None:
+                        statement = telemetry.begin(self.raw, sql)
+                        if self.raw.cursor_factory is not None:
+                            args = _with_sql_comment(statement, self.raw, func, args)
             runner = None
             if route is not None:
                 runner = self.runner
@@ -253,16 +288,17 @@ class Loan:
                     runner = self._loop_runner()  # (entered at the first statement, or None)
             self.last_on_loop = runner is not None
             if runner is not None:
+                self.stats.statements_on_loop += 1
                 # The hot calls with no coroutine in between: a statement, a commit
                 # (a COMMIT lost with the connection raises CommitOutcomeUnknown), a
                 # one-hop helper's statement and commit.
                 if route == _STATEMENT:
                     result = await runner.execute(args[0], args[1], describe=False, take=_TAKE[func])
-                    return _EXTRACT[func](result)
+                    return _EXTRACT[func](result)  # type: ignore[no-any-return]
                 if route == _COMMIT:
                     with failover.commit_in_flight(self.raw):
                         await runner.commit()
-                    return None
+                    return None  # type: ignore[return-value]
                 if route == _HELPER:
                     helper, raw = args[0], self.raw
                     # The commit travels with the statement (unless autocommit): it may have been done.
@@ -272,38 +308,74 @@ class Loan:
                         )
                     if helper is not blocking.execute and not result.returns_rows:
                         raise psycopg2.ProgrammingError(blocking.NO_ROWS_COMMITTED)
-                    return _EXTRACT[helper](result)
-                return await _ON_LOOP[func](runner, *args)
+                    return _EXTRACT[helper](result)  # type: ignore[no-any-return]
+                return await _ON_LOOP[func](runner, *args)  # type: ignore[no-any-return]
             await self.leave_loop()  # (psycopg2 code next: it must see the connection)
-            return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            if sql is not None or _statement_of(func, args) is not None:
+                self.stats.statements_in_threads += 1
+            if statement is None:
+                return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            token = statement.in_thread()
+            try:
+                return await self.offload.run(func, self.raw, *args, on_cancel=self.cancel_statement)
+            finally:
+                statement.out_of_thread(token)
         except psycopg2.Error as exc:
             self._saw_error(exc)
+            if statement is not None:
+                statement.failed(exc)
             raise
         except BaseException as exc:
             # A cancelled statement was cancelled on the server too (QueryCanceled).
             if self.first_error is None and isinstance(exc, anyio.get_cancelled_exc_class()):
                 self.first_error = exc
+            if statement is not None:
+                statement.failed(exc)
             raise
         finally:
             turn._release()
+            if statement is not None:
+                statement.end()
 
     async def call_user(
-        self, func: Callable[..., T], *args: Any, on_cancel: Callable[[], object] | None = None
+        self,
+        func: Callable[..., T],
+        *args: Any,
+        on_cancel: Callable[[], object] | None = None,
+        statement: Any = None,
     ) -> T:
         """``func(raw, *args)`` in an anyio worker thread, in turn: ``func`` may
         call back into the loop with ``anyio.from_thread``. ``on_cancel()`` runs
         on the loop as soon as the caller is cancelled (the thread is waited for).
+        ``statement``: the text of the one statement ``func`` runs (COPY), for its
+        span and the per-path count; None for user code (not traced by the pool).
 
         :raises ConnectionReleased: the connection went back to the pool.
         """
         self.check()
-        async with self.turn:
-            await self.leave_loop()
-            try:
-                return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
-            except psycopg2.Error as exc:
-                self._saw_error(exc)
-                raise
+        telemetry = self.telemetry
+        traced = telemetry.begin(self.raw, statement) if statement is not None and telemetry.live() else None
+        try:
+            async with self.turn:
+                await self.leave_loop()
+                if statement is not None:
+                    self.stats.statements_in_threads += 1
+                token = traced.in_thread() if traced is not None else None
+                try:
+                    return await self.offload.run_anyio(func, self.raw, *args, on_cancel=on_cancel)
+                except psycopg2.Error as exc:
+                    self._saw_error(exc)
+                    raise
+                finally:
+                    if token is not None:
+                        traced.out_of_thread(token)  # type: ignore[union-attr]
+        except BaseException as exc:
+            if traced is not None:
+                traced.failed(exc)
+            raise
+        finally:
+            if traced is not None:
+                traced.end()
 
     def _saw_error(self, exc: psycopg2.Error) -> None:
         """A call on the connection raised ``exc``: the transaction's first error
@@ -461,6 +533,55 @@ _ROUTES: dict[Callable[..., Any], int] = {
     **dict.fromkeys(_COMMITS, _COMMIT),
     blocking.run_and_commit: _HELPER,  # (of a statement function: else run_sync's user code)
     **dict.fromkeys(_ON_LOOP, _OTHER),
+}
+
+
+def run_cursor_method(raw: PGConnection, method: Callable[..., T], sql: Any, *args: Any) -> T:
+    """``method(sql, *args)`` in a worker thread: a psycopg2 cursor's ``execute`` or
+    ``executemany`` that the loop path does not run (its span, per-path count and
+    SQL comment come from ``sql``, as for the pool's other statement functions)."""
+    return method(sql, *args)
+
+
+def _with_sql_comment(
+    statement: Any, raw: PGConnection, func: Callable[..., Any], args: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """``args`` with the statement's text commented as OpenTelemetry's psycopg2
+    instrumentation would comment it (its SQL commenter on), else unchanged: the
+    instrumentation itself adds nothing where the pool makes the span."""
+    commenter = sql_commenter(raw)
+    if commenter is None:
+        return args
+    where = _STATEMENT_TEXT[func]
+    if isinstance(where, str):
+        return args  # (COMMIT/ROLLBACK: psycopg2's commit() and rollback() carry no comment)
+    index = 1 if where == _HELPER_TEXT else where
+    return (*args[:index], statement.commented(args[index], commenter), *args[index + 1 :])
+
+
+def _statement_of(func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """The statement text of a :meth:`Loan.call` (for its span and the per-path
+    count), or None when the call is not a statement of the pool's (user code,
+    a session setting)."""
+    where = _STATEMENT_TEXT.get(func)
+    if where is None:
+        return None
+    if where == _HELPER_TEXT:
+        return args[1] if args[0] in _EXTRACT else None  # (else run_sync's user code)
+    return where if isinstance(where, str) else args[where]
+
+
+_HELPER_TEXT = -1
+# Where each statement function's text is: an index into its arguments, the
+# text itself, or _HELPER_TEXT (the one-hop helpers: run_and_commit(helper, sql, params)).
+_STATEMENT_TEXT: dict[Callable[..., Any], int | str] = {
+    **dict.fromkeys(_EXTRACT, 0),
+    **dict.fromkeys(_COMMITS, "COMMIT"),
+    PGConnection.rollback: "ROLLBACK",
+    failover.commit_sql: 0,
+    blocking.cursor_execute: 1,
+    blocking.run_and_commit: _HELPER_TEXT,
+    run_cursor_method: 1,
 }
 
 

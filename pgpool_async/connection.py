@@ -56,7 +56,7 @@ class AsyncConnection:
     def __init__(self, pool: Any, slot: Slot, offload: Offloader, io: str = "thread") -> None:
         self._pool = pool
         self._slot: Slot | None = slot
-        self._loan: Loan | None = Loan(slot.raw, offload, io, slot.runner, pool._fit)
+        self._loan: Loan | None = Loan(slot.raw, offload, io, slot.runner, pool._fit, pool._telemetry)
         self.key: Hashable = slot.key
         self.lent_at = slot.lent_at  # (time.monotonic(), set as the ledger lent it)
 

@@ -93,7 +93,7 @@ async def copy_expert(conn: Loan, sql: str | Composable, file: object, size: int
     :raises psycopg2.Error: the server refused the COPY or the data.
     """
     adapter = _adapter(file, size, need_read=False, need_write=False)
-    return await _run(conn, adapter, lambda cur: cur.copy_expert(sql, adapter, size))
+    return await _run(conn, adapter, lambda cur: cur.copy_expert(sql, adapter, size), sql)
 
 
 async def copy_from(
@@ -117,7 +117,12 @@ async def copy_from(
     """
     adapter = _adapter(file, size, need_read=True, need_write=False)
     cols = None if columns is None else list(columns)
-    return await _run(conn, adapter, lambda cur: cur.copy_from(adapter, table, sep, null, size, cols))
+    return await _run(
+        conn,
+        adapter,
+        lambda cur: cur.copy_from(adapter, table, sep, null, size, cols),
+        f"COPY {table} FROM STDIN",
+    )
 
 
 async def copy_to(
@@ -142,7 +147,9 @@ async def copy_to(
     """
     adapter = _adapter(file, size, need_read=False, need_write=True)
     cols = None if columns is None else list(columns)
-    return await _run(conn, adapter, lambda cur: cur.copy_to(adapter, table, sep, null, cols))
+    return await _run(
+        conn, adapter, lambda cur: cur.copy_to(adapter, table, sep, null, cols), f"COPY {table} TO STDOUT"
+    )
 
 
 def copy_out_stream(
@@ -217,7 +224,7 @@ def _check_no_wait_callback() -> None:
         )
 
 
-async def _run(conn: Loan, adapter: _CopyFile, call: Callable[[PGCursor], None]) -> int:
+async def _run(conn: Loan, adapter: _CopyFile, call: Callable[[PGCursor], None], statement: Any) -> int:
     _check_no_wait_callback()
     try:
         # A cancellation stops the COPY at its next chunk (anyio alone would not
@@ -229,7 +236,7 @@ async def _run(conn: Loan, adapter: _CopyFile, call: Callable[[PGCursor], None])
             # A COPY blocked on a silent network never reaches its next chunk.
             return _libpq.shutdown_later(raw)
 
-        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=on_cancel)
+        return await conn.call_user(_copy_in_thread, adapter, call, on_cancel=on_cancel, statement=statement)
     except BaseException as exc:
         error = adapter.error
         if error is None:

@@ -20,9 +20,10 @@ import psycopg2
 from psycopg2.extensions import connection as PGConnection
 from psycopg2.extensions import cursor as PGCursor
 
-from ._loan import Loan
+from ._loan import Loan, run_cursor_method
 from ._loop import failover
 from ._loop.native import Result
+from ._telemetry import is_plain_cursor_class
 from ._thread.blocking import Params, cursor_execute, execute
 from .errors import PoolError
 
@@ -93,10 +94,16 @@ class AsyncCursor:
         self._result = None  # the psycopg2 cursor holds what comes next
         return await self._loan.call(lambda _raw: func(*args))
 
+    async def _io_statement(self, sql: Any, func: Callable[..., T], *args: Any) -> T:
+        """:meth:`_io` for a statement (``sql``: its text, for the span and the per-path count)."""
+        self._result = None
+        return await self._loan.call_statement(sql, lambda _raw: func(*args))
+
     @property
     def _on_loop_ok(self) -> bool:
         # Rows of other cursor classes (RealDictCursor...) are built by psycopg2 only.
-        return self._loan.io != "thread" and type(self._cur) is PGCursor and self._cur.name is None
+        # (OpenTelemetry's TracedCursorFactory over a plain cursor too: the pool makes its spans.)
+        return self._loan.io != "thread" and is_plain_cursor_class(type(self._cur)) and self._cur.name is None
 
     def _check_open(self) -> None:
         if self._cur.closed:
@@ -157,7 +164,8 @@ class AsyncCursor:
     async def _execute(self, sql: str, params: Params) -> None:
         self._loan.unawaited -= 1
         if not self._on_loop_ok:
-            await self._io(self._cur.execute, sql, params)
+            self._result = None  # the psycopg2 cursor holds what comes next
+            await self._loan.call(run_cursor_method, self._cur.execute, sql, params)
             return
         self._result = await self._loop_execute(sql, params)
         self._pos = 0
@@ -172,7 +180,8 @@ class AsyncCursor:
     async def _executemany(self, sql: str, seq: Iterable[Params]) -> None:
         self._loan.unawaited -= 1
         if not self._on_loop_ok:
-            await self._io(self._cur.executemany, sql, list(seq))
+            self._result = None
+            await self._loan.call(run_cursor_method, self._cur.executemany, sql, list(seq))
             return
         self._check_open()  # (an empty seq too, as psycopg2)
         total = 0
@@ -224,7 +233,7 @@ class AsyncCursor:
 
     async def _callproc(self, name: str, params: Params) -> Any:
         self._loan.unawaited -= 1
-        return await self._io(self._cur.callproc, name, params)
+        return await self._io_statement(name, self._cur.callproc, name, params)
 
     async def scroll(self, value: int, mode: Literal["relative", "absolute"] = "relative") -> None:
         """Move in the result as psycopg2's ``scroll``: locally for a client-side

@@ -108,11 +108,25 @@ class AppPool:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._args = args
-        self._kwargs = kwargs
+        self._build: Callable[[], AsyncConnectionPool] = lambda: AsyncConnectionPool(*args, **kwargs)
         self._pool: AsyncConnectionPool | None = None
         # Build one to check the arguments now, not at the first startup. No I/O.
-        AsyncConnectionPool(*args, **kwargs)
+        self._build()
+
+    @classmethod
+    def over(cls, engine: Any, **options: Any) -> AppPool:
+        """One engine (a ``ThreadedConnectionPool`` the app's threads share), a new
+        async face at each app startup (:meth:`AsyncConnectionPool.over
+        <pgpool_async.AsyncConnectionPool.over>` and its ``options``), closed at
+        shutdown; the engine stays open (its owner closes it).
+
+        :raises PoolConfigError: not a ``ThreadedConnectionPool``, or bad options.
+        """
+        app_pool = cls.__new__(cls)
+        app_pool._build = lambda: AsyncConnectionPool.over(engine, **options)
+        app_pool._pool = None
+        app_pool._build()  # checks the engine and options now; no I/O
+        return app_pool
 
     @property
     def pool(self) -> AsyncConnectionPool:
@@ -134,7 +148,7 @@ class AppPool:
         """
         if self._pool is not None:
             raise PoolError("this AppPool is already running: give each app (or app run) its own AppPool")
-        pool = AsyncConnectionPool(*self._args, **self._kwargs)
+        pool = self._build()
         async with pool:
             self._pool = pool
             try:

@@ -33,7 +33,7 @@ import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -47,12 +47,13 @@ from ._loan import Loan
 from ._loop import failover, native, txpooling
 from ._loop.health import Health, HookFailed, HookLog, looks_alive
 from ._loop.leaks import call_site
-from ._loop.ledger import Ledger, Plan, Slot, SlotState
+from ._loop.ledger import Ledger, Plan, Return, Slot, SlotState, decide_return
 from ._loop.opener import Opener
 from ._loop.stats import PoolStats
 from ._loop.upkeep import Upkeep
 from ._loop.waiting import Waiter, WaitQueue, current_time
 from ._redact import redact_connect_args
+from ._telemetry import PoolTelemetry
 from ._thread import blocking
 from ._thread.background import BackgroundTasks
 from ._thread.blocking import Params, close_all, run_and_commit
@@ -160,7 +161,9 @@ class AsyncConnectionPool:
       (other platforms, a ``cursor_factory``, cursors, COPY, ``run_sync``).
       ``"thread"``: every call in the pool's worker threads. ``"loop"``: as
       ``"auto"``, but ``open()`` raises :class:`PoolConfigError` if the loop
-      path is not available in this process.
+      path is not available in this process, and so does a statement on a
+      connection it cannot run (a class, cursor factory or proxy the pool does
+      not know; ``"auto"`` runs those in threads and logs it once at INFO).
     - ``check``: check a connection idle for ``check_idle`` seconds (default 1)
       before lending it, in a worker thread: ``True`` for a ``SELECT 1`` round
       trip, or a callable ``check(raw_connection)`` that raises if it is unfit.
@@ -189,6 +192,9 @@ class AsyncConnectionPool:
       ``target_session_attrs`` in the DSN, a connection whose server changed role
       (a ``ReadOnlySqlTransaction``, or the role PostgreSQL 14+ reports) is
       discarded on return with every idle one to the same host.
+    - ``telemetry`` (default True): with OpenTelemetry's API installed and a
+      tracer or meter provider set by the app, a CLIENT span per statement and
+      the pool's metrics (see ``docs/observability.md``); False: none for this pool.
 
     Creating the pool does no I/O; ``await pool.open()`` or ``async with pool``
     opens ``minconn`` connections. Bad options raise :class:`PoolConfigError` here.
@@ -216,6 +222,7 @@ class AsyncConnectionPool:
         reconnect_failed: Callable[[AsyncConnectionPool], Any] | None = None,
         leak_threshold: float | None = None,
         transaction_pooling: bool = False,
+        telemetry: bool = True,
         **kwargs: Any,
     ) -> None:
         check_sizes(minconn, maxconn)
@@ -251,6 +258,7 @@ class AsyncConnectionPool:
         self._target = redact_connect_args(describe_target(params), args, kwargs)
         self._health = health
         self._stats = PoolStats()
+        self._telemetry = PoolTelemetry(self.name, io, self._stats, telemetry)
         self._hook_log = HookLog(logger, self.name)
         self._waiting = WaitQueue()
         self._ledger = Ledger(minconn, maxconn, self._waiting)
@@ -272,6 +280,7 @@ class AsyncConnectionPool:
             usable=usable,
             reconnect_timeout=reconnect_timeout,
             reconnect_failed=_weak(self._call_reconnect_failed),
+            connected=self._telemetry.connected,
         )
         self._upkeep = Upkeep(
             name=self.name,
@@ -287,6 +296,39 @@ class AsyncConnectionPool:
         self._closed_done: anyio.Event | None = None
         self._never_opened_closed = False
 
+    @classmethod
+    def over(
+        cls,
+        engine: Any,
+        *,
+        timeout: float = 30.0,
+        max_waiting: int = 0,
+        name: str | None = None,
+        io: str | None = None,
+        leak_threshold: float | None = None,
+    ) -> AsyncConnectionPool:
+        """An async pool whose connections are ``engine``'s: a ``ThreadedConnectionPool``
+        (psycopg2's, this package's, or a subclass of either) that threads keep
+        using. One budget: the engine's ``maxconn`` counts what threads and tasks
+        hold; a task waits (FIFO, up to ``timeout``) for any return, a thread's
+        ``putconn`` included. Opening takes nothing from the engine; ``close()``
+        ends the face only, ``closeall()`` closes the engine too. See
+        ``docs/from-psycopg2-pools.md``.
+
+        :raises PoolConfigError: ``engine`` is a ``SimpleConnectionPool`` (not
+            thread-safe) or not a pool; bad options.
+        :raises PoolClosed: the engine is closed.
+        """
+        face = AsyncConnectionPool._face
+        assert face is not None, "pgpool_async/__init__.py imports _engine.py, which sets it"
+        return face(
+            engine, timeout=timeout, max_waiting=max_waiting, name=name, io=io, leak_threshold=leak_threshold
+        )
+
+    #: The class of :meth:`over`'s faces, set by ``_engine.py`` (which builds on this
+    #: class, so this module cannot import it); the package's ``__init__`` imports it.
+    _face: ClassVar[Callable[..., AsyncConnectionPool] | None] = None
+
     # -- properties ---------------------------------------------------------
 
     @property
@@ -301,6 +343,7 @@ class AsyncConnectionPool:
 
     @property
     def reconnect_timeout(self) -> float:
+        """Seconds of failing to refill ``minconn`` before ``reconnect_failed(pool)`` is called."""
         return self._opener.reconnect_timeout
 
     @property
@@ -336,10 +379,11 @@ class AsyncConnectionPool:
                     f'io="loop" is not available here ({reason}): use io="auto" or "thread"'
                 )
         self._opened = True
+        self._telemetry.opened(self)
         await self._tasks.start()
         self._tasks.spawn(
             self._waiting.enforce_deadlines,
-            _timeout_error(self.name, self._ledger, self._stats, self._opener),
+            _timeout_error(self.name, self._ledger, self._stats, self._opener, self._telemetry),
         )
         self._tasks.spawn(self._upkeep.run)
         self._apply(self._ledger.assign(self._usable))
@@ -559,6 +603,8 @@ class AsyncConnectionPool:
                 ):
                     break
             conn = self._lend(slot)
+            if self._telemetry.metering():
+                self._telemetry.waited(current_time() - deadline + wait)
         if into is not None:
             into._conn = conn
         return conn
@@ -749,7 +795,10 @@ class AsyncConnectionPool:
         """Take a lent connection back; no await. Returns an event set when the
         return's I/O is done, or None if it needed none."""
         slot, loan = conn._detach()
-        self._stats.usage_ms += int((time.monotonic() - conn.lent_at) * 1000)
+        used = time.monotonic() - conn.lent_at
+        self._stats.usage_ms += int(used * 1000)
+        if self._telemetry.metering():
+            self._telemetry.used(used)
         return self._start_return_slot(slot, loan, close)
 
     def _start_return_slot(self, slot: Slot, loan: Loan | None, close: bool) -> anyio.Event | None:
@@ -762,24 +811,32 @@ class AsyncConnectionPool:
             close = True
             self._retire_server(raw)
         ledger = self._ledger
-        if (
-            not close
-            and loan is not None
-            and loan.loop_settled()  # (no call running: the turn is free)
-            and not loan.session_changed
-            and not loan.listened
-            and self._health.reset is None
-            and not raw.closed
-            and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
-            and raw.status == _PSYCOPG2_READY  # (psycopg2's: not after a COMMIT sent as SQL)
-            and not was_shut_down(raw)
-        ):
-            # The common case: no I/O, no thread. None: to be closed (retired, or the
-            # pool closing or shrunk): in _finish_return, which putconn waits for.
-            plan = ledger.return_clean(slot, self._usable)
-            if plan is not None:
-                self._apply(plan)
-                return None
+        closed = bool(raw.closed)
+        now = time.monotonic()
+        settled = clean = False
+        if loan is not None and loan.loop_settled():  # (no call running: the turn is free)
+            settled = True
+            clean = (
+                not loan.session_changed
+                and not loan.listened
+                and self._health.reset is None
+                and not closed
+                and raw.get_transaction_status() == _STATUS_IDLE  # (libpq's view: the loop's too)
+                and raw.status == _PSYCOPG2_READY  # (psycopg2's: not after a COMMIT sent as SQL)
+            )
+        route = decide_return(
+            close=close,
+            settled=settled,
+            clean=clean,
+            closed=closed,
+            shut_down=was_shut_down(raw),
+            must_close=ledger.must_close(slot, now),
+        )
+        if route is Return.KEEP:
+            # The common case: no I/O, no thread.
+            self._apply(ledger.keep(slot, self._usable, now))
+            return None
+        # Anything else waits for a call still running, then decides again (_finish_return).
         ledger.begin_return(slot)
         done = anyio.Event()
         try:
@@ -800,7 +857,15 @@ class AsyncConnectionPool:
             if slot.state is SlotState.CLOSED:
                 return
             raw = slot.raw
-            if close or raw.closed or was_shut_down(raw) or self._ledger.must_close(slot):
+            route = decide_return(
+                close=close,
+                settled=True,
+                clean=False,
+                closed=bool(raw.closed),
+                shut_down=was_shut_down(raw),
+                must_close=self._ledger.must_close(slot),
+            )
+            if route is Return.CLOSE:
                 if raw.closed and not close:
                     self._stats.returns_bad += 1
                 await self._apply_now(self._ledger.discard(slot, self._usable))
@@ -946,12 +1011,13 @@ async def _back_pressure(done: anyio.Event | None) -> None:
 
 
 def _timeout_error(
-    name: str, ledger: Ledger, stats: PoolStats, opener: Opener
+    name: str, ledger: Ledger, stats: PoolStats, opener: Opener, telemetry: PoolTelemetry
 ) -> Callable[[Waiter], BaseException]:
     """The deadline task's error for a waiter; holds no reference to the pool."""
 
     def error(waiter: Waiter) -> BaseException:
         stats.requests_errors += 1
+        telemetry.timed_out()
         exc = PoolTimeout(
             f"couldn't get a connection after {waiter.timeout:.2f} sec (pool {name!r}: "
             f"{ledger.lent_count} in use, {ledger.opening_count} opening, max {ledger.maxconn})"

@@ -18,17 +18,25 @@ Differences from psycopg2 a user may notice: ``putconn`` after ``closeall`` clos
 the connection instead of raising (nothing leaks from a ``finally`` block), and
 pool errors are the :mod:`pgpool_async.errors` subclasses of ``PoolError``.
 
-The state changes are small methods that do no I/O (``_take_idle``,
-``_reserve``, ``_adopt``, ``_detach``, ``_checkin`` ...); the I/O helpers
-(``_open_connection``, ``_reset``, ``close_quietly``) touch no pool state. The
-async pool calls the first kind on its event loop and the second in worker
-threads: it never shares the lock with a thread doing I/O.
+``getconn(key, timeout=...)`` waits (FIFO) instead of raising "connection pool
+exhausted"; without ``timeout``, psycopg2's behaviour.
+
+These pools are separate from the default ``AsyncConnectionPool(minconn, maxconn,
+dsn)``, which keeps connections of its own. ``AsyncConnectionPool.over(pool)``
+makes one of them the engine of an async face (``_engine.py``): the state
+changes, small methods that do no I/O (``_take_or_queue``, ``_leave_queue``,
+``_give_back_clean``, ``_adopt``, ``_release_slot`` ...), are called on its
+event loop under the lock; the I/O helpers (``_open_connection``,
+``close_quietly``), which touch no pool state, in worker threads. Tasks and
+threads wait in one queue (:class:`Waiter`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
@@ -37,16 +45,46 @@ import psycopg2.extensions
 import psycopg2.pool
 from psycopg2.extensions import connection as PGConnection
 
-from ._config import check_connect_args, check_sizes
+from ._config import check_connect_args, check_sizes, check_timeout
 from ._loop.health import looks_alive as is_usable
 from ._thread.blocking import close_quietly, reset_for_reuse
-from .errors import PoolClosed, PoolError
+from .errors import PoolClosed, PoolError, PoolTimeout
 
 __all__ = ["SimpleConnectionPool", "ThreadedConnectionPool"]
 
 
 CLOSED_MESSAGE = "connection pool is closed"
 EXHAUSTED_MESSAGE = "connection pool exhausted"
+
+
+class _Reserved:
+    """A waiter's hand-off when a slot came free with no connection in it: the
+    waiter opens one there (``_open_connection`` then ``_adopt``)."""
+
+    def __repr__(self) -> str:
+        return "RESERVED"
+
+
+RESERVED = _Reserved()
+
+
+class Waiter:
+    """A request queued for a connection, first come first served: a thread in
+    ``getconn(timeout=...)`` or a task of an async face (``AsyncConnectionPool.over``).
+
+    ``wake()`` is called under the pool's lock once ``result`` is set: it must
+    only signal (set an event, schedule a callback on a loop), never block.
+    ``result``: a connection lent under ``key``, :data:`RESERVED` (a slot to
+    open a connection in), or a :class:`PoolClosed` to raise.
+    """
+
+    __slots__ = ("key", "owner", "result", "wake")
+
+    def __init__(self, key: Hashable | None, wake: Callable[[], object], owner: object = None) -> None:
+        self.key = key
+        self.wake = wake
+        self.owner = owner  # who queued it (an async face), for _give_back_clean
+        self.result: PGConnection | _Reserved | PoolClosed | None = None
 
 
 class _NoLock:
@@ -100,6 +138,9 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         self._keys = 0
         # Slots held by connections being opened or reset: counted against maxconn.
         self._pending = 0
+        # Requests waiting for a connection, oldest first (threads and async faces):
+        # while any wait, nothing is taken past them (no barging).
+        self._waiters: deque[Waiter] = deque()
         self.connections_opened = 0
         self._lock = self._make_lock()
 
@@ -137,7 +178,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         """Lend the most recently returned idle connection under ``key``, or None."""
         with self._lock:
             self._check_open()
-            if not self._pool:
+            if not self._pool or self._waiters:
                 return None
             conn = self._pool.pop()
             self._lend(conn, key)
@@ -154,15 +195,25 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         """Hold a slot for a new connection if below ``maxconn``."""
         with self._lock:
             self._check_open()
-            if self.size >= self.maxconn:
+            if self.size >= self.maxconn or self._waiters:
                 return False
             self._pending += 1
             return True
 
     def _release_slot(self) -> None:
-        """Give back a slot held by ``_reserve`` or ``_detach`` that ends with no connection."""
+        """Give back a slot held by ``_reserve`` or ``_detach`` that ends with no
+        connection: the first waiter, if any, gets it to open a connection in."""
         with self._lock:
             self._pending -= 1
+            self._hand_slot()
+
+    def _hand_slot(self) -> None:
+        """A slot is free: hand it to the first waiter (under the lock)."""
+        if self._waiters and not self.closed and self.size < self.maxconn:
+            waiter = self._waiters.popleft()
+            self._pending += 1
+            waiter.result = RESERVED
+            waiter.wake()
 
     def _adopt(self, conn: PGConnection, key: Hashable | None) -> bool:
         """Lend a newly opened connection in its reserved slot; False if the pool closed."""
@@ -189,6 +240,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             key = self._rused.pop(id(conn), None)
             if key is not None:
                 self._used.pop(key, None)
+            self._hand_slot()
 
     def _owner_key(self, conn: PGConnection | None, key: Hashable | None) -> Hashable:
         if conn is None:
@@ -227,8 +279,131 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             self._pending -= 1
             if self.closed:
                 return False
-            self._pool.append(conn)
+            self._hand_or_keep(conn)
             return True
+
+    def _hand_or_keep(
+        self, conn: PGConnection, owner: object = None, elsewhere: Callable[[], object] | None = None
+    ) -> None:
+        """A clean connection off the books: to the first waiter, lent under its
+        key, else idle (under the lock). A waiter whose key was lent meanwhile
+        gets that connection (psycopg2's keys) and the next one is served.
+        ``elsewhere()`` is called first unless the connection goes to a waiter
+        queued by ``owner``."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            held = self._used.get(waiter.key) if waiter.key is not None else None
+            if held is not None:
+                waiter.result = held
+                waiter.wake()
+                continue
+            if elsewhere is not None and (owner is None or waiter.owner is not owner):
+                elsewhere()
+            self._lend(conn, waiter.key)
+            waiter.result = conn
+            waiter.wake()
+            return
+        if elsewhere is not None:
+            elsewhere()
+        self._pool.append(conn)
+
+    # -- waiting (threads and async faces, one FIFO queue) ----------------------
+
+    def _take_or_queue(
+        self, key: Hashable | None, wake: Callable[[], object], owner: object = None
+    ) -> PGConnection | _Reserved | Waiter:
+        """At once: the connection lent under ``key``, an idle one (lent, not yet
+        checked), or :data:`RESERVED` (a free slot: open a connection in it);
+        else a :class:`Waiter` queued last, woken by ``wake()`` when served.
+
+        :raises PoolClosed: the pool is closed.
+        """
+        with self._lock:
+            self._check_open()
+            if key is not None and (held := self._used.get(key)) is not None:
+                return held
+            if not self._waiters:
+                if self._pool:
+                    conn = self._pool.pop()
+                    self._lend(conn, key)
+                    return conn
+                if self.size < self.maxconn:
+                    self._pending += 1
+                    return RESERVED
+            waiter = Waiter(key, wake, owner)
+            self._waiters.append(waiter)
+            return waiter
+
+    def _leave_queue(self, waiter: Waiter) -> PGConnection | _Reserved | PoolClosed | None:
+        """``waiter`` gives up: None if it was still queued (now out of the queue),
+        else what it was handed meanwhile, which the caller now owns (a lent
+        connection to give back, a slot to release) or the error."""
+        with self._lock:
+            if waiter.result is None:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                return None
+            return waiter.result
+
+    def _give_back_clean(
+        self, conn: PGConnection, owner: object = None, elsewhere: Callable[[], object] | None = None
+    ) -> bool:
+        """Check in a lent connection known clean (no transaction, nothing to
+        reset): no I/O, the lock only; the next waiter gets it. ``elsewhere()``
+        is called first, under the lock, unless that waiter was queued by
+        ``owner`` (an async face lets its loop stop watching the connection,
+        unless another of its tasks gets it). False if the pool is closed (the
+        caller closes it; ``elsewhere`` not called).
+
+        :raises PoolError: the connection is not lent by this pool.
+        """
+        with self._lock:  # (_detach then _checkin, in one hold of the lock)
+            if self.closed:
+                return False
+            del self._used[self._owner_key(conn, None)]
+            del self._rused[id(conn)]
+            self._hand_or_keep(conn, owner, elsewhere)
+            return True
+
+    def _getconn_waiting(self, key: Hashable | None, timeout: float) -> PGConnection:
+        """getconn, waiting up to ``timeout`` seconds in the queue."""
+        deadline = time.monotonic() + timeout
+        while True:  # each pass that does not return drops a broken idle connection
+            event = threading.Event()
+            got = self._take_or_queue(key, event.set)
+            if isinstance(got, Waiter):
+                if event.wait(max(0.0, deadline - time.monotonic())):
+                    result = got.result
+                else:
+                    result = self._leave_queue(got)
+                    if result is None:
+                        raise PoolTimeout(
+                            f"couldn't get a connection after {timeout:.2f} sec ({self.maxconn} in use): "
+                            "raise maxconn or the timeout, or return connections sooner"
+                        )
+                if isinstance(result, PoolClosed):
+                    raise result
+                assert result is not None
+                got = result
+            if got is RESERVED:
+                return self._open_lent(key)
+            assert not isinstance(got, _Reserved)
+            if is_usable(got):
+                return got
+            self._forget(got)
+            close_quietly(got)
+
+    def _open_lent(self, key: Hashable | None) -> PGConnection:
+        """Open a connection in a reserved slot and lend it under ``key``."""
+        try:
+            conn = self._open_connection()
+        except BaseException:
+            self._release_slot()
+            raise
+        if not self._adopt(conn, key):
+            close_quietly(conn)
+            raise PoolClosed(CLOSED_MESSAGE)
+        return conn
 
     def _evict_idle(self, evict: Callable[[PGConnection], bool], keep: int) -> list[PGConnection]:
         """Take idle connections off the books, oldest first, for which ``evict``
@@ -253,6 +428,10 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             self._pool.clear()
             self._used.clear()
             self._rused.clear()
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.result = PoolClosed(CLOSED_MESSAGE)
+                waiter.wake()
             return conns
 
     # -- I/O helpers: no pool state ----------------------------------------
@@ -309,15 +488,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             close_quietly(conn)
         if not self._reserve():
             raise PoolError(EXHAUSTED_MESSAGE)
-        try:
-            conn = self._open_connection()
-        except BaseException:
-            self._release_slot()
-            raise
-        if not self._adopt(conn, key):
-            close_quietly(conn)
-            raise PoolClosed(CLOSED_MESSAGE)
-        return conn
+        return self._open_lent(key)
 
     def _putconn(
         self, conn: PGConnection | None = None, key: Hashable | None = None, close: bool = False
@@ -329,7 +500,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
             return
         if close or not reset_for_reuse(detached):
             close_quietly(detached)
-            self._release_slot()
+            self._release_slot()  # (a waiter opens a new one in it)
         elif not self._checkin(detached):
             close_quietly(detached)
 
@@ -337,14 +508,23 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         for conn in self._close_all_state():
             close_quietly(conn)
 
-    def getconn(self, key: Hashable | None = None) -> PGConnection:
+    def getconn(self, key: Hashable | None = None, *, timeout: float | None = None) -> PGConnection:
         """Lend a connection; the same one again for a key already in use.
 
-        :raises PoolError: "connection pool exhausted" when ``maxconn`` are lent
-            (it never waits: the async pool is the one that waits).
-        :raises PoolClosed: the pool is closed.
+        Without ``timeout``, psycopg2's behaviour: "connection pool exhausted" at
+        once when ``maxconn`` are lent (or others are already waiting). With a
+        ``timeout`` (seconds), the thread waits its turn, first come first
+        served with other threads and with the tasks of an async face over this
+        pool (``AsyncConnectionPool.over``), for any return.
+
+        :raises PoolError: "connection pool exhausted" (no ``timeout``).
+        :raises PoolTimeout: none became free within ``timeout``.
+        :raises PoolClosed: the pool is closed (or closed while waiting).
+        :raises PoolConfigError: a negative or non-numeric ``timeout``.
         """
-        return self._getconn(key)
+        if timeout is None:
+            return self._getconn(key)
+        return self._getconn_waiting(key, check_timeout("timeout", timeout))
 
     def putconn(
         self, conn: PGConnection | None = None, key: Hashable | None = None, close: bool = False

@@ -88,7 +88,8 @@ class Ctx:
             timeout=5,
             application_name=self.app_name,
             connection_factory=self.gate.connection_factory,
-            **options,
+            # A connection class of the test's own runs in threads: io="loop" would refuse it.
+            **{"io": "auto", **options},
         )
         return self.pool
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,46 @@ def test_demo_with_dsn(dsn: str, backend: str, pool_io: str | None) -> None:
     )
     assert "200 transfers" in out and "money conserved: True" in out
     assert "requests_num=" in out and "pool_max=4" in out
+    # Not a terminal: plain progress lines, no live view.
+    assert "running 200 concurrent transfers through a pool of 4 connections" in out
+    line = r"\d+/200 done, +\d+ waiting \| connections: \d+ idle, \d+ in use, \d+ opening"
+    assert re.search(line, out), out
+    assert "╭" not in out
+
+
+@pytest.mark.single_io("the demo's terminal view: io does not change it")
+def test_demo_live_view_on_a_terminal(dsn: str) -> None:
+    """On a terminal the demo draws a live view (rich) of requests and connections,
+    then prints the same summary lines."""
+    primary, secondary = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "PGPOOL_DSN"}
+    env.update(PGPOOL_DSN=dsn, COLUMNS="100", LINES="30", TERM="xterm-256color")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgpool_async", "demo", "--tasks", "400", "--pool", "3"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+    )
+    os.close(secondary)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert "pgpool_async demo: 400 tasks, a pool of 3 connections" in screen, screen[-3000:]
+    for label in ("requests done", "waiting", "in use", "idle", "opening"):
+        assert label in screen, label
+    assert "400/400" in screen
+    assert "money conserved: True" in screen
 
 
 def test_demo_starts_its_own_server(pool_io: str | None) -> None:

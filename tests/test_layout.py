@@ -145,6 +145,7 @@ def test_internal_modules_are_private() -> None:
         "fastapi.py",
         "notifications.py",
         "pool.py",
+        "prometheus.py",
         "sync.py",
         "testing/faultproxy.py",
         "testing/throwaway.py",

@@ -26,7 +26,7 @@ import psycopg2.extensions
 import pytest
 
 from pgpool_async import _libpq
-from pgpool_async._loop import native
+from pgpool_async._loop import native, pqcalls
 from pgpool_async._loop.native import (
     LoopStatementRunner,
     NativeUnavailable,
@@ -61,8 +61,8 @@ def libpq_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Every runner test twice: the per-statement libpq calls through the C module
     (``_pqfast``, what installs build) and through ctypes (where it is not built)."""
     if request.param == "ctypes":
-        monkeypatch.setattr(native, "_accelerator", lambda: None)
-    elif not native.accelerated():
+        monkeypatch.setattr(native, "accelerator", lambda: None)
+    elif not pqcalls.accelerated():
         _missing("the C module pgpool_async._loop._pqfast was not built (no C compiler at install?)")
     return str(request.param)
 

@@ -27,6 +27,9 @@ pytestmark = [
     pytest.mark.anyio,
     pytest.mark.single_io("every pool here passes io='loop' itself"),
     pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")]),
+    # uvloop runs its loop in C, where pytest-timeout's SIGALRM is never seen: a hang
+    # must end the run (the thread method) rather than stall it.
+    pytest.mark.timeout(120, method="thread"),
 ]
 
 

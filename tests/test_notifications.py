@@ -160,7 +160,9 @@ async def test_server_closing_the_connection_ends_the_wait(dsn: str) -> None:
 
 @pytest.mark.anyio
 async def test_no_busy_loop_and_no_thread(dsn: str) -> None:
-    async with AsyncConnectionPool(2, 2, dsn, autocommit=True, connection_factory=CountingConnection) as pool:
+    async with AsyncConnectionPool(
+        2, 2, dsn, autocommit=True, io="auto", connection_factory=CountingConnection
+    ) as pool:  # (a class of its own runs in threads: io="loop" would refuse it)
         async with pool.connection() as conn:
             raw = conn.raw
             assert isinstance(raw, CountingConnection)

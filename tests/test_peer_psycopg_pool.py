@@ -52,6 +52,9 @@ def make(dsn: str, app_name: str) -> Any:
     def make(minconn: int, maxconn: int, target: str | None = None, **options: Any) -> AsyncConnectionPool:
         options.setdefault("name", f"pp-{uuid.uuid4().hex[:10]}")
         options.setdefault("timeout", 5)
+        if "connection_factory" in options:
+            # A connection class of the test's own runs in threads: io="loop" would refuse it.
+            options.setdefault("io", "auto")
         return AsyncConnectionPool(minconn, maxconn, target or dsn, application_name=app_name, **options)
 
     return make

@@ -449,7 +449,8 @@ async def test_rollback_raising_baseexception_keeps_the_slot(
     """The return's rollback raises a BaseException (not an Exception): the
     connection may be discarded, but its slot must come back."""
     factory, armed = _rollback_escapes_once()
-    pool = AsyncConnectionPool(1, 1, dsn, connection_factory=factory, **pool_kwargs(app_name))
+    # (a connection class of the test's own runs in threads: io="loop" would refuse it)
+    pool = AsyncConnectionPool(1, 1, dsn, connection_factory=factory, **pool_kwargs(app_name, io="auto"))
     try:
         await pool.open()
         conn = await pool.getconn()

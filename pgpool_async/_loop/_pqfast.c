@@ -50,12 +50,30 @@ static struct {
 
 /* psycopg2's typecaster objects (typecastObject), as set_typecast() describes them:
  * a NULL cell goes to the Python function of a caster made by new_type(), as
- * psycopg2 does (its C casters map NULL to None themselves). */
+ * psycopg2 does (its C casters map NULL to None themselves); a cell of a builtin
+ * C caster goes to its C function directly, as psycopg2's own row building does
+ * (typecast_cast), without a bytes object, an argument tuple and their parsing.
+ * Array casters are left to the object's call: their C function reads the base
+ * caster from the cursor, which only psycopg2's typecast_cast sets. */
+typedef PyObject *(*typecast_function)(const char *str, Py_ssize_t len, PyObject *cursor);
+
 static struct {
     PyTypeObject *type;
     Py_ssize_t ccast;
     Py_ssize_t pcast;
-} tc = {NULL, -1, -1};
+    Py_ssize_t bcast;
+} tc = {NULL, -1, -1, -1};
+
+/* The C function to call for cast's non-NULL cells, or NULL: call the object. */
+static typecast_function
+c_caster(PyObject *cast)
+{
+    if (tc.type == NULL || Py_TYPE(cast) != tc.type)
+        return NULL;
+    if (*(PyObject **)((char *)cast + tc.bcast) != NULL)
+        return NULL;
+    return *(typecast_function *)((char *)cast + tc.ccast);
+}
 
 /* The Python function behind cast (borrowed), or NULL when a NULL cell is None. */
 static PyObject *
@@ -156,21 +174,23 @@ fast_bind(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(set_typecast_doc,
-"set_typecast(type, ccast_offset, pcast_offset)\n\n"
-"Where psycopg2's typecaster objects (of ``type``) keep their C and Python casting\n"
-"functions (checked by the caller): NULL cells then reach a Python caster as None.");
+"set_typecast(type, ccast_offset, pcast_offset, bcast_offset)\n\n"
+"Where psycopg2's typecaster objects (of ``type``) keep their C, Python and base\n"
+"casting functions (checked by the caller): NULL cells then reach a Python caster\n"
+"as None, and the cells of a builtin non-array caster its C function directly.");
 
 static PyObject *
 fast_set_typecast(PyObject *self, PyObject *args)
 {
     PyObject *type;
-    Py_ssize_t ccast, pcast;
-    if (!PyArg_ParseTuple(args, "O!nn", &PyType_Type, &type, &ccast, &pcast))
+    Py_ssize_t ccast, pcast, bcast;
+    if (!PyArg_ParseTuple(args, "O!nnn", &PyType_Type, &type, &ccast, &pcast, &bcast))
         return NULL;
     Py_INCREF(type);
     Py_XSETREF(tc.type, (PyTypeObject *)type);
     tc.ccast = ccast;
     tc.pcast = pcast;
+    tc.bcast = bcast;
     Py_RETURN_NONE;
 }
 
@@ -269,6 +289,12 @@ static int
 append_rows(void *res, PyObject *casts, PyObject *cur, long start, long stop, PyObject *rows)
 {
     Py_ssize_t ncols = PyList_GET_SIZE(casts);
+    /* Each column's C function, looked up once per call (wide rows: none). */
+    typecast_function direct[64] = {NULL};
+    if (ncols <= 64) {
+        for (Py_ssize_t column = 0; column < ncols; column++)
+            direct[column] = c_caster(PyList_GET_ITEM(casts, column));
+    }
     for (long r = start; r < stop; r++) {
         PyObject *row = PyTuple_New(ncols);
         if (row == NULL)
@@ -287,6 +313,14 @@ append_rows(void *res, PyObject *casts, PyObject *cur, long start, long stop, Py
                         Py_DECREF(row);
                         return -1;
                     }
+                }
+            }
+            else if (ncols <= 64 && direct[column] != NULL) {
+                cell = direct[column](pq.getvalue(res, (int)r, (int)column),
+                                      pq.getlength(res, (int)r, (int)column), cur);
+                if (cell == NULL) {
+                    Py_DECREF(row);
+                    return -1;
                 }
             }
             else {

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from psycopg2.extensions import connection as PGConnection
 
-__all__ = ["Ledger", "Plan", "Slot", "SlotState"]
+__all__ = ["Ledger", "Plan", "Return", "Slot", "SlotState", "decide_return"]
 
 
 class _Queue(Protocol):
@@ -43,6 +43,81 @@ class SlotState(enum.Enum):
     LENT = "lent"  # with a borrower
     RETURNING = "returning"  # given back; the pool is resetting it
     CLOSED = "closed"  # off the books; its connection is closed or being closed
+
+
+class _NoWaiters:
+    """The wait queue of a ledger that serves none (:meth:`Ledger.serve_no_queue`)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def first(self) -> Any:
+        return None
+
+    def hand(self, waiter: Any, slot: Slot) -> None:
+        raise AssertionError("a ledger with no queue hands nothing")
+
+
+_NO_WAITERS = _NoWaiters()
+
+
+class Return(enum.Enum):
+    """How a connection a borrower gave back comes back: the I/O the pool does
+    (decided by :func:`decide_return`)."""
+
+    KEEP = "keep"  # clean: idle or to the next waiter, on the loop, no I/O, no thread
+    RESET = "reset"  # rolled back (and reset) in a worker thread, then kept
+    CLOSE = "close"  # closed: asked, broken, or the pool closing, retired or shrunk
+    ENGINE = "engine"  # clean: checked into the engine on the loop (its lock only, no I/O)
+    ENGINE_RESET = "engine-reset"  # rolled back in a worker thread, then the engine's putconn
+    ENGINE_CLOSE = "engine-close"  # the engine's putconn(close=True), in a worker thread
+
+
+def decide_return(
+    *,
+    close: bool,
+    settled: bool,
+    clean: bool,
+    closed: bool,
+    shut_down: bool,
+    must_close: bool,
+    engine: bool = False,
+    engine_on_loop: bool = False,
+) -> Return:
+    """How a returned connection comes back, from the facts (no I/O, no state).
+
+    - ``close``: the borrower (or a check) asked for it to be closed;
+    - ``settled``: nothing runs on it any more and the borrower's loan is known
+      (False: a call still runs, or the borrower was lost: decide again once it
+      has ended, with ``clean`` False);
+    - ``clean``: nothing to undo: no transaction open (libpq's and psycopg2's
+      view), no session state changed, no LISTEN, no ``reset`` hook to run;
+    - ``closed`` / ``shut_down``: the connection is closed, or its socket was
+      shut down by the pool: it cannot be reused;
+    - ``must_close``: the pool keeps it no longer (closing, retired, shrunk);
+    - ``engine``: it belongs to a ``ThreadedConnectionPool`` the pool is a face
+      of (``AsyncConnectionPool.over``); ``engine_on_loop``: that engine is this
+      package's, whose check-in of a clean connection does no I/O.
+
+    The pool's own connections: :attr:`Return.KEEP` when clean and settled and
+    kept; :attr:`Return.CLOSE` when broken, asked, or not kept; else
+    :attr:`Return.RESET`. An engine's: the same three as ``ENGINE``,
+    ``ENGINE_CLOSE`` and ``ENGINE_RESET`` (the engine decides whether it keeps
+    it; ``must_close`` is not the face's to decide), and ``ENGINE`` only for an
+    engine that checks in on the loop (psycopg2's may roll back or close under
+    its lock: always a worker thread).
+    """
+    if close or closed or shut_down:
+        return Return.ENGINE_CLOSE if engine else Return.CLOSE
+    if engine:
+        if settled and clean and engine_on_loop:
+            return Return.ENGINE
+        return Return.ENGINE_RESET
+    if must_close:
+        return Return.CLOSE
+    if settled and clean:
+        return Return.KEEP
+    return Return.RESET
 
 
 class Slot:
@@ -299,6 +374,11 @@ class Ledger:
         now = time.monotonic()
         if self.must_close(slot, now):
             return None
+        return self.keep(slot, usable, now)
+
+    def keep(self, slot: Slot, usable: Callable[[Slot], bool], now: float) -> Plan:
+        """A lent connection comes back clean and is kept (:attr:`Return.KEEP`,
+        ``must_close`` found false at ``now``): idle, or to the first waiter."""
         self._unlend(slot)
         return self._to_idle(slot, usable, now)
 
@@ -354,6 +434,39 @@ class Ledger:
         plan += self.assign(usable)
         self._notify_if_empty()
         return plan
+
+    # -- an engine's connections (AsyncConnectionPool.over) ----------------------
+
+    def serve_no_queue(self) -> None:
+        """Hand nothing to waiters and open nothing for them: the pool is a face
+        over an engine, which serves its waiters itself (``_engine.py``)."""
+        self._waiting = _NO_WAITERS
+
+    def adopt(self, raw: PGConnection, key: Hashable | None, reuse: Slot | None = None) -> Slot:
+        """A connection just taken from an engine, on the books and lent under
+        ``key`` at once (it never lies idle here: it goes back to its engine).
+        ``reuse``: the slot it had here before, if off the books, else a new one."""
+        if reuse is not None and reuse.raw is raw and reuse.state is SlotState.CLOSED:
+            slot = reuse
+            slot.closed_by_pool = False
+            slot.generation = self.generation
+        else:
+            slot = Slot(raw, self.generation, float("inf"))
+        self._size += 1
+        self._lend(slot, key)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """A lent or returning slot leaves the books with no closing planned: its
+        connection went back to its engine. No-op for a slot already off them."""
+        if slot.state is SlotState.LENT:
+            self._unlend(slot)
+        elif slot.state is SlotState.RETURNING:
+            self._returning.discard(slot)
+        else:
+            return
+        self._off_books(slot)
+        self._notify_if_empty()
 
     # -- opening --------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class Opener:
         usable: Callable[[Slot], bool],
         reconnect_timeout: float,
         reconnect_failed: Callable[[], Any],
+        connected: Callable[[float], None] | None = None,
     ) -> None:
         self._name = name
         self._target = target
@@ -124,6 +125,7 @@ class Opener:
         self._offload = offload
         self._health = health
         self._stats = stats
+        self._connected = connected  # told each connect's seconds (the pool's metrics)
         self._hook_log = hook_log
         self._waiting = waiting
         self._apply = apply
@@ -215,7 +217,10 @@ class Opener:
                     target=contextvars.copy_context().run, args=(close_quietly, orphan), daemon=True
                 ).start()
             raise
-        self._stats.connections_ms += int((time.monotonic() - started) * 1000)
+        took = time.monotonic() - started
+        self._stats.connections_ms += int(took * 1000)
+        if self._connected is not None:
+            self._connected(took)
         if self._outage_since is not None:
             logger.warning(
                 "pool %r: connected to %s again after %.1f s of failures",

@@ -146,10 +146,12 @@ def _word(address: int) -> int:
 
 
 @functools.cache
-def typecast_layout() -> tuple[type, int, int] | None:
-    """(typecaster type, offset of ``ccast``, offset of ``pcast``), checked on a
-    probe made with ``new_type`` and on a builtin caster; None when the layout is
-    not that (NULL cells then stay None without calling Python casters)."""
+def typecast_layout() -> tuple[type, int, int, int] | None:
+    """(typecaster type, offsets of ``ccast``, ``pcast`` and ``bcast``), checked on
+    a probe made with ``new_type``, an array caster made with ``new_array_type``
+    over it, and a builtin caster; None when the layout is not that (NULL cells
+    then stay None without calling Python casters, and every cell goes through
+    the caster object's Python call)."""
 
     def probe_function(value: Any, cur: Any) -> Any:
         return value
@@ -157,9 +159,10 @@ def typecast_layout() -> tuple[type, int, int] | None:
     probe = ext.new_type((0,), "PGPOOL_PROBE", probe_function)
     base = object.__basicsize__
     at = id(probe)
-    ccast, pcast = base + 2 * _WORD, base + 3 * _WORD
+    ccast, pcast, bcast = base + 2 * _WORD, base + 3 * _WORD, base + 4 * _WORD
     if type(probe).__basicsize__ < base + 5 * _WORD:
         return None
+    array = ext.new_array_type((0,), "PGPOOL_PROBE_ARRAY", probe)
     if (
         _word(at + base) != id(probe.name)
         or _word(at + base + _WORD) != id(probe.values)
@@ -167,9 +170,13 @@ def typecast_layout() -> tuple[type, int, int] | None:
         or _word(at + pcast) != id(probe_function)
         or type(ext.UNICODE) is not type(probe)
         or _word(id(ext.UNICODE) + ccast) == 0  # a builtin caster has its C function
+        or _word(at + bcast) != 0
+        or _word(id(ext.UNICODE) + bcast) != 0
+        or _word(id(array) + bcast) != id(probe)  # an array caster names its base caster
+        or _word(id(array) + ccast) == 0
     ):
         return None
-    return type(probe), ccast, pcast
+    return type(probe), ccast, pcast, bcast
 
 
 def null_caster(cast: Any) -> Callable[[None, Any], Any] | None:

@@ -27,6 +27,8 @@ class PoolStats:
     connections_errors: int = 0  # failed connection attempts
     connections_lost: int = 0  # idle connections found broken and discarded
     connections_leaked: int = 0  # lent past leak_threshold, or dropped without a return
+    statements_on_loop: int = 0  # statements run on the event loop (the loop-native path)
+    statements_in_threads: int = 0  # statements run in worker threads (psycopg2's own path)
 
     def reset(self) -> None:
         """Set every counter back to zero."""

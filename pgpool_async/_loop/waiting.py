@@ -220,6 +220,21 @@ class WaitQueue:
         self._live -= 1
         waiter.hand(conn)
 
+    def serve(self, waiter: Waiter, conn: Slot | None = None, error: BaseException | None = None) -> bool:
+        """Hand ``waiter``, wherever it is in the queue, ``conn`` (or ``error``):
+        for a pool whose waiters are served by someone else in their own order
+        (an engine's queue). False if it no longer waits (the caller keeps ``conn``)."""
+        if waiter.done:
+            return False
+        self._live -= 1
+        if error is not None:
+            waiter.fail(error)
+        else:
+            assert conn is not None
+            waiter.hand(conn)
+        self.first()  # (drops served waiters from the front)
+        return True
+
     def leave(self, waiter: Waiter) -> Slot | None:
         """A waiter gives up; returns a connection it was handed meanwhile, if any."""
         if not waiter.done:

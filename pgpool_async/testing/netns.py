@@ -172,20 +172,27 @@ class NetLab:
 
     @property
     def n(self) -> int:
+        """The lab's number, which its namespaces, links and addresses carry.
+
+        :raises NetLabError: the lab is not built (``start()`` not called).
+        """
         if self._n is None:
             raise NetLabError("the lab is not built: call start() first")
         return self._n
 
     @property
     def router_ns(self) -> str:
+        """The router's network namespace (where packets are dropped)."""
         return f"{_PREFIX}{self.n}r"
 
     @property
     def server_ns(self) -> str:
+        """The PostgreSQL server's network namespace."""
         return f"{_PREFIX}{self.n}s"
 
     @property
     def server_ip(self) -> str:
+        """The server's address, as clients outside the namespaces reach it."""
         return f"10.200.{self.n}.6"
 
     def _link(self, letter: str) -> str:

@@ -41,8 +41,8 @@ from . import ComponentMissing, throwaway
 
 __all__ = ["ENV_PGBOUNCER", "ThrowawayPgBouncer", "find_pgbouncer"]
 
-#: Environment variable naming the pgbouncer executable.
 ENV_PGBOUNCER = "PGPOOL_PGBOUNCER"
+"""Environment variable naming the pgbouncer executable."""
 _HOST = "127.0.0.1"
 _MODES = frozenset({"session", "transaction", "statement"})
 

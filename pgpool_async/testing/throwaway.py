@@ -62,8 +62,8 @@ __all__ = [
     "wheel_bindir",
 ]
 
-#: Environment variable naming a directory with ``initdb``, ``pg_ctl`` and ``postgres``.
 ENV_BINDIR = "PGPOOL_PG_BINDIR"
+"""Environment variable naming a directory with ``initdb``, ``pg_ctl`` and ``postgres``."""
 
 _REQUIRED_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 _FIX_HINT = (
