@@ -42,13 +42,11 @@ import os
 import platform
 import random
 import statistics
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +56,28 @@ import anyio.to_thread
 import psycopg2
 import psycopg2.extensions
 
-import pgpool_async
 from pgpool_async import AsyncConnectionPool, PoolTimeout
 from pgpool_async.testing.faultproxy import FaultProxy
 from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
+from . import netfaults
+from ._harness import (
+    LoopTicker,
+    Request,
+    ScenarioResult,
+    error_counts,
+    render_table,
+    timed,
+    wait_no_busy_threads,
+)
+
 __all__ = [
     "KEEPALIVE_OPTIONS",
     "Boom",
-    "LoopTicker",
-    "Request",
-    "ScenarioResult",
     "blackhole",
-    "busy_threads",
     "churn",
     "main",
     "outage_immediate",
-    "render_table",
     "restart_under_load",
     "run_all",
     "terminate_idle",
@@ -82,11 +85,14 @@ __all__ = [
 
 #: libpq options of the blackhole scenario: keepalives after 1 s idle, every 1 s,
 #: 1 probe; unacknowledged data gives up after 1 s; connects after 2 s.
-KEEPALIVE_OPTIONS = (
-    "keepalives=1 keepalives_idle=1 keepalives_interval=1 keepalives_count=1 "
-    "tcp_user_timeout=1000 connect_timeout=2"
-)
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(pgpool_async.__file__))
+KEEPALIVE_OPTIONS = {
+    "keepalives": 1,
+    "keepalives_idle": 1,
+    "keepalives_interval": 1,
+    "keepalives_count": 1,
+    "tcp_user_timeout": 1000,
+    "connect_timeout": 2,
+}
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 _BUCKET = 0.1  # seconds: throughput is compared in 100 ms buckets
 
@@ -94,88 +100,8 @@ _BUCKET = 0.1  # seconds: throughput is compared in 100 ms buckets
 # -- records and results ---------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One timed request: when it started and ended, and how it failed (class names)."""
-
-    start: float
-    end: float
-    error: str | None = None
-    cause: str | None = None
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True if it succeeded."""
-        return self.error is None
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds from start to end."""
-        return self.end - self.start
-
-
-@dataclass
-class ScenarioResult:
-    """One row of the table, plus the raw figures the tests assert on (``details``)."""
-
-    scenario: str
-    requests: int
-    errors: int
-    errors_after_recovery: int | None
-    recovery_s: float | None
-    connections_opened: int
-    notes: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def row(self) -> str:
-        """This result as a markdown table row."""
-        after = "-" if self.errors_after_recovery is None else str(self.errors_after_recovery)
-        recovery = "-" if self.recovery_s is None else f"{self.recovery_s:.2f}"
-        return (
-            f"| {self.scenario} | {self.requests:,} | {self.errors:,} | {after} | {recovery} "
-            f"| {self.connections_opened} | {self.notes} |"
-        )
-
-
 class Boom(Exception):
     """The exception :func:`churn` bodies raise on purpose."""
-
-
-class LoopTicker:
-    """Sleeps ``tick`` seconds in a loop and records the longest gap between
-    wake-ups: how long the event loop was kept from running."""
-
-    def __init__(self, tick: float = 0.001) -> None:
-        self.tick = tick
-        self.max_gap = 0.0
-
-    async def run(self) -> None:
-        """Tick until cancelled."""
-        last = time.monotonic()
-        while True:
-            await anyio.sleep(self.tick)
-            now = time.monotonic()
-            self.max_gap = max(self.max_gap, now - last)
-            last = now
-
-
-async def timed(op: Callable[[], Awaitable[object]]) -> Request:
-    """Run ``op()`` and record it; an ``Exception`` is recorded, not raised."""
-    start = time.monotonic()
-    try:
-        await op()
-    except Exception as exc:
-        cause = exc.__cause__
-        message = str(exc).strip().splitlines()
-        return Request(
-            start,
-            time.monotonic(),
-            type(exc).__name__,
-            None if cause is None else type(cause).__name__,
-            message[0] if message else "",
-        )
-    return Request(start, time.monotonic())
 
 
 async def run_requests(op: Callable[[], Awaitable[object]], n: int, concurrency: int) -> list[Request]:
@@ -191,11 +117,6 @@ async def run_requests(op: Callable[[], Awaitable[object]], n: int, concurrency:
         for _ in range(concurrency):
             tg.start_soon(worker)
     return records
-
-
-def error_counts(records: Sequence[Request]) -> dict[str, int]:
-    """Failed requests by exception class name."""
-    return dict(Counter(r.error for r in records if r.error is not None))
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:
@@ -256,39 +177,6 @@ async def start_server(server: ThrowawayPostgres) -> tuple[float, float]:
         await anyio.to_thread.run_sync(server.start)
         result["started"] = time.monotonic()
     return result["accepting"], result["started"]
-
-
-def busy_threads(prefixes: Sequence[str] = ()) -> list[str]:
-    """Threads (other than this one) whose name starts with one of ``prefixes``,
-    or that are running pgpool_async code right now (e.g. a connect or a query
-    still blocked in a worker thread). Idle anyio workers are not listed."""
-    frames = sys._current_frames()
-    me = threading.get_ident()
-    found = []
-    for thread in threading.enumerate():
-        if thread.ident == me or not thread.is_alive():
-            continue
-        if prefixes and thread.name.startswith(tuple(prefixes)):
-            found.append(thread.name)
-            continue
-        frame = frames.get(thread.ident or 0)
-        while frame is not None:
-            if frame.f_code.co_filename.startswith(_PACKAGE_DIR) and not frame.f_code.co_filename.endswith(
-                ("faultproxy.py", "throwaway.py")
-            ):
-                found.append(f"{thread.name} in {frame.f_code.co_name}()")
-                break
-            frame = frame.f_back
-    return found
-
-
-async def wait_no_busy_threads(prefixes: Sequence[str], timeout: float) -> tuple[list[str], float]:
-    """Poll :func:`busy_threads` until none is left or ``timeout``; returns what is
-    left and how long it took."""
-    start = time.monotonic()
-    while (left := busy_threads(prefixes)) and time.monotonic() - start < timeout:
-        await anyio.sleep(0.05)
-    return left, time.monotonic() - start
 
 
 def _opened(pool: AsyncConnectionPool) -> int:
@@ -611,7 +499,7 @@ async def blackhole(
         pool = AsyncConnectionPool(
             size,
             size,
-            f"{proxy.dsn(dsn)} {KEEPALIVE_OPTIONS}",
+            psycopg2.extensions.make_dsn(proxy.dsn(dsn), **KEEPALIVE_OPTIONS),
             application_name=app_name,
             timeout=timeout,
             name=name,
@@ -842,21 +730,6 @@ async def churn(
     )
 
 
-# -- the table -----------------------------------------------------------------------------
-
-_HEADER = (
-    "| scenario | requests | errors | errors after recovery | recovery time (s) "
-    "| connections opened | notes |\n|---|---:|---:|---:|---:|---:|---|"
-)
-
-
-def render_table(results: Sequence[ScenarioResult], preamble: str = "") -> str:
-    """The markdown table of ``results``, after an optional preamble."""
-    lines = [preamble] if preamble else []
-    lines += [_HEADER, *(r.row() for r in results)]
-    return "\n".join(lines) + "\n"
-
-
 def _new_app_name() -> str:
     return f"pgpool-faults-{uuid.uuid4().hex[:12]}"
 
@@ -903,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.CRITICAL)
     started = time.monotonic()
     if args.network:
-        _main_network(args.output, started)
+        netfaults.main(args.output, started)
         return
     results, env = anyio.run(run_all, args.checkouts)
     preamble = (
@@ -920,28 +793,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(table, encoding="utf-8")
-
-
-def _main_network(output: Path | None, started: float) -> None:
-    from . import netfaults  # imports this module: loaded late
-
-    results = anyio.run(netfaults.run_network)
-    preamble = (
-        "# Real network faults: pgpool_async and psycopg_pool\n\n"
-        f"`python -m benchmarks.faults --network` ({time.monotonic() - started:.0f} s): a throwaway "
-        "PostgreSQL in a network namespace behind a router namespace whose raw PREROUTING chain "
-        "drops packets (ingress, so neither end sees a local error); Python "
-        f"{platform.python_version()}, psycopg2 {getattr(psycopg2, '__version__', '?').split()[0]}, "
-        f"psycopg {importlib.metadata.version('psycopg')}, psycopg_pool "
-        f"{importlib.metadata.version('psycopg-pool')}, {os.cpu_count()} CPUs. Default settings of "
-        "each pool. Recovery time: from the network healing (or the restart) to the first "
-        "successful request. Loop stall: longest gap of a 10 ms ticker.\n"
-    )
-    table = render_table(results, preamble)
-    print(table)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(table, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -21,23 +21,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
+import os
+import platform
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
+import psycopg2
 
 from pgpool_async import AsyncConnectionPool
 from pgpool_async.testing.netns import NetLab, NetLabUnavailable
 
-from .faults import (
+from ._harness import (
     LoopTicker,
     Request,
     ScenarioResult,
     busy_threads,
     error_counts,
+    render_table,
     timed,
     wait_no_busy_threads,
 )
@@ -50,6 +56,7 @@ __all__ = [
     "close_in_blackhole",
     "kill_postmaster",
     "latency",
+    "main",
     "open_pool",
     "packet_loss",
     "wait_for_in_blackhole",
@@ -285,7 +292,7 @@ async def wait_for_in_blackhole(lab: NetLab, kind: str = "pgpool_async") -> Scen
         outcome = "returned"
         try:
             await asyncio.wait_for(pool.fetchval("SELECT pg_sleep(0.5)"), 3)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             outcome = "TimeoutError"
         except Exception as exc:
             outcome = type(exc).__name__
@@ -508,3 +515,25 @@ async def run_network(kinds: tuple[str, ...] = KINDS) -> list[ScenarioResult]:
     finally:
         await _lab(lab.destroy)
     return results
+
+
+def main(output: Path | None, started: float) -> None:
+    """``python -m benchmarks.faults --network``: run the scenarios, print their table
+    (and write it to ``output``)."""
+    results = anyio.run(run_network)
+    preamble = (
+        "# Real network faults: pgpool_async and psycopg_pool\n\n"
+        f"`python -m benchmarks.faults --network` ({time.monotonic() - started:.0f} s): a throwaway "
+        "PostgreSQL in a network namespace behind a router namespace whose raw PREROUTING chain "
+        "drops packets (ingress, so neither end sees a local error); Python "
+        f"{platform.python_version()}, psycopg2 {getattr(psycopg2, '__version__', '?').split()[0]}, "
+        f"psycopg {importlib.metadata.version('psycopg')}, psycopg_pool "
+        f"{importlib.metadata.version('psycopg-pool')}, {os.cpu_count()} CPUs. Default settings of "
+        "each pool. Recovery time: from the network healing (or the restart) to the first "
+        "successful request. Loop stall: longest gap of a 10 ms ticker.\n"
+    )
+    table = render_table(results, preamble)
+    print(table)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table, encoding="utf-8")

@@ -241,9 +241,11 @@ def build_app(stack: str, dsn: str) -> Any:
 
 def _uri(dsn: str) -> str:
     """asyncpg wants a URI: turn ``host=... port=... user=... dbname=...`` into one."""
+    import psycopg2.extensions
+
     if "://" in dsn:
         return dsn
-    params = dict(part.split("=", 1) for part in dsn.split())
+    params = psycopg2.extensions.parse_dsn(dsn)
     return (
         f"postgresql://{params.get('user', 'postgres')}@{params.get('host', '127.0.0.1')}:"
         f"{params.get('port', '5432')}/{params.get('dbname', 'postgres')}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -39,11 +40,15 @@ from .conftest import _on_event_loop, backends
 
 __all__ = [
     "HOPS",
+    "SETTLE",
+    "Escape",
     "Gate",
     "assert_pool_sound",
     "in_use",
+    "pool_kwargs",
     "pool_threads",
     "poll",
+    "unique",
     "wait_backends",
     "wait_closed_down",
 ]
@@ -174,6 +179,27 @@ def _gated_connection_class(gate: Gate) -> type[psycopg2.extensions.connection]:
             super().rollback()
 
     return GatedConnection
+
+
+# -- small shared pieces ----------------------------------------------------------------
+
+#: How long a pool that is sound takes to settle after a cancellation or a failure
+#: (milliseconds once right; waiting longer only slows down a strict xfail).
+SETTLE = 1.0
+
+
+class Escape(BaseException):
+    """Not an Exception: what a KeyboardInterrupt-like failure in a hook looks like."""
+
+
+def unique(prefix: str) -> str:
+    """``prefix`` and 10 random hex digits: a pool, table or thread name of the test's own."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def pool_kwargs(app_name: str, **options: Any) -> dict[str, Any]:
+    """A pool's keyword arguments: a unique name, the test's application_name, a 5 s timeout."""
+    return {"name": unique("t-"), "application_name": app_name, "timeout": 5, **options}
 
 
 # -- polling with a deadline (never a sleep as synchronisation) ------------------

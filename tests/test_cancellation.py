@@ -13,6 +13,7 @@ from pgpool_async import AsyncConnectionPool, PoolTimeout
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
+from .fix_dsn import tcp_address
 
 pytestmark = pytest.mark.asyncio
 
@@ -120,8 +121,7 @@ async def test_asyncio_task_cancel_and_wait_for(dsn: str, app_name: str) -> None
 
 async def test_cancel_while_worker_connects(dsn: str, app_name: str) -> None:
     """A connection that lands after its requester gave up goes to the pool."""
-    params = dict(p.split("=") for p in dsn.split())
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         proxy.delay(connect=0.5)
         async with AsyncConnectionPool(0, 2, proxy.dsn(dsn), application_name=app_name) as pool:
             with anyio.move_on_after(0.1) as scope:

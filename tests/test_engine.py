@@ -20,6 +20,7 @@ from pgpool_async import (
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import backends, server_query, wait_backends_gone
+from .fix_dsn import tcp_address
 
 pytestmark = pytest.mark.single_io("the sync engine (psycopg2's pool API): no io option")
 
@@ -215,8 +216,7 @@ def test_simple_pool(dsn: str) -> None:
 
 def test_connect_outside_lock(dsn: str) -> None:
     """A slow connect must not stall another thread's getconn/putconn."""
-    host_port = dict(p.split("=") for p in dsn.split())
-    with FaultProxy(host_port["host"], int(host_port["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         with ThreadedConnectionPool(1, 2, proxy.dsn(dsn)) as pool:
             proxy.delay(connect=1.0)
             done = threading.Event()

@@ -22,6 +22,7 @@ from pgpool_async.testing.standby import PrimaryStandby
 from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
 from .conftest import server_query
+from .fix_dsn import with_params
 
 
 def _pair(synchronous: bool) -> Iterator[PrimaryStandby]:
@@ -260,7 +261,7 @@ async def test_a_read_only_transaction_of_the_caller_retires_nothing(dsn: str, a
     """``ReadOnlySqlTransaction`` from a transaction the caller made read-only says
     nothing about the server: with ``target_session_attrs=read-write`` the pool keeps
     the connection (the same backend serves the next loan)."""
-    rw_dsn = f"{dsn} target_session_attrs=read-write application_name={app_name}"
+    rw_dsn = with_params(dsn, target_session_attrs="read-write", application_name=app_name)
     async with AsyncConnectionPool(1, 1, rw_dsn, timeout=5) as pool:
         async with pool.connection() as conn:
             pid = await conn.fetchval("SELECT pg_backend_pid()")

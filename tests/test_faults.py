@@ -21,9 +21,9 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 
+from benchmarks._harness import busy_threads
 from benchmarks.faults import (
     blackhole,
-    busy_threads,
     churn,
     outage_immediate,
     restart_under_load,
@@ -32,6 +32,8 @@ from benchmarks.faults import (
 from pgpool_async import AsyncConnectionPool, PoolTimeout
 from pgpool_async.testing.faultproxy import FaultProxy
 from pgpool_async.testing.throwaway import ThrowawayPostgres
+
+from .fix_dsn import tcp_address
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -52,11 +54,6 @@ def running_pg(fault_pg: ThrowawayPostgres) -> ThrowawayPostgres:
     """``fault_pg``, started again if a failed test left it stopped."""
     fault_pg.start()  # does nothing when it runs
     return fault_pg
-
-
-def _host_port(dsn: str) -> tuple[str, int]:
-    params = psycopg2.extensions.parse_dsn(dsn)
-    return params["host"], int(params["port"])
 
 
 # -- 1. pg_terminate_backend on idle connections -----------------------------------
@@ -230,7 +227,7 @@ async def test_connect_timeout_bounds_connects_with_a_wait_callback(
     """A connect to a server that never answers fails after ``connect_timeout``
     (2 s, set by the pool), also when a psycopg2 wait callback is installed."""
     assert psycopg2.extensions.get_wait_callback() is not None  # the suite's guard
-    host, port = _host_port(running_pg.dsn)
+    host, port = tcp_address(running_pg.dsn)
     with FaultProxy(host, port) as proxy:
         proxy.blackhole()
         async with AsyncConnectionPool(

@@ -13,6 +13,8 @@ from pgpool_async import AsyncConnectionPool, PoolConfigError, PoolTimeout
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
+from .fix_dsn import tcp_address
+from .gates import pool_kwargs
 
 pytestmark = pytest.mark.anyio
 
@@ -147,9 +149,8 @@ async def test_minconn_refilled_by_background_task(dsn: str, app_name: str) -> N
 
 
 async def test_reconnect_failed_and_waiters_time_out_with_cause(dsn: str) -> None:
-    params = dict(p.split("=") for p in dsn.split())
     failed: list[AsyncConnectionPool] = []
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         async with AsyncConnectionPool(
             2, 2, proxy.dsn(dsn), reconnect_timeout=0.5, reconnect_failed=failed.append, timeout=5
         ) as pool:
@@ -248,3 +249,67 @@ async def test_bad_health_options() -> None:
         AsyncConnectionPool(1, 1, "dbname=x", configure=42)  # type: ignore[arg-type]
     with pytest.raises(PoolConfigError, match="leak_threshold"):
         AsyncConnectionPool(1, 1, "dbname=x", leak_threshold=-1)
+
+
+# -- check and reset hooks that fail (the defects issue 7 listed: 3, 4) ------------------------
+
+
+async def test_failing_check_backs_off(anyio_backend: str, dsn: str, app_name: str) -> None:
+    """``check`` always fails, ``check_idle=0``, one request waits 0.5 s: the pool
+    replaces the connection with backoff (psycopg_pool: about 5 attempts in a
+    second), not back to back (today: hundreds)."""
+    checks = 0
+
+    def check(raw: Any) -> None:
+        nonlocal checks
+        checks += 1
+        raise RuntimeError("unfit")
+
+    async with AsyncConnectionPool(1, 1, dsn, **pool_kwargs(app_name, check=check, check_idle=0)) as pool:
+        with pytest.raises(PoolTimeout):
+            await pool.getconn(timeout=0.5)
+        opened = pool.get_stats()["connections_num"]
+    assert checks >= 1
+    # Generous: backoff starting at 0.1 s gives about 4 in 0.5 s.
+    assert opened <= 15, f"{opened} connections opened in 0.5 s ({checks} checks)"
+
+
+async def test_failing_reset_is_logged(
+    anyio_backend: str, dsn: str, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def reset(raw: Any) -> None:
+        raise RuntimeError("reset-hook-failed-7")
+
+    caplog.set_level(logging.DEBUG, logger="pgpool_async")
+    async with AsyncConnectionPool(1, 1, dsn, **pool_kwargs(app_name, reset=reset)) as pool:
+        async with pool.connection() as conn:
+            pid = conn.raw.get_backend_pid()
+        async with pool.connection() as conn:
+            assert conn.raw.get_backend_pid() != pid  # discarded, never lent again
+        assert pool.get_stats()["returns_bad"] == 2
+    warned = [
+        r
+        for r in caplog.records
+        if r.name.startswith("pgpool_async")
+        and r.levelno >= logging.WARNING
+        and "reset-hook-failed-7" in r.getMessage() + repr(r.exc_info[1] if r.exc_info else "")
+    ]
+    assert warned, [r.getMessage() for r in caplog.records]
+
+
+async def test_discard_all_reset_works_without_autocommit(
+    anyio_backend: str, dsn: str, app_name: str
+) -> None:
+    """The obvious hook, in a non-autocommit pool: the connection is reset and kept."""
+
+    def reset(raw: Any) -> None:
+        raw.cursor().execute("DISCARD ALL")
+
+    async with AsyncConnectionPool(1, 1, dsn, **pool_kwargs(app_name, reset=reset)) as pool:
+        async with pool.connection() as conn:
+            pid = conn.raw.get_backend_pid()
+            await conn.execute("SET search_path TO pg_catalog")  # committed on the way out
+        async with pool.connection() as conn:
+            assert conn.raw.get_backend_pid() == pid  # kept: the reset worked
+            assert await conn.fetchval("SHOW search_path") != "pg_catalog"  # and reset it
+        assert pool.get_stats().get("returns_bad", 0) == 0

@@ -38,6 +38,7 @@ from pgpool_async.testing.faultproxy import FaultProxy
 from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import _loop_guard_off, server_query
+from .fix_dsn import with_params
 
 T = TypeVar("T")
 
@@ -588,7 +589,7 @@ async def test_misuse_is_refused(dsn: str) -> None:
 
 
 async def test_a_cancelled_statement_is_cancelled_on_the_server(dsn: str, app_name: str) -> None:
-    async with entered(f"{dsn} application_name={app_name}") as runner:
+    async with entered(with_params(dsn, application_name=app_name)) as runner:
         async with ticking() as ticker:
             started = time.monotonic()
             with anyio.move_on_after(0.2) as scope:
@@ -714,8 +715,8 @@ async def test_a_large_result_never_stalls_the_loop_and_holds_no_extra_copies(ds
 
 
 async def test_a_killed_backend_closes_the_connection(dsn: str, app_name: str) -> None:
-    async with entered(f"{dsn} application_name={app_name}") as runner:
-        other = await connect(f"{dsn} application_name={app_name}-t")
+    async with entered(with_params(dsn, application_name=app_name)) as runner:
+        other = await connect(with_params(dsn, application_name=f"{app_name}-t"))
         try:
             for name in (app_name, f"{app_name}-t"):
                 server_query(
@@ -772,7 +773,7 @@ def ssl_dsn() -> Iterator[str]:
     if shutil.which("openssl") is None:
         _missing("openssl is not installed (apt-get install openssl)")
     with ThrowawayPostgres(ssl=True) as server:
-        yield f"{server.dsn} sslmode=require"
+        yield with_params(server.dsn, sslmode="require")
 
 
 async def test_over_ssl(ssl_dsn: str) -> None:

@@ -22,6 +22,7 @@ from pgpool_async._loop.native import unavailable_reason
 from pgpool_async.testing.throwaway import ThrowawayPostgres
 
 from .conftest import server_query
+from .fix_dsn import with_params
 
 pytestmark = [pytest.mark.anyio, pytest.mark.single_io("every pool here passes io='loop' itself")]
 
@@ -46,9 +47,8 @@ def ssl_server() -> Iterator[ThrowawayPostgres]:
 @pytest.fixture
 def ssl_dsn(ssl_server: ThrowawayPostgres, app_name: str) -> str:
     """TLS required, and the certificate checked against the one the server made."""
-    return (
-        f"{ssl_server.dsn} application_name={app_name} sslmode=verify-full "
-        f"sslrootcert={ssl_server.ssl_cert_file}"
+    return with_params(
+        ssl_server.dsn, application_name=app_name, sslmode="verify-full", sslrootcert=ssl_server.ssl_cert_file
     )
 
 

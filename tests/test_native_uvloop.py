@@ -125,14 +125,14 @@ async def test_wait_for_cancels_a_statement_on_uvloop(dsn: str, app_name: str, a
     ) as pool:
         started = time.monotonic()
         # The one-hop helper: the connection goes back to the pool by itself.
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # the builtin TimeoutError from 3.11 on
             await asyncio.wait_for(pool.execute("SELECT pg_sleep(30)"), 0.2)
         assert time.monotonic() - started < 10  # cancelled on the server, not slept out
         await assert_clean(pool, dsn, app_name)
         assert await pool.fetchval("SELECT 1") == 1
         # Inside a loan: the connection stays usable after the cancel.
         async with pool.connection() as conn:
-            with pytest.raises(TimeoutError):
+            with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(conn.execute("SELECT pg_sleep(30)"), 0.2)
             assert not conn.closed
             if not autocommit:

@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from benchmarks import netfaults
-from benchmarks.faults import wait_no_busy_threads
+from benchmarks._harness import wait_no_busy_threads
 from pgpool_async import AsyncConnectionPool
 from pgpool_async.testing.netns import NetLab, NetLabUnavailable, unavailable
 

@@ -38,6 +38,7 @@ from pgpool_async import (
 from pgpool_async.testing.faultproxy import FaultProxy
 
 from .conftest import server_query
+from .fix_dsn import tcp_address
 from .gates import in_use, poll, pool_threads, wait_backends, wait_closed_down
 
 pytestmark = pytest.mark.anyio
@@ -819,8 +820,7 @@ async def test_shrink(make: Any) -> None:
 async def test_reconnect(make: Any, dsn: str) -> None:
     """Ports async::test_reconnect: the server goes away, a query fails, and once
     it is back the pool serves again (no timing of the backoff)."""
-    params = dict(p.split("=", 1) for p in dsn.split())
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         async with make(1, 1, proxy.dsn(dsn), timeout=1) as pool:
             conn = await pool.getconn()
             proxy.refuse()
@@ -837,7 +837,6 @@ async def test_reconnect(make: Any, dsn: str) -> None:
 async def test_reconnect_failure(make: Any, dsn: str, is_async: bool) -> None:
     """Ports async::test_reconnect_failure: after reconnect_timeout, the callback
     gets the pool; once the server is back, the pool serves again."""
-    params = dict(p.split("=", 1) for p in dsn.split())
     called = anyio.Event()
     seen: list[str] = []
 
@@ -849,7 +848,7 @@ async def test_reconnect_failure(make: Any, dsn: str, is_async: bool) -> None:
         await anyio.lowlevel.checkpoint()
         failed(pool)
 
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         options = {
             "name": "this-one",
             "reconnect_timeout": 0.2,
@@ -981,8 +980,7 @@ async def test_stats_check(make: Any, dsn: str) -> None:
 async def test_spike(make: Any, dsn: str) -> None:
     """Ports async::test_spike: 50 short requests at once while connecting is
     slow do not open a connection each."""
-    params = dict(p.split("=", 1) for p in dsn.split())
-    with FaultProxy(params["host"], int(params["port"])) as proxy:
+    with FaultProxy(*tcp_address(dsn)) as proxy:
         async with make(5, 10, proxy.dsn(dsn)) as pool:
             proxy.delay(connect=0.15)
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import math
 import threading
+import weakref
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 import psycopg2
+import psycopg2.extensions
 import psycopg2.extras
 import pytest
 
@@ -25,6 +30,19 @@ from pgpool_async import (
 )
 
 from .conftest import backends, server_query, wait_backends_gone
+from .fix_dsn import with_params
+from .gates import (
+    SETTLE,
+    Escape,
+    assert_pool_sound,
+    in_use,
+    poll,
+    pool_kwargs,
+    pool_threads,
+    unique,
+    wait_backends,
+    wait_closed_down,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -268,7 +286,7 @@ async def test_terminated_idle_connection_replaced(dsn: str, app_name: str) -> N
 
 
 async def test_repr_and_errors_never_show_password(dsn: str) -> None:
-    pool = AsyncConnectionPool(1, 2, dsn + " password=s3cr3t-pw", name="web")
+    pool = AsyncConnectionPool(1, 2, with_params(dsn, password="s3cr3t-pw"), name="web")
     assert "s3cr3t" not in repr(pool)
     async with pool:
         conn = await pool.getconn()
@@ -326,7 +344,7 @@ async def test_autocommit_option(dsn: str, app_name: str) -> None:
 async def test_connect_timeout_default_and_override(dsn: str) -> None:
     pool = AsyncConnectionPool(1, 1, dsn, timeout=7.5)
     assert pool._connect_kwargs["connect_timeout"] == 8
-    pool = AsyncConnectionPool(1, 1, dsn + " connect_timeout=3")
+    pool = AsyncConnectionPool(1, 1, with_params(dsn, connect_timeout=3))
     assert "connect_timeout" not in pool._connect_kwargs
     pool = AsyncConnectionPool(1, 1, dsn, timeout=math.inf)
     assert pool._connect_kwargs["connect_timeout"] == 2
@@ -385,3 +403,174 @@ async def test_pools_follow_pool_io(dsn: str, pool_io: str | None) -> None:
         async with pool.connection() as conn:
             assert await conn.fetchval("SELECT 1") == 1
             assert conn.loan.on_loop == (pool_io == "loop")
+
+
+# -- returns, close() and a dropped pool (the defects issue 7 listed: 1, 2, 6, 8, 9) -----------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_task_cancel_during_putconn_keeps_the_slot(anyio_backend: str, dsn: str, app_name: str) -> None:
+    """The issue's own reproduction: putconn() cancelled by ``task.cancel()``
+    while it rolls back. The return must still complete (by the pool)."""
+    pool = AsyncConnectionPool(1, 1, dsn, **pool_kwargs(app_name))
+    try:
+        await pool.open()
+        conn = await pool.getconn()
+        await conn.execute("SELECT 1")  # a transaction is open: putconn rolls back
+        task = asyncio.ensure_future(pool.putconn(conn))
+        await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await poll(lambda: in_use(pool) == 0, SETTLE, lambda: f"slot back: {pool.get_stats()}")
+        async with pool.connection(timeout=2) as again:
+            assert await again.fetchval("SELECT 1") == 1
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await pool.close(timeout=0.1)
+
+
+def _rollback_escapes_once() -> tuple[type[psycopg2.extensions.connection], list[bool]]:
+    armed = [False]
+
+    class EscapingRollback(psycopg2.extensions.connection):
+        def rollback(self) -> None:
+            if armed[0]:
+                armed[0] = False
+                raise Escape
+            super().rollback()
+
+    return EscapingRollback, armed
+
+
+async def test_rollback_raising_baseexception_keeps_the_slot(
+    anyio_backend: str, dsn: str, app_name: str
+) -> None:
+    """The return's rollback raises a BaseException (not an Exception): the
+    connection may be discarded, but its slot must come back."""
+    factory, armed = _rollback_escapes_once()
+    # (a connection class of the test's own runs in threads: io="loop" would refuse it)
+    pool = AsyncConnectionPool(1, 1, dsn, connection_factory=factory, **pool_kwargs(app_name, io="auto"))
+    try:
+        await pool.open()
+        conn = await pool.getconn()
+        await conn.execute("SELECT 1")
+        armed[0] = True
+        with contextlib.suppress(Escape):
+            await pool.putconn(conn)
+        assert not armed[0], "the rollback was not reached"
+        await assert_pool_sound(pool, dsn, app_name, timeout=SETTLE)
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await pool.close(timeout=0.1)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_close_timed_out_by_wait_for_is_never_half_done(
+    anyio_backend: str, dsn: str, app_name: str
+) -> None:
+    """close() cut by ``asyncio.wait_for`` while a connection is lent: either it
+    finishes in the background (once the connection is back: no backend, no
+    thread left) or the pool stays open and whole."""
+    pool = AsyncConnectionPool(2, 2, dsn, **pool_kwargs(app_name))
+    try:
+        await pool.open()
+        conn = await pool.getconn()
+        with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+            await asyncio.wait_for(pool.close(), 0.1)
+        await assert_pool_sound(pool, dsn, app_name, [conn], timeout=SETTLE)
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await pool.close(timeout=0.1)
+
+
+async def test_unclosed_pool_warns_and_stops(anyio_backend: str, dsn: str, app_name: str) -> None:
+    """Opened, used and dropped without close(): when collected it warns with a
+    ResourceWarning, and its threads and connections go."""
+    name = unique("unclosed-")
+
+    async def use_and_drop() -> weakref.ref[AsyncConnectionPool]:
+        pool = AsyncConnectionPool(1, 2, dsn, name=name, application_name=app_name)
+        await pool.open()
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+        return weakref.ref(pool)
+
+    # The last reference goes when use_and_drop() returns: that is when it warns.
+    with pytest.warns(ResourceWarning, match="never closed"):
+        ref = await use_and_drop()
+        await poll(lambda: gc.collect() >= 0 and ref() is None, SETTLE, "the dropped pool collected")
+    try:
+        await wait_backends(dsn, app_name, 0, SETTLE)
+        await poll(lambda: not pool_threads(name), SETTLE, "its threads stopped")
+    finally:
+        pool = ref()
+        if pool is not None:
+            with anyio.move_on_after(5, shield=True):
+                await pool.close(timeout=0.1)
+            del pool
+
+
+async def test_too_many_requests_names_the_pool(anyio_backend: str, dsn: str, app_name: str) -> None:
+    options = pool_kwargs(app_name, max_waiting=1)
+    async with AsyncConnectionPool(1, 1, dsn, **options) as pool:
+        held = await pool.getconn()
+        async with anyio.create_task_group() as group:
+            group.start_soon(pool.fetchval, "SELECT 1")  # the one allowed to wait
+            await poll(lambda: pool.get_stats()["requests_waiting"] == 1, 10, "one waiting")
+            with pytest.raises(TooManyRequests) as info:
+                await pool.getconn()
+            await pool.putconn(held)
+    assert options["name"] in str(info.value)
+    assert "max_waiting=1" in str(info.value)
+
+
+async def _close_under_the_body(dsn: str, app_name: str) -> tuple[BaseException | None, int]:
+    """An INSERT inside ``async with pool.connection()``; close(timeout=0.2) meanwhile;
+    then the block ends. Returns (what the block raised, rows committed)."""
+    table = unique("t_close_")
+    server_query(dsn, f"CREATE TABLE {table} (x int)")
+    inserted, closed = anyio.Event(), anyio.Event()
+    raised: list[BaseException | None] = [None]
+    pool = AsyncConnectionPool(1, 1, dsn, **pool_kwargs(app_name))
+
+    async def body() -> None:
+        try:
+            async with pool.connection() as conn:
+                await conn.execute(f"INSERT INTO {table} VALUES (1)")
+                inserted.set()
+                await closed.wait()
+        except Exception as exc:
+            raised[0] = exc
+
+    try:
+        await pool.open()
+        async with anyio.create_task_group() as group:
+            group.start_soon(body)
+            await inserted.wait()
+            await pool.close(timeout=0.2)
+            closed.set()
+        rows = server_query(dsn, f"SELECT count(*) FROM {table}")[0][0]
+        await wait_closed_down(pool, dsn, app_name, SETTLE)
+        return raised[0], rows
+    finally:
+        with anyio.move_on_after(5, shield=True):
+            await pool.close(timeout=0.1)
+        server_query(dsn, f"DROP TABLE {table}")
+
+
+async def test_close_never_loses_a_transaction_silently(anyio_backend: str, dsn: str, app_name: str) -> None:
+    """Either the block raises, or its row is committed; never a clean exit and no row."""
+    raised, rows = await _close_under_the_body(dsn, app_name)
+    assert raised is not None or rows == 1, "the block ended normally and its INSERT was lost"
+
+
+async def test_close_under_a_block_raises(anyio_backend: str, dsn: str, app_name: str) -> None:
+    """The behaviour chosen (see tests/PEERS.md; psycopg_pool commits instead, as
+    its close() never closes a lent connection): close(timeout) closes a lent
+    connection once its timeout has passed, and the block then raises PoolClosed
+    saying its transaction was not committed."""
+    raised, rows = await _close_under_the_body(dsn, app_name)
+    assert isinstance(raised, PoolClosed), raised
+    assert "NOT committed" in str(raised)
+    assert rows == 0

@@ -23,6 +23,8 @@ from pgpool_async.testing.throwaway import (
     wheel_bindir,
 )
 
+from .fix_dsn import with_params
+
 pytestmark = pytest.mark.single_io("the throwaway server tool itself: no pool")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -202,9 +204,9 @@ def test_ssl_server_with_a_self_signed_certificate() -> None:
     with ThrowawayPostgres(ssl=True) as pg:
         key = os.path.join(os.path.dirname(pg.ssl_cert_file), "server.key")
         assert os.stat(key).st_mode & 0o077 == 0  # the server refuses a key others can read
-        verified = f"{pg.dsn} sslmode=verify-full sslrootcert={pg.ssl_cert_file}"
+        verified = with_params(pg.dsn, sslmode="verify-full", sslrootcert=pg.ssl_cert_file)
         assert query(verified, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == (True,)
-        plain = f"{pg.dsn} sslmode=disable"
+        plain = with_params(pg.dsn, sslmode="disable")
         assert query(plain, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()") == (False,)
         pg.restart()  # the same certificate serves again
         assert query(verified, "SELECT 1") == (1,)

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import psycopg2
 import psycopg2.extensions
 import pytest
 
 from pgpool_async import AsyncConnectionPool, PoolTimeout
 from pgpool_async.testing.faultproxy import FaultProxy
+
+from .fix_dsn import tcp_address
+from .gates import Escape, pool_kwargs
 
 pytestmark = pytest.mark.anyio
 
@@ -78,3 +83,56 @@ async def test_a_down_server_times_out_open_with_the_cause(anyio_backend: str, d
             await pool.open()
     assert isinstance(info.value.__cause__, psycopg2.OperationalError)
     assert pool.get_stats()["connections_num"] < 30  # backed off, no storm
+
+
+# -- background opening: reconnect_failed, a hook's BaseException (issue 7's defects 5, 7) ------
+
+
+async def test_async_reconnect_failed_is_awaited(anyio_backend: str, dsn: str, app_name: str) -> None:
+    called = anyio.Event()
+    seen: list[AsyncConnectionPool] = []
+
+    async def failed(pool: AsyncConnectionPool) -> None:
+        await anyio.lowlevel.checkpoint()  # a real coroutine: it must be awaited to get here
+        seen.append(pool)
+        called.set()
+
+    with FaultProxy(*tcp_address(dsn)) as proxy:
+        options = pool_kwargs(app_name, reconnect_timeout=0.2, reconnect_failed=failed)
+        async with AsyncConnectionPool(1, 1, proxy.dsn(dsn), **options) as pool:
+            proxy.refuse()
+            await pool.drain()  # the idle one is replaced: refilling minconn now fails
+            with anyio.fail_after(2):  # reconnect_timeout is 0.2 s
+                await called.wait()
+            assert seen == [pool]
+
+
+async def test_background_failure_is_logged_and_the_rest_keep_running(
+    anyio_backend: str, dsn: str, app_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook raises a BaseException in a background connect: it is logged with
+    its traceback, the deadline sweeper still ends a wait at its timeout, and the
+    pool keeps opening connections."""
+    calls = 0
+
+    def configure(raw: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Escape
+
+    caplog.set_level(logging.WARNING, logger="pgpool_async")
+    async with AsyncConnectionPool(0, 1, dsn, **pool_kwargs(app_name, configure=configure)) as pool:
+        with anyio.fail_after(2):  # its deadline is 0.3 s: the sweeper must still run
+            try:
+                async with pool.connection(timeout=0.3) as conn:
+                    await conn.execute("SELECT 1")
+            except PoolTimeout:
+                pass
+        assert calls >= 1
+        with anyio.fail_after(10):
+            async with pool.connection(timeout=5) as conn:  # the pool still grows
+                assert await conn.fetchval("SELECT 1") == 1
+    assert any(r.exc_info and isinstance(r.exc_info[1], Escape) for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]

@@ -1,26 +1,18 @@
-"""Unit tests of the core's parts that need no server: the ledger, the wait
-queue, the offloader and the background host. (The raw connections the ledger
-books are opaque to it: plain objects stand in for them here.)"""
+"""The ledger (:mod:`pgpool_async._loop.ledger`), with no server: the raw connections
+it books are opaque to it, so plain objects stand in for them here."""
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-import threading
 import time
-from typing import Any
 
-import anyio
 import pytest
 
 from pgpool_async._loop.ledger import Ledger, Plan, Slot, SlotState
 from pgpool_async._loop.waiting import WaitQueue
-from pgpool_async._thread.background import BackgroundTasks
-from pgpool_async._thread.offload import Offloader
-from pgpool_async.errors import PoolClosed, PoolTimeout
 
-pytestmark = pytest.mark.single_io("units of the pool's parts: no statements on a pool")
+pytestmark = pytest.mark.single_io("the ledger alone: no statements on a pool")
 
 
 def always(_slot: Slot) -> bool:
@@ -224,130 +216,3 @@ def test_ledger_size_stays_the_count_of_its_slots_through_every_move() -> None:
         for s in ledger.close_lent():
             assert s.state is SlotState.CLOSED
         assert ledger.size == counted(ledger) == ledger.opening_count
-
-
-# -- the wait queue -------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_wait_queue_enforces_deadlines_in_order() -> None:
-    queue = WaitQueue()
-    now = anyio.current_time()
-    late = queue.push(None, now + 0.2, 0.2)
-    early = queue.push(None, now + 0.05, 0.05)
-    failed: list[float] = []
-
-    def error(waiter: Any) -> BaseException:
-        failed.append(waiter.timeout)
-        return PoolTimeout(f"after {waiter.timeout}")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(queue.enforce_deadlines, error)
-        with pytest.raises(PoolTimeout, match=r"0\.05"):
-            await early.wait()
-        with pytest.raises(PoolTimeout, match=r"0\.2"):
-            await late.wait()
-        # A new, earlier deadline wakes the task sleeping for nothing.
-        sooner = queue.push(None, anyio.current_time() + 0.01, 0.01)
-        with anyio.fail_after(2), pytest.raises(PoolTimeout):
-            await sooner.wait()
-        tg.cancel_scope.cancel()
-    assert failed == [0.05, 0.2, 0.01] and len(queue) == 0
-
-
-def test_wait_queue_keeps_same_timeout_waiters_out_of_the_heap() -> None:
-    """Waiters with one timeout are in deadline order already: no heap entry each
-    (a busy pool's every request); an earlier deadline behind a later one uses the
-    heap; both expire exactly at their deadlines, abandoned ones skipped."""
-    queue = WaitQueue()
-    now = 1000.0
-    waiters = [queue.push(None, now + 0.02 * (i + 1), 0.1) for i in range(5)]
-    assert all(w.in_order for w in waiters) and queue._deadlines == []
-    shorter = queue.push(None, now + 0.01, 0.01)
-    assert not shorter.in_order and len(queue._deadlines) == 1
-    assert queue.next_deadline() == now + 0.01
-    queue.leave(waiters[0])  # abandoned: never failed, never counted
-    assert queue.expire(now + 0.005, lambda w: PoolTimeout("early")) == 0
-    assert queue.expire(now + 0.045, lambda w: PoolTimeout("x")) == 2
-    assert shorter.done and waiters[1].done and not waiters[2].done and len(queue) == 3
-    assert queue.next_deadline() == now + 0.06
-    with pytest.raises(PoolTimeout):
-        waiters[1].result()
-    assert queue.expire(now + 1.0, lambda w: PoolTimeout("x")) == 3
-    assert len(queue) == 0 and queue.next_deadline() == math.inf
-    # An emptied queue starts a new order: an earlier deadline is in order again.
-    assert queue.push(None, now + 0.001, 0.001).in_order
-
-
-def test_wait_queue_leaving_after_a_hand_off_returns_the_connection() -> None:
-    queue = WaitQueue()
-    ledger = Ledger(0, 1, queue)
-    s = slot(ledger)
-    waiter = queue.push(None)
-    queue.hand(waiter, s)
-    assert queue.leave(waiter) is s  # the caller must give it back
-    assert len(queue) == 0 and queue.first() is None
-
-
-# -- the offloader --------------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_offloader_runs_in_its_own_threads_and_waits_for_cancelled_calls() -> None:
-    offload = Offloader(2, "unit-offload")
-    thread = await offload.run(threading.current_thread)
-    assert thread is not threading.current_thread()
-    release = threading.Event()
-    finished: list[bool] = []
-    cancels: list[bool] = []
-
-    def slow() -> None:
-        release.wait(5)
-        finished.append(True)
-
-    with anyio.move_on_after(0.05) as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(anyio.sleep, 0.1)
-            tg.start_soon(lambda: _release_later(release))
-            await offload.run(slow, on_cancel=lambda: cancels.append(True))
-    # Cancelled, yet the call ran to its end before the cancellation was delivered.
-    assert scope.cancelled_caught and finished == [True] and cancels == [True]
-    offload.shutdown()
-
-
-async def _release_later(event: threading.Event) -> None:
-    with anyio.CancelScope(shield=True):
-        await anyio.sleep(0.2)
-    event.set()
-
-
-# -- the background host ----------------------------------------------------------
-
-
-@pytest.mark.anyio
-async def test_background_task_failure_is_logged_and_others_go_on(caplog: pytest.LogCaptureFixture) -> None:
-    tasks = BackgroundTasks("unit-bg")
-    await tasks.start()
-    ticks: list[int] = []
-
-    async def ticker() -> None:
-        while True:
-            ticks.append(1)
-            await anyio.sleep(0.01)
-
-    async def broken() -> None:
-        raise RuntimeError("boom in maintenance")
-
-    with caplog.at_level(logging.ERROR, logger="pgpool_async"):
-        tasks.spawn(ticker)
-        tasks.spawn(broken)
-        await anyio.sleep(0.1)
-        before = len(ticks)
-        await anyio.sleep(0.1)
-    assert len(ticks) > before  # the ticker outlived the failing task
-    assert "boom in maintenance" in caplog.text and "background task broken failed" in caplog.text
-    tasks.spawn(ticker)  # spawning still works on a running host
-    tasks.stop()
-    await tasks.wait_stopped()
-    with pytest.raises(PoolClosed):
-        tasks.spawn(ticker)

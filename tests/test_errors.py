@@ -13,6 +13,8 @@ import pytest
 from pgpool_async.errors import PoolTimeout, is_permanent_connect_error
 from pgpool_async.testing.throwaway import ThrowawayPostgres, run_sql
 
+from .fix_dsn import with_params
+
 pytestmark = pytest.mark.single_io("connect errors on raw psycopg2 connections: no pool statements")
 
 
@@ -20,10 +22,6 @@ def connect_error(dsn: str) -> psycopg2.Error:
     with pytest.raises(psycopg2.Error) as info:
         psycopg2.connect(dsn, connect_timeout=5).close()
     return info.value
-
-
-def with_params(dsn: str, **params: str) -> str:
-    return dsn + "".join(f" {k}={v}" for k, v in params.items())
 
 
 def test_unknown_database_and_role_are_permanent(dsn: str) -> None:
@@ -86,11 +84,11 @@ def password_server() -> Iterator[ThrowawayPostgres]:
 
 
 def test_bad_or_missing_password_is_permanent(password_server: ThrowawayPostgres) -> None:
-    good = with_params(password_server.dsn.replace("user=postgres", "user=alice"), password="right-password")
+    good = with_params(password_server.dsn, user="alice", password="right-password")
     psycopg2.connect(good).close()  # the set-up works: the right password gets in
-    wrong = connect_error(good.replace("right-password", "wrong-password"))
+    wrong = connect_error(with_params(good, password="wrong-password"))
     assert 'password authentication failed for user "alice"' in str(wrong)
     assert "wrong-password" not in str(wrong)
     assert is_permanent_connect_error(wrong)
-    missing = connect_error(password_server.dsn.replace("user=postgres", "user=alice"))
+    missing = connect_error(with_params(password_server.dsn, user="alice"))
     assert is_permanent_connect_error(missing)
