@@ -66,6 +66,8 @@ class Settings:
     waiters: int
     idle: int
     json_path: Path
+    #: --traced: the realistic workloads with the OpenTelemetry SDK (see :mod:`benchmarks.traced`)
+    traced: bool = False
 
     @property
     def text_path(self) -> Path:
@@ -95,7 +97,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         select(_split(args.only))
     except KeyError as exc:
         parser.error(str(exc.args[0]))
-    default_json = RESULTS_DIR / ("quick.json" if args.quick else "latest.json")
+    if args.traced and not set(workloads) <= realistic.ALL:
+        parser.error("--traced runs the realistic workloads only: add --workloads realistic")
+    default_json = RESULTS_DIR / (
+        "quick.json" if args.quick else ("latest_traced.json" if args.traced else "latest.json")
+    )
     return Settings(
         rounds=rounds,
         seconds=seconds,
@@ -106,6 +112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         waiters=QUICK_WAITERS if args.quick else DEFAULT_WAITERS,
         idle=QUICK_IDLE if args.quick else DEFAULT_IDLE,
         json_path=Path(args.json) if args.json else default_json,
+        traced=args.traced,
     )
 
 
@@ -135,6 +142,14 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated contender keys: pgpool, pgpool-ac, pgpool-fetchval, pgpool-fetchval-ac, "
         'the same with -thread (io="thread"), asyncpg, psycopg_pool, psycopg_pool-ac, aiopg, naive, '
         "native-runner, native-runner-tx, threads",
+    )
+    parser.add_argument(
+        "--traced",
+        action="store_true",
+        help="the realistic workloads traced: an OpenTelemetry SDK tracer provider with a batch span "
+        "processor (spans dropped, not sent), each operation in a request span, each contender with its "
+        "own instrumentation (pgpool_async: its own spans; asyncpg, psycopg, aiopg, psycopg2: "
+        "opentelemetry-instrumentation-*), switched on for its rounds only",
     )
     parser.add_argument(
         "--workloads",
@@ -239,12 +254,34 @@ async def run_realistic(
     progress(f"seeding {realistic.ITEMS} ({realistic.ROWS:,} rows) and {realistic.WRITES}")
     await asyncio.to_thread(realistic.seed, dsn)
     plan = Plan(seconds=settings.seconds, warmup=settings.warmup)
+    with contextlib.ExitStack() as stack:
+        tracing = None
+        if settings.traced:
+            from .traced import Tracing, sdk
+
+            tracing = Tracing(*stack.enter_context(sdk(True, metrics=False)))
+            for cls in runners:
+                progress(f"traced   {cls.name}: {tracing.how(cls)}")
+        await _realistic_rounds(runners, dsn, settings, plan, rounds, tracing)
+
+
+async def _realistic_rounds(
+    runners: Sequence[ContenderClass],
+    dsn: str,
+    settings: Settings,
+    plan: Plan,
+    rounds: Rounds,
+    tracing: Any,
+) -> None:
+    enabled = frozenset(settings.workloads) & realistic.ALL
     reference: tuple[str, dict[str, Any]] | None = None
     try:
         for number in range(settings.rounds):
             for cls in _rotated(runners, number):
                 try:
-                    figures, sample = await realistic_round(cls, dsn, plan, enabled, check=number == 0)
+                    figures, sample = await realistic_round(
+                        cls, dsn, plan, enabled, check=number == 0, tracing=tracing
+                    )
                     if sample is not None and reference is None:
                         reference = (cls.key, sample)
                     elif sample is not None and reference is not None:
@@ -335,7 +372,8 @@ def header(settings: Settings, machine: dict[str, Any], srv: dict[str, Any], sou
             f"(rounds={settings.rounds}, seconds={settings.seconds:g} "
             f"[overload and realistic {settings.seconds / 2:g}, "
             f"checkout and waiters {settings.seconds / 4:g}], "
-            f"warmup={settings.warmup:g}{', quick' if settings.quick else ''})",
+            f"warmup={settings.warmup:g}{', quick' if settings.quick else ''}"
+            f"{', traced' if settings.traced else ''})",
             f"machine: {machine['cpu_model']}, {machine['cpu_count']} cores, {machine['memory_total']}; "
             f"Python {machine['python']}; {machine['event_loop']}; "
             f"load average at start {machine['loadavg_at_start'][0]:.2f} (other processes share the cores)",
@@ -349,8 +387,24 @@ def header(settings: Settings, machine: dict[str, Any], srv: dict[str, Any], sou
             'io="thread" rows: the same call on the thread path',
             "medians over rounds; /pg = this row / pgpool_async connection() (default settings); "
             "stall = longest gap of a 1 ms ticker",
+            *_traced_lines(settings),
         ]
     )
+
+
+def _traced_lines(settings: Settings) -> list[str]:
+    """With ``--traced``: how each contender was traced."""
+    if not settings.traced:
+        return []
+    from .traced import Tracing
+
+    runners = [cls for cls in select(settings.only) if cls.realistic & frozenset(settings.workloads)]
+    return [
+        "traced: OpenTelemetry SDK TracerProvider + BatchSpanProcessor (an exporter that drops the spans), "
+        "no meter provider; each operation in a request span; each contender's instrumentation on for its "
+        "own rounds only:",
+        *(f"  {cls.key}: {Tracing.how(cls)}" for cls in runners),
+    ]
 
 
 def _command(argv: Sequence[str] | None) -> str:

@@ -32,57 +32,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import os
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-
-from opentelemetry import trace
-from opentelemetry.metrics import _internal as metrics_globals
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from pgpool_async import AsyncConnectionPool
 
 from .machine import machine_info
 from .run import server
+from .traced import sdk
 
 CONFIGS = ("off", "api", "sdk-off", "sdk")
 #: statements per operation, for the cost per statement
 STATEMENTS = {"fetchval": 1, "block": 4}
-
-
-class _Drop(SpanExporter):
-    """An exporter that sends nowhere: the batch processor's cost, not a network's."""
-
-    def export(self, spans: Any) -> SpanExportResult:
-        return SpanExportResult.SUCCESS
-
-
-@contextlib.contextmanager
-def _sdk(on: bool) -> Iterator[Any]:
-    """The SDK's providers in the API's global slots (as ``set_tracer_provider``
-    puts them, but undone after: the rounds switch it on and off)."""
-    if not on:
-        yield None
-        return
-    tracer_provider = TracerProvider(shutdown_on_exit=False)
-    tracer_provider.add_span_processor(BatchSpanProcessor(_Drop()))
-    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()], shutdown_on_exit=False)
-    trace._TRACER_PROVIDER = tracer_provider  # type: ignore[attr-defined]
-    metrics_globals._METER_PROVIDER = meter_provider
-    try:
-        yield tracer_provider.get_tracer("benchmark")
-    finally:
-        trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
-        metrics_globals._METER_PROVIDER = None
-        tracer_provider.shutdown()
-        meter_provider.shutdown()
 
 
 async def _fetchval(pool: AsyncConnectionPool) -> None:
@@ -144,7 +109,7 @@ async def measure(dsn: str, args: argparse.Namespace) -> dict[str, dict[str, lis
             order = CONFIGS[turn:] + CONFIGS[:turn]
             for workload in args.workloads:
                 for config in order:
-                    with _sdk(config.startswith("sdk")) as tracer:
+                    with sdk(config.startswith("sdk")) as (tracer, _, _):
                         await _window(pools[config], WORKLOADS[workload], args.tasks, args.warmup, tracer)
                         rate = await _window(
                             pools[config], WORKLOADS[workload], args.tasks, args.seconds, tracer
@@ -190,7 +155,7 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
 async def count(dsn: str, args: argparse.Namespace) -> None:
     """``--ops``: 50 operations to warm up, then ``args.ops`` of the first workload, one task."""
     op = WORKLOADS[args.workloads[0]]
-    with _sdk(args.setting.startswith("sdk")) as tracer:
+    with sdk(args.setting.startswith("sdk")) as (tracer, _, _):
         telemetry = not args.setting.endswith("off")
         async with AsyncConnectionPool(1, 1, dsn, io=args.io, telemetry=telemetry) as pool:
             for _ in range(50):

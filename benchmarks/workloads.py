@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgpool_async.testing.faultproxy import FaultProxy
 
@@ -42,6 +42,9 @@ from .drivers import (
     drive_threads,
     percentile,
 )
+
+if TYPE_CHECKING:  # (the OpenTelemetry SDK is imported for --traced runs only)
+    from .traced import Tracing
 
 __all__ = [
     "OVERLOAD_IDEAL",
@@ -372,18 +375,37 @@ async def realistic_sample(contender: Contender, wanted: list[str]) -> dict[str,
 
 
 async def realistic_round(
-    cls: type[Contender], dsn: str, plan: Plan, enabled: frozenset[str], check: bool
+    cls: type[Contender],
+    dsn: str,
+    plan: Plan,
+    enabled: frozenset[str],
+    check: bool,
+    tracing: Tracing | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     """One round of the realistic workloads in ``enabled`` that ``cls`` runs, on a
     fresh pool of 10 (asyncpg with its jsonb codec); with ``check``, first one
     result of each on fixed keys (see :func:`realistic_sample`), returned next to
     the figures (None when the pool did not open).
 
+    With ``tracing`` (``--traced``): ``cls``'s instrumentation is on from before its
+    pool opens until after it closes, each operation runs in a request span, and
+    each workload's figures get ``db_spans``, the database spans it made (warmup
+    included).
+
     :raises realistic.Mismatch: with ``check``, a result not of the expected types.
     """
     wanted = [work for work in realistic.WORKLOADS if work in enabled and work in cls.realistic]
     if not wanted:
         return {}, None
+    if tracing is None:
+        return await _realistic_round(cls, dsn, plan, wanted, check, None)
+    with tracing.instrumented(cls):
+        return await _realistic_round(cls, dsn, plan, wanted, check, tracing)
+
+
+async def _realistic_round(
+    cls: type[Contender], dsn: str, plan: Plan, wanted: list[str], check: bool, tracing: Tracing | None
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     contender = cls()
     try:
         spec = PoolSpec(dsn, POOL_SIZE, POOL_SIZE, jsonb_codec=True)
@@ -397,19 +419,28 @@ async def realistic_round(
             sample = await asyncio.wait_for(realistic_sample(contender, wanted), MEASURE_SLACK)
             realistic.check_sample(cls.key, sample)
         for work in wanted:
-            results[work] = await _measure_realistic(contender, work, plan.warmup, plan.window(work))
+            before = tracing.db_spans() if tracing is not None else 0
+            results[work] = await _measure_realistic(contender, work, plan.warmup, plan.window(work), tracing)
+            if tracing is not None:
+                results[work]["db_spans"] = tracing.db_spans() - before
     finally:
         await asyncio.wait_for(contender.close(), OPEN_TIMEOUT)
     return results, sample
 
 
 async def _measure_realistic(
-    contender: Contender, work: str, warmup: float, duration: float
+    contender: Contender, work: str, warmup: float, duration: float, tracing: Tracing | None = None
 ) -> dict[str, Any]:
     if isinstance(contender, ThreadsContender):
-        run = drive_threads(_realistic_sync(contender, work), REALISTIC_THREADS, warmup, duration)
+        sync_op = _realistic_sync(contender, work)
+        if tracing is not None:
+            sync_op = tracing.wrap_sync(sync_op)
+        run = drive_threads(sync_op, REALISTIC_THREADS, warmup, duration)
     else:
-        run = drive_async(_realistic_async(contender, work), REALISTIC_TASKS, warmup, duration)
+        async_op = _realistic_async(contender, work)
+        if tracing is not None:
+            async_op = tracing.wrap_async(async_op)
+        run = drive_async(async_op, REALISTIC_TASKS, warmup, duration)
     try:
         samples = await asyncio.wait_for(run, warmup + duration + MEASURE_SLACK)
     except Exception as exc:

@@ -93,12 +93,14 @@ def _wake_providers() -> None:
 
 
 _tracer_cache: tuple[Any, Any] = (None, None)
+_CLIENT = _otel_trace.SpanKind.CLIENT if _otel_trace is not None else None
 
 
 def _tracer() -> Any:
-    """The tracer of the global provider (cached while the provider stays)."""
+    """The tracer of the global provider (cached while the provider stays; only
+    called when one is set: :func:`_tracing_configured`)."""
     global _tracer_cache
-    provider = _otel_trace.get_tracer_provider()
+    provider = TRACE_SLOT._TRACER_PROVIDER
     cached, tracer = _tracer_cache
     if provider is not cached:
         from . import __version__
@@ -220,7 +222,9 @@ def loop_refusal(raw: Any) -> tuple[str, bool] | None:
 
 
 class _Statement:
-    """One statement's span (or None) and start time, from :meth:`PoolTelemetry.begin`."""
+    """One statement's span (or None) and start time, from :meth:`PoolTelemetry.begin`.
+    ``attributes``: its metric attributes (shared by every statement of the same text
+    on the same server: never changed in place)."""
 
     __slots__ = ("attributes", "error", "span", "started", "telemetry")
 
@@ -268,22 +272,84 @@ class _Statement:
         if exc is not None:
             code = getattr(exc, "pgcode", None)
             # OpenTelemetry's conventions: the SQLSTATE where the server gave one.
-            attributes["error.type"] = code or _qualname(type(exc))
+            error_type = code or _qualname(type(exc))
+            attributes = {**attributes, "error.type": error_type}
             if code:
                 attributes["db.response.status_code"] = code
-        if span is not None:
-            if exc is not None:
-                span.set_attribute("error.type", attributes["error.type"])
-                if "db.response.status_code" in attributes:
-                    span.set_attribute("db.response.status_code", attributes["db.response.status_code"])
+            if span is not None:
+                span.set_attribute("error.type", error_type)
+                if code:
+                    span.set_attribute("db.response.status_code", code)
                 if isinstance(exc, Exception):
                     span.record_exception(exc)
                 span.set_status(_otel_trace.StatusCode.ERROR, f"{type(exc).__name__}")
+        if span is not None:
             span.end()
-        histogram = _instruments().operation_duration if _metering_configured() else None
-        if histogram is not None:
-            attributes.pop("db.query.text", None)  # (unbounded: not a metric attribute)
-            histogram.record(elapsed, attributes)
+        if METER_SLOT._METER_PROVIDER is not None:
+            _instruments().operation_duration.record(elapsed, attributes)
+
+
+# -- what a statement's span and points carry ------------------------------------------------
+
+#: ``raw -> (db.namespace, server.address, server.port)``: fixed for a connection's life,
+#: read once (``raw.info`` builds an object and decodes two strings at each call).
+_SERVERS: weakref.WeakKeyDictionary[Any, tuple[str | None, str | None, int | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_NO_SERVER: tuple[None, None, None] = (None, None, None)
+
+
+def _server(raw: Any) -> tuple[str | None, str | None, int | None]:
+    """``raw``'s database, host and port (Nones for a closed connection)."""
+    try:
+        return _SERVERS[raw]
+    except KeyError:
+        cache = True
+    except TypeError:  # not weakly referenceable: asked each time
+        cache = False
+    try:
+        info = raw.info
+        server = (info.dbname, info.host, info.port)
+    except Exception:  # a closed connection: no server to name
+        return _NO_SERVER
+    if cache:
+        _SERVERS[raw] = server
+    return server
+
+
+#: ``(statement text, server) -> (span name, span attributes, metric attributes)``:
+#: built once per statement text and server, shared (never changed in place).
+_SHAPES: dict[tuple[str | None, tuple[Any, ...]], tuple[str, dict[str, Any], dict[str, Any]]] = {}
+_SHAPES_MAX = 2048
+
+
+def _shape(
+    text: str | None, server: tuple[str | None, str | None, int | None]
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A statement's span name and OpenTelemetry database attributes (those of the
+    metric point leave out ``db.query.text``: unbounded)."""
+    key = (text, server)
+    shape = _SHAPES.get(key)
+    if shape is not None:
+        return shape
+    namespace, host, port = server
+    operation = _operation(text) if text else ""
+    attributes: dict[str, Any] = {"db.system.name": _SYSTEM}
+    if namespace:
+        attributes["db.namespace"] = namespace
+    if operation:
+        attributes["db.operation.name"] = operation
+    if host:
+        attributes["server.address"] = host
+        if port:
+            attributes["server.port"] = port
+    name = f"{operation} {namespace}" if operation and namespace else operation or namespace or _SYSTEM
+    span_attributes = attributes if text is None else {**attributes, "db.query.text": text}
+    shape = (name, span_attributes, attributes)
+    if len(_SHAPES) >= _SHAPES_MAX:  # (texts built with their values inlined: start again)
+        _SHAPES.clear()
+    _SHAPES[key] = shape
+    return shape
 
 
 # -- one pool ------------------------------------------------------------------------------
@@ -365,33 +431,12 @@ class PoolTelemetry:
     def begin(self, raw: PGConnection, sql: Any) -> _Statement:
         """Start a statement's span (a child of the caller's current span) with
         OpenTelemetry's database attributes; :meth:`_Statement.end` ends it."""
-        text = statement_text(sql)
-        operation = _operation(text) if text else ""
-        attributes: dict[str, Any] = {"db.system.name": _SYSTEM}
-        namespace: str | None = None
-        host: str | None = None
-        port: int | None = None
-        try:
-            info = raw.info
-            namespace, host, port = info.dbname, info.host, info.port
-        except Exception:  # a closed connection: no server to name
-            pass
-        if namespace:
-            attributes["db.namespace"] = namespace
-        if operation:
-            attributes["db.operation.name"] = operation
-        if host:
-            attributes["server.address"] = host
-            if port:
-                attributes["server.port"] = port
+        name, span_attributes, attributes = _shape(
+            sql if type(sql) is str else statement_text(sql), _server(raw)
+        )
         span = None
-        if _tracing_configured():
-            if text is not None:
-                attributes["db.query.text"] = text
-            name = (
-                f"{operation} {namespace}" if operation and namespace else operation or namespace or _SYSTEM
-            )
-            span = _tracer().start_span(name, kind=_otel_trace.SpanKind.CLIENT, attributes=attributes)
+        if TRACE_SLOT._TRACER_PROVIDER is not None:
+            span = _tracer().start_span(name, kind=_CLIENT, attributes=span_attributes)
             if not span.is_recording():
                 span = None
         return _Statement(self, span, attributes)

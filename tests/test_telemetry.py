@@ -187,6 +187,29 @@ async def test_an_error_carries_its_sqlstate(otel: Otel, dsn: str, dbname: str) 
             assert any(e.name == "exception" for e in span.events)
 
 
+async def test_an_error_leaves_the_next_statement_of_the_same_text_clean(otel: Otel, dsn: str) -> None:
+    """A statement's attributes are built once per text and shared: a failure's
+    ``error.type`` goes on its own span and point only."""
+    async with AsyncConnectionPool(1, 1, dsn, autocommit=True) as pool:
+        otel.exporter.clear()
+        for divisor in (0, 1, 0, 2):
+            if divisor:
+                assert await pool.fetchval("SELECT 2/%s", (divisor,)) == 2 // divisor
+            else:
+                with pytest.raises(psycopg2.errors.DivisionByZero):
+                    await pool.fetchval("SELECT 2/%s", (divisor,))
+        spans = [s for s in otel.db_spans() if s.attributes["db.query.text"] == "SELECT 2/%s"]  # type: ignore[index]
+        assert ["error.type" in s.attributes for s in spans] == [True, False, True, False]  # type: ignore[operator]
+        points = [
+            p
+            for p in otel.metrics()["db.client.operation.duration"]
+            if p.attributes.get("db.operation.name") == "SELECT"
+        ]
+        assert sum(p.count for p in points if p.attributes.get("error.type") == "22012") == 2
+        assert sum(p.count for p in points if "error.type" not in p.attributes) >= 2
+        assert all("db.query.text" not in p.attributes for p in points)
+
+
 async def test_telemetry_false_emits_nothing(otel: Otel, dsn: str) -> None:
     async with AsyncConnectionPool(1, 2, dsn, name="quiet", telemetry=False) as pool:
         with otel.tracer.start_as_current_span("request"):
