@@ -1,5 +1,6 @@
 """``python -m benchmarks.run --traced``: the realistic workloads with the OpenTelemetry
-SDK, each contender traced by its own instrumentation (a one-round smoke run)."""
+SDK, each contender traced by its own instrumentation (a one-round smoke run). The test
+extra installs the peers and their instrumentations."""
 
 from __future__ import annotations
 
@@ -9,14 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("opentelemetry.sdk")
-pytest.importorskip("asyncpg")
-pytest.importorskip("psycopg_pool")
-pytest.importorskip("aiopg")
-pytest.importorskip("opentelemetry.instrumentation.asyncpg")
-pytest.importorskip("opentelemetry.instrumentation.psycopg")
-pytest.importorskip("opentelemetry.instrumentation.aiopg")
 
 from benchmarks import traced
 from benchmarks.contenders import by_key
