@@ -34,9 +34,14 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
-from prometheus_client.registry import Collector
+try:
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # an optional extra: say which
+    raise ImportError(
+        "pgpool_async.prometheus needs prometheus_client: pip install 'pgpool_async[prometheus]'"
+    ) from exc
 
 from .pool import AsyncConnectionPool
 

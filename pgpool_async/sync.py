@@ -47,8 +47,8 @@ from psycopg2.extensions import connection as PGConnection
 
 from ._config import check_connect_args, check_sizes, check_timeout
 from ._loop.health import looks_alive as is_usable
-from ._redact import redacted_connect_error
 from ._thread.blocking import close_quietly, reset_for_reuse
+from ._thread.blocking import connect as blocking_connect
 from .errors import PoolClosed, PoolError, PoolTimeout
 
 __all__ = ["SimpleConnectionPool", "ThreadedConnectionPool"]
@@ -441,15 +441,7 @@ class _Engine(psycopg2.pool.AbstractConnectionPool):
         """Open one connection (network I/O; never under the lock)."""
         if type(self)._connect is not _Engine._connect:
             return self._open_with_legacy_connect()
-        cleaned: psycopg2.Error | None = None
-        try:
-            conn: PGConnection = psycopg2.connect(*self._args, **self._kwargs)
-        except psycopg2.Error as exc:
-            cleaned = redacted_connect_error(exc, self._args, self._kwargs)
-            if cleaned is None:
-                raise
-        if cleaned is not None:
-            raise cleaned  # outside the except: the original, which quotes it, is not its context
+        conn: PGConnection = blocking_connect(self._args, self._kwargs)
         return conn
 
     def _open_with_legacy_connect(self) -> PGConnection:

@@ -30,11 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import psycopg2
 from psycopg2.extensions import connection as PGConnection
 
-from .._redact import redacted_connect_error
 from .._thread.blocking import close_quietly
+from .._thread.blocking import connect as blocking_connect
 from .._thread.offload import Offloader
 from ..errors import PoolClosed, is_permanent_connect_error
 from .health import Health, HookFailed, HookLog
@@ -257,15 +256,7 @@ class Opener:
 
     def _connect_in_thread(self, attempt: _Attempt) -> PGConnection:
         """In a worker thread: open and set up one connection."""
-        cleaned: psycopg2.Error | None = None
-        try:
-            raw: PGConnection = psycopg2.connect(*self._args, **self._kwargs)
-        except psycopg2.Error as exc:
-            cleaned = redacted_connect_error(exc, self._args, self._kwargs)
-            if cleaned is None:
-                raise
-        if cleaned is not None:
-            raise cleaned  # outside the except: the original, which quotes it, is not its context
+        raw: PGConnection = blocking_connect(self._args, self._kwargs)
         try:
             self._health.set_up_in_thread(raw, self._autocommit)
         except BaseException:

@@ -16,6 +16,7 @@ import psycopg2.extensions
 from psycopg2.extensions import connection as PGConnection
 
 from .._loop import failover, native
+from .._redact import redacted_connect_error
 
 __all__ = [
     "NO_ROWS_COMMITTED",
@@ -212,3 +213,19 @@ def outside_transaction(conn: PGConnection, func: Callable[[PGConnection], objec
         if not conn.closed:
             commit_if_open(conn)  # func may have turned autocommit off and begun one
             conn.autocommit = was_autocommit
+
+
+def connect(args: tuple[Any, ...], kwargs: dict[str, Any]) -> PGConnection:
+    """``psycopg2.connect(*args, **kwargs)`` whose error never shows a password of
+    the arguments (see :func:`pgpool_async._redact.redacted_connect_error`): the
+    masked copy is raised outside the ``except``, so the original is not its context."""
+    cleaned: psycopg2.Error | None = None
+    try:
+        conn: PGConnection = psycopg2.connect(*args, **kwargs)
+    except psycopg2.Error as exc:
+        cleaned = redacted_connect_error(exc, args, kwargs)
+        if cleaned is None:
+            raise
+    if cleaned is not None:
+        raise cleaned
+    return conn
